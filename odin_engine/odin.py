@@ -37,6 +37,11 @@ class FirstPass:
     pred: torch.Tensor  # N, int64
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Promote half-precision results to float32; keep float32/float64 as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
@@ -45,7 +50,7 @@ def _autocast(device: torch.device, dtype: torch.dtype | None):
 
 def baseline_scores(logits: torch.Tensor, energy_temperature: float = 1.0) -> dict[str, torch.Tensor]:
     """MSP, max logit and energy from untempered logits (all: higher = more in-distribution)."""
-    logits = logits.float()
+    logits = _wide(logits)
     return {
         "msp": torch.softmax(logits, dim=1).amax(dim=1),
         "max_logit": logits.amax(dim=1),
@@ -55,7 +60,7 @@ def baseline_scores(logits: torch.Tensor, energy_temperature: float = 1.0) -> di
 
 def max_tempered_softmax(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     """``max softmax(logits / T)`` in float32."""
-    return torch.softmax(logits.float() / temperature, dim=1).amax(dim=1)
+    return torch.softmax(_wide(logits) / temperature, dim=1).amax(dim=1)
 
 
 def perturbation_direction(
@@ -74,11 +79,12 @@ def perturbation_direction(
     x = x.detach().requires_grad_(True)
     with torch.enable_grad(), _autocast(x.device, autocast_dtype):
         logits = model(x)
-    logits = logits.float()
+    logits = _wide(logits)
     pred = logits.detach().argmax(dim=1)
     loss = F.cross_entropy(logits / temperature, pred, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x)
-    sign = torch.where(grad.float() >= 0, 1.0, -1.0)
+    grad = _wide(grad)
+    sign = torch.where(grad >= 0, 1.0, -1.0).to(grad.dtype)
     direction = sign / std.to(sign).view(1, -1, 1, 1)
     return direction, FirstPass(logits=logits.detach(), pred=pred)
 
@@ -122,7 +128,7 @@ def odin_scores(
     """
     if epsilon == 0.0:
         with torch.inference_mode(), _autocast(x.device, autocast_dtype):
-            logits = model(x).float()
+            logits = _wide(model(x))
         odin = max_tempered_softmax(logits, temperature)
         pred = logits.argmax(dim=1)
     else:
