@@ -41,7 +41,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 BACKGROUND = (255, 255, 255)
 RESIZE_POLICIES = ("crop", "stretch")
-FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+Image.init()  # register every plugin so that the names below resolve
+FORMATS = tuple(f for f in ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF") if f in Image.OPEN)
 _MAX_ERROR_CHARS = 300
 
 
@@ -71,7 +72,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
             top = 65535.0
         arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)
         gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
-        return Image.fromarray(gray, "L").convert("RGB")
+        return Image.fromarray(gray).convert("RGB")
     if _has_alpha(img):
         rgba = img.convert("RGBA")
         base = Image.new("RGBA", rgba.size, BACKGROUND + (255,))

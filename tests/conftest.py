@@ -1,0 +1,304 @@
+"""Shared pytest fixtures. Real parts, no mocks. Reuse them from any test module.
+
+Fixtures
+--------
+``ray_head`` (session)
+    A real local Ray head: ``ray start --head --node-ip-address 127.0.0.1`` on free ports,
+    token auth on (``RAY_AUTH_MODE=token`` with a fresh random token), 2 CPUs, its own
+    ``--temp-dir``; stopped with ``ray stop`` at the end of the session. Yields a
+    :class:`RayHead` with ``address`` (GCS ``host:port``), ``dashboard_url``
+    (``http://127.0.0.1:<port>``, what ``ray job submit --address`` wants), ``token`` and
+    ``env`` — a copy of ``os.environ`` with ``RAY_ADDRESS``, ``RAY_AUTH_MODE``,
+    ``RAY_AUTH_TOKEN`` and the virtualenv's ``bin`` first on ``PATH``: pass it to subprocesses
+    (``ray job submit``, ``python -m jobs.X``) so they reach this cluster. The head was started
+    with that ``PATH``, so ``python`` inside a submitted job is the project's interpreter.
+    ``ray_head.submit(args, cwd, timeout)`` runs ``ray job submit --address … -- <args>``.
+    Skipped (with the reason) if the head cannot start.
+
+``s3_server`` (session)
+    ``moto_server`` (moto's real S3 HTTP API) on a free loopback port. Yields an
+    :class:`S3Server` with ``endpoint`` (``http://127.0.0.1:<port>``), ``env`` (``AWS_*`` test
+    credentials, ``AWS_ENDPOINT_URL`` and ``ODIN_S3_ENDPOINT`` — read by
+    ``odin_engine.corpus.filesystem_for`` — so child processes and the job reach it),
+    ``client()`` (a boto3 S3 client) and ``filesystem()`` (a ``pyarrow.fs.S3FileSystem``
+    with ``endpoint_override``). ``s3_bucket`` (function) creates a fresh bucket and yields its name.
+
+``tiny_model`` (session)
+    ``cifar_resnet20`` with seeded random weights saved by ``torch.save(model.state_dict())``
+    to a tmp file. Yields a :class:`TinyModel` with ``spec``, ``weights`` (path as str) and
+    ``cli`` (``["--model", spec, "--weights", path]``).
+
+``image_dir`` (function) / ``make_images(dir, n, size=32, fmt="png")``
+    ``n`` small random RGB images written to a directory, names ``img_00000.png`` …
+
+``bad_images`` (session)
+    ``{name: bytes}`` for every bad or odd input the job must survive: corrupt, truncated,
+    zero-byte, non-image, decompression bomb, 16-bit, CMYK, palette (with/without
+    transparency), RGBA, LA, grayscale, 1-bit, EXIF-rotated, 1×1, very large, animated GIF,
+    TIFF, WebP, BMP. ``BAD_EXPECT[name]`` says ``"ok"`` or ``"error"``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO / ".." / "shared" / "data"
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, timeout: float) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return True
+        time.sleep(0.2)
+    return False
+
+
+# --------------------------------------------------------------------------- Ray head
+@dataclass
+class RayHead:
+    address: str
+    dashboard_url: str
+    token: str
+    temp_dir: str
+    env: dict = field(repr=False)
+
+    def submit(self, args: list[str], cwd: str | Path, timeout: float = 600, extra_env: dict | None = None):
+        """``ray job submit --address <dashboard> --working-dir <cwd> -- <args>``; returns CompletedProcess."""
+        env = dict(self.env, **(extra_env or {}))
+        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.dashboard_url,
+               "--working-dir", str(cwd), "--", *args]
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    token = secrets.token_hex(32)
+    temp_dir = Path("/tmp") / f"odin-ray-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths are length-limited
+    gcs_port, dash_port = free_port(), free_port()
+    env = dict(os.environ)
+    env.update(
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN=token,
+        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    env.pop("RAY_ADDRESS", None)
+    cmd = [
+        str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
+        "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
+        "--include-dashboard", "true", "--num-cpus", "2", "--num-gpus", "0",
+        "--temp-dir", str(temp_dir), "--disable-usage-stats",
+        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
+        "--min-worker-port", "20000", "--max-worker-port", "29999",
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0 or not _wait_port(dash_port, 60):
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        pytest.skip(f"could not start a local Ray head: rc={proc.returncode} {proc.stderr[-2000:]}")
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, str(temp_dir), env)
+    try:
+        yield head
+    finally:
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- S3 (moto server)
+@dataclass
+class S3Server:
+    endpoint: str
+    env: dict = field(repr=False)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def filesystem(self):
+        from pyarrow import fs
+
+        return fs.S3FileSystem(endpoint_override=self.endpoint, access_key="testing", secret_key="testing",
+                               region="us-east-1", scheme="http", allow_bucket_creation=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    exe = VENV_BIN / "moto_server"
+    if not exe.exists():
+        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    if not _wait_port(port, 30):
+        proc.kill()
+        pytest.skip("moto_server did not start")
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
+        "ODIN_S3_ENDPOINT": endpoint,
+    }
+    try:
+        yield S3Server(endpoint, env)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    name = f"odin-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    return name
+
+
+# --------------------------------------------------------------------------- tiny model
+@dataclass
+class TinyModel:
+    spec: str
+    weights: str
+
+    @property
+    def cli(self) -> list[str]:
+        return ["--model", self.spec, "--weights", self.weights]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    import torch
+
+    from odin_engine.models.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)
+    model = CifarResNet(depth=20, num_classes=10)
+    path = tmp_path_factory.mktemp("tiny_model") / "resnet20_random.pt"
+    torch.save(model.state_dict(), path)
+    return TinyModel("cifar_resnet20", str(path))
+
+
+# --------------------------------------------------------------------------- images
+def make_images(directory: str | Path, n: int, size: int = 32, fmt: str = "png", seed: int = 0,
+                prefix: str = "img_") -> list[Path]:
+    from PIL import Image
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        p = directory / f"{prefix}{i:05d}.{fmt}"
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    d = tmp_path / "corpus"
+    make_images(d, 20)
+    return d
+
+
+def _save(img, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+BAD_EXPECT = {
+    "zero_byte.png": "error",
+    "not_an_image.jpg": "error",
+    "corrupt.png": "error",
+    "truncated.jpg": "error",
+    "truncated.png": "error",
+    "bomb.png": "error",
+    "gray16.png": "ok",
+    "cmyk.jpg": "ok",
+    "palette.png": "ok",
+    "palette_transparent.png": "ok",
+    "rgba.png": "ok",
+    "la.png": "ok",
+    "gray.jpg": "ok",
+    "bilevel.bmp": "ok",
+    "exif_rotated.jpg": "ok",
+    "one_pixel.png": "ok",
+    "very_large.jpg": "ok",
+    "animated.gif": "ok",
+    "multi.tif": "ok",
+    "photo.webp": "ok",
+    "photo.bmp": "ok",
+    "float.tif": "ok",
+}
+
+
+@pytest.fixture(scope="session")
+def bad_images() -> dict[str, bytes]:
+    """Every bad/odd input kind as bytes; see BAD_EXPECT for the expected status."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    good_png = _save(rgb, "PNG")
+    good_jpg = _save(rgb, "JPEG", quality=90)
+    out: dict[str, bytes] = {}
+    out["zero_byte.png"] = b""
+    out["not_an_image.jpg"] = b"this is a text file, not a JPEG\n" * 10
+    corrupt = bytearray(good_png)
+    corrupt[60:200] = bytes(140)  # smash IHDR/IDAT bytes
+    out["corrupt.png"] = bytes(corrupt)
+    out["truncated.jpg"] = good_jpg[: len(good_jpg) // 2]
+    out["truncated.png"] = good_png[: len(good_png) // 2]
+    # 100M-pixel bilevel PNG: ~12 MB in memory to make, a few KB on disk; over MAX_IMAGE_PIXELS.
+    out["bomb.png"] = _save(Image.new("1", (10_000, 10_000)), "PNG")
+    g16 = (rng.integers(0, 65536, (30, 30))).astype(np.uint16)
+    out["gray16.png"] = _save(Image.fromarray(g16), "PNG")
+    out["cmyk.jpg"] = _save(rgb.convert("CMYK"), "JPEG")
+    out["palette.png"] = _save(rgb.convert("P"), "PNG")
+    pal = rgb.convert("P")
+    out["palette_transparent.png"] = _save(pal, "PNG", transparency=0)
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(Image.fromarray(rng.integers(0, 256, (40, 60), dtype=np.uint8)))
+    out["rgba.png"] = _save(rgba, "PNG")
+    out["la.png"] = _save(rgba.convert("LA"), "PNG")
+    out["gray.jpg"] = _save(rgb.convert("L"), "JPEG")
+    out["bilevel.bmp"] = _save(rgb.convert("1"), "BMP")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° CW on display
+    out["exif_rotated.jpg"] = _save(rgb, "JPEG", exif=exif.tobytes())
+    out["one_pixel.png"] = _save(Image.new("RGB", (1, 1), (10, 20, 30)), "PNG")
+    out["very_large.jpg"] = _save(rgb.resize((6000, 4000)), "JPEG", quality=50)
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 255, 0))]
+    out["animated.gif"] = _save(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    out["multi.tif"] = _save(frames[0], "TIFF", save_all=True, append_images=frames[1:])
+    out["photo.webp"] = _save(rgb, "WEBP")
+    out["photo.bmp"] = _save(rgb, "BMP")
+    out["float.tif"] = _save(Image.fromarray(rng.random((16, 16)).astype(np.float32)), "TIFF")
+    assert set(out) == set(BAD_EXPECT)
+    return out
