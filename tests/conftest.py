@@ -18,8 +18,8 @@ Fixtures
 ``s3_server`` (session)
     ``moto_server`` (moto's real S3 HTTP API) on a free loopback port. Yields an
     :class:`S3Server` with ``endpoint`` (``http://127.0.0.1:<port>``), ``env`` (``AWS_*`` test
-    credentials, ``AWS_ENDPOINT_URL`` and ``ODIN_S3_ENDPOINT`` — read by
-    ``odin_engine.corpus.filesystem_for`` — so child processes and the job reach it),
+    credentials and ``AWS_ENDPOINT_URL``, which pyarrow's S3FileSystem honours, so that
+    ``s3://`` URIs in child processes and Ray workers reach it),
     ``client()`` (a boto3 S3 client) and ``filesystem()`` (a ``pyarrow.fs.S3FileSystem``
     with ``endpoint_override``). ``s3_bucket`` (function) creates a fresh bucket and yields its name.
 
@@ -163,7 +163,6 @@ def s3_server():
     env = {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
-        "ODIN_S3_ENDPOINT": endpoint,
     }
     try:
         yield S3Server(endpoint, env)

@@ -1,0 +1,216 @@
+"""Corpus listing: a directory tree or a manifest → one sorted table of items (no Ray).
+
+:func:`load_corpus` accepts
+
+* a **directory** (local path, ``file://``, ``s3://bucket/prefix``, ``gs://bucket/prefix``):
+  every file below it, recursively, whose extension is one of :data:`IMAGE_EXTENSIONS`
+  (case-insensitive); ``image_id`` is the path relative to the directory, with ``/``;
+* a **manifest**, a ``.parquet`` or ``.csv`` file with a ``uri`` or ``path`` column and
+  optional ``image_id``, ``label`` and ``split`` columns (carried to the output). Relative
+  paths are resolved against the manifest's own directory; ``image_id`` defaults to the path
+  relative to that directory (or the full URI when it lies elsewhere).
+
+The result has columns ``image_id``, ``uri`` (``label``, ``split`` when present), sorted by
+``image_id``. Filesystems come from ``pyarrow.fs.FileSystem.from_uri`` (S3 honours the usual
+``AWS_*`` variables, including ``AWS_ENDPOINT_URL``). Problems the user must fix raise
+:class:`~odin_engine.errors.ConfigError`: missing source, empty corpus, duplicate ids (all
+listed, up to 50), a manifest without a ``uri``/``path`` column or with empty cells.
+Files that later turn out unreadable are *not* an error here: they become error rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import posixpath
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import fs as pafs
+
+from .errors import ConfigError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MANIFEST_EXTENSIONS = (".parquet", ".pq", ".csv")
+CARRIED_COLUMNS = ("label", "split")
+_SHOW = 50
+
+
+@dataclass
+class Corpus:
+    """The listed corpus: ``table`` (image_id, uri[, label, split]) sorted by image_id."""
+
+    table: pa.Table
+    source: str
+    kind: str  # "directory" | "manifest"
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def carried_columns(self) -> list[str]:
+        return [c for c in CARRIED_COLUMNS if c in self.table.column_names]
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+@functools.lru_cache(maxsize=64)
+def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+
+
+def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path inside it)`` for a local path or a ``scheme://`` URI.
+
+    Only ``scheme://bucket`` goes through ``FileSystem.from_uri`` (which rejects spaces and
+    other characters that are legal in object keys); the key is used verbatim. Filesystems
+    are cached per (scheme, bucket).
+    """
+    if not is_uri(uri):
+        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
+    scheme, rest = uri.split("://", 1)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), rest
+    bucket = rest.split("/", 1)[0]
+    return _filesystem(scheme, bucket), rest.rstrip("/") if rest != bucket + "/" else bucket
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """:func:`split_uri` with failures turned into ``ConfigError``."""
+    try:
+        return split_uri(path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
+        raise ConfigError(f"cannot open {path!r}: {exc}") from exc
+
+
+def to_uri(fs: pafs.FileSystem, path: str, like: str) -> str:
+    """The user-facing form of ``path`` inside ``fs``: keep the scheme of ``like``."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    scheme = like.split("://", 1)[0]
+    return f"{scheme}://{path}"
+
+
+def read_bytes(uri: str) -> bytes:
+    """All bytes of one file (local path or URI). Raises ``OSError``/``ValueError`` on failure."""
+    fs, path = split_uri(uri)
+    with fs.open_input_file(path) as fh:
+        return fh.read()
+
+
+def _info(fs: pafs.FileSystem, path: str, source: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot read corpus source {source!r}: {exc}") from exc
+
+
+def _list_directory(fs: pafs.FileSystem, root: str, source: str) -> pa.Table:
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as exc:
+        raise ConfigError(f"cannot list corpus directory {source!r}: {exc}") from exc
+    base = root.rstrip("/")
+    ids, uris = [], []
+    for info in infos:
+        if info.type != pafs.FileType.File or not info.path.lower().endswith(IMAGE_EXTENSIONS):
+            continue
+        rel = posixpath.relpath(info.path, base) if isinstance(fs, pafs.LocalFileSystem) else info.path[len(base) + 1:]
+        ids.append(rel.replace("\\", "/"))
+        uris.append(to_uri(fs, info.path, source))
+    return pa.table({"image_id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())})
+
+
+def _read_manifest(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
+    lower = path.lower()
+    try:
+        if lower.endswith(".csv"):
+            import pyarrow.csv as pacsv
+
+            with fs.open_input_stream(path) as fh:
+                # ids, paths and splits stay strings (no "001" → 1); label is inferred.
+                opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in ("uri", "path", "image_id", "split")})
+                return pacsv.read_csv(fh, convert_options=opts)
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path, filesystem=fs)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"cannot read manifest {source!r}: {exc}") from exc
+
+
+def _manifest_table(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
+    raw = _read_manifest(fs, path, source)
+    col = "uri" if "uri" in raw.column_names else "path" if "path" in raw.column_names else None
+    if col is None:
+        raise ConfigError(f"manifest {source!r} needs a 'uri' or 'path' column; it has {raw.column_names}")
+    values = raw.column(col).cast(pa.string()).to_pylist()
+    empty = [i for i, v in enumerate(values) if v is None or not str(v).strip()]
+    if empty:
+        raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells (rows {empty[:_SHOW]})")
+    base = posixpath.dirname(path)
+    manifest_uri_base = source.rsplit("/", 1)[0] if is_uri(source) else None
+    uris, default_ids = [], []
+    for v in values:
+        v = str(v)
+        if is_uri(v):
+            uri = v[len("file://"):] if v.startswith("file://") else v
+        elif isinstance(fs, pafs.LocalFileSystem):
+            uri = v if posixpath.isabs(v) else posixpath.normpath(posixpath.join(base, v))
+        else:  # relative path inside a manifest that lives in an object store
+            uri = f"{manifest_uri_base}/{v.lstrip('/')}" if manifest_uri_base else v
+        uris.append(uri)
+        local = isinstance(fs, pafs.LocalFileSystem) and not is_uri(uri)
+        if local and (uri + "/").startswith(base.rstrip("/") + "/"):
+            default_ids.append(posixpath.relpath(uri, base))
+        elif not local and manifest_uri_base and uri.startswith(manifest_uri_base + "/"):
+            default_ids.append(uri[len(manifest_uri_base) + 1:])
+        else:
+            default_ids.append(uri)
+    if "image_id" in raw.column_names:
+        given = raw.column("image_id").cast(pa.string()).to_pylist()
+        ids = [g if g is not None and str(g) != "" else d for g, d in zip(given, default_ids)]
+    else:
+        ids = default_ids
+    cols = {"image_id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())}
+    for c in CARRIED_COLUMNS:
+        if c in raw.column_names:
+            cols[c] = raw.column(c).combine_chunks()
+    return pa.table(cols)
+
+
+def _check_duplicates(table: pa.Table, source: str) -> None:
+    counts = pc.value_counts(table.column("image_id")).to_pylist()
+    dups = sorted((d["values"], d["counts"]) for d in counts if d["counts"] > 1)
+    if dups:
+        shown = ", ".join(f"{v!r}×{n}" for v, n in dups[:_SHOW])
+        more = f", … ({len(dups)} duplicated ids in all)" if len(dups) > _SHOW else ""
+        raise ConfigError(f"duplicate image_id values in {source!r}: {shown}{more}. Every image_id must be unique.")
+
+
+def load_corpus(source: str) -> Corpus:
+    """List ``source`` (directory or manifest) → :class:`Corpus`; see the module docstring."""
+    if not source or not str(source).strip():
+        raise ConfigError("--input is empty: give a directory of images or a .parquet/.csv manifest")
+    source = str(source)
+    fs, path = resolve(source)
+    info = _info(fs, path, source)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"corpus source not found: {source!r}")
+    if info.type == pafs.FileType.Directory:
+        table, kind = _list_directory(fs, path, source), "directory"
+    elif path.lower().endswith(MANIFEST_EXTENSIONS):
+        table, kind = _manifest_table(fs, path, source), "manifest"
+    else:
+        raise ConfigError(
+            f"{source!r} is a file but not a manifest: give a directory, or a manifest ending in "
+            f"{', '.join(MANIFEST_EXTENSIONS)}"
+        )
+    if table.num_rows == 0:
+        what = f"no files ending in {', '.join(IMAGE_EXTENSIONS)}" if kind == "directory" else "no rows"
+        raise ConfigError(f"empty corpus: {source!r} has {what}")
+    _check_duplicates(table, source)
+    table = table.sort_by("image_id")
+    return Corpus(table=table, source=source, kind=kind)

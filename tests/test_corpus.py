@@ -1,0 +1,107 @@
+"""odin_engine.corpus: directory trees and manifests, local and on a real S3 API (moto server)."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_images
+from odin_engine.corpus import load_corpus, read_bytes
+from odin_engine.errors import ConfigError
+
+
+def test_directory_is_listed_recursively_case_insensitively(tmp_path):
+    root = tmp_path / "root"
+    make_images(root, 2, fmt="png")
+    make_images(root / "sub dir" / "ünï", 2, fmt="jpg", prefix="p_")
+    (root / "UPPER.PNG").write_bytes((root / "img_00000.png").read_bytes())
+    (root / "notes.txt").write_text("not listed")
+    (root / "sub dir" / "a.JPEG").write_bytes(b"")  # listed: a zero-byte image becomes an error row later
+    c = load_corpus(str(root))
+    ids = c.table.column("image_id").to_pylist()
+    assert ids == sorted(ids)
+    assert set(ids) == {"img_00000.png", "img_00001.png", "UPPER.PNG", "sub dir/a.JPEG",
+                        "sub dir/ünï/p_00000.jpg", "sub dir/ünï/p_00001.jpg"}
+    uris = dict(zip(ids, c.table.column("uri").to_pylist()))
+    assert read_bytes(uris["sub dir/ünï/p_00000.jpg"]) == (root / "sub dir" / "ünï" / "p_00000.jpg").read_bytes()
+    assert c.kind == "directory" and c.carried_columns == []
+    # file:// is the same corpus
+    assert load_corpus(f"file://{root}").table.column("image_id").to_pylist() == ids
+
+
+def test_manifest_csv_relative_paths_and_carried_columns(tmp_path):
+    make_images(tmp_path / "imgs", 3)
+    (tmp_path / "m.csv").write_text(
+        "path,label,split\nimgs/img_00002.png,2,test\nimgs/img_00000.png,0,train\n"
+        f"{tmp_path}/imgs/img_00001.png,1,train\nimgs/missing.png,5,test\n"
+    )
+    c = load_corpus(str(tmp_path / "m.csv"))
+    assert c.table.column("image_id").to_pylist() == [
+        "imgs/img_00000.png", "imgs/img_00001.png", "imgs/img_00002.png", "imgs/missing.png"]
+    assert c.table.column("label").to_pylist() == [0, 1, 2, 5]
+    assert c.table.column("split").to_pylist() == ["train", "train", "test", "test"]
+    assert c.carried_columns == ["label", "split"]
+    assert os.path.isabs(c.table.column("uri")[0].as_py())
+
+
+def test_manifest_parquet_with_image_id(tmp_path):
+    paths = make_images(tmp_path, 2)
+    pq.write_table(pa.table({"uri": [str(p) for p in paths], "image_id": ["b", "a"]}), tmp_path / "m.parquet")
+    c = load_corpus(str(tmp_path / "m.parquet"))
+    assert c.table.column("image_id").to_pylist() == ["a", "b"]
+    assert c.table.column("uri").to_pylist() == [str(paths[1]), str(paths[0])]
+
+
+def test_duplicates_are_listed(tmp_path):
+    pq.write_table(pa.table({"uri": ["x.png", "y.png", "z.png", "w.png"], "image_id": ["a", "a", "b", "b"]}),
+                   tmp_path / "m.parquet")
+    with pytest.raises(ConfigError, match=r"duplicate image_id.*'a'×2, 'b'×2"):
+        load_corpus(str(tmp_path / "m.parquet"))
+
+
+@pytest.mark.parametrize("case", ["missing", "empty_dir", "empty_manifest", "no_uri_column", "not_manifest",
+                                  "empty_cells", "blank"])
+def test_bad_sources_are_config_errors(tmp_path, case):
+    src = {
+        "missing": tmp_path / "nope",
+        "empty_dir": tmp_path / "empty",
+        "empty_manifest": tmp_path / "e.csv",
+        "no_uri_column": tmp_path / "n.csv",
+        "not_manifest": tmp_path / "x.png",
+        "empty_cells": tmp_path / "c.csv",
+        "blank": "",
+    }[case]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("no images")
+    (tmp_path / "e.csv").write_text("uri,label\n")
+    (tmp_path / "n.csv").write_text("file,label\na.png,1\n")
+    (tmp_path / "x.png").write_bytes(b"x")
+    (tmp_path / "c.csv").write_text("uri\na.png\n\"\"\n")
+    with pytest.raises(ConfigError) as info:
+        load_corpus(str(src))
+    assert str(info.value)
+
+
+def test_s3_directory_and_manifest(s3_server, s3_bucket, monkeypatch, tmp_path):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    client = s3_server.client()
+    paths = make_images(tmp_path, 3)
+    for p in paths:
+        client.put_object(Bucket=s3_bucket, Key=f"corpus/a b/{p.name}", Body=p.read_bytes())
+    client.put_object(Bucket=s3_bucket, Key="corpus/readme.md", Body=b"skip me")
+    c = load_corpus(f"s3://{s3_bucket}/corpus")
+    assert c.table.column("image_id").to_pylist() == [f"a b/{p.name}" for p in paths]
+    uri = c.table.column("uri")[0].as_py()
+    assert uri == f"s3://{s3_bucket}/corpus/a b/{paths[0].name}"
+    assert read_bytes(uri) == paths[0].read_bytes()
+    client.put_object(Bucket=s3_bucket, Key="m.csv",
+                      Body=f"uri,label\ncorpus/a b/{paths[1].name},1\ns3://{s3_bucket}/nokey.png,0\n".encode())
+    m = load_corpus(f"s3://{s3_bucket}/m.csv")
+    assert m.table.column("image_id").to_pylist() == [f"corpus/a b/{paths[1].name}", "nokey.png"]
+    assert m.table.column("uri").to_pylist()[0] == f"s3://{s3_bucket}/corpus/a b/{paths[1].name}"
+    with pytest.raises(OSError):
+        read_bytes(f"s3://{s3_bucket}/nokey.png")
