@@ -1,0 +1,144 @@
+"""δ calibration: the threshold, its confidence interval, the minimum held-out size, settings checks, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import beta
+
+from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model, write_scores
+from jobs.cli import main as cli
+from odin_engine.calibration import calibrate, calibrate_frames, min_heldout, tpr_interval
+from odin_engine.errors import ConfigError
+from odin_engine.metrics import threshold_at_tpr
+
+
+@pytest.fixture(scope="module")
+def frames(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cal")
+    model, weights = tiny_model(tmp)
+    heldout = score_frame(model, smooth_images(130, 1), prefix="held", split="heldout", errors=3)
+    corpus = score_frame(model, np.concatenate([smooth_images(30, 2), noise_images(10, 3)]), prefix="corp", errors=2)
+    return {"model": model, "weights": weights, "heldout": heldout, "corpus": corpus, "tmp": tmp}
+
+
+def test_delta_is_largest_threshold_keeping_target_tpr():
+    rng = np.random.default_rng(0)
+    for n in (100, 101, 257, 1000):
+        s = rng.normal(size=n)
+        cal = calibrate(s, 0.95)
+        d = cal["delta"]
+        assert d == threshold_at_tpr(s, 0.95)
+        assert np.mean(s >= d) >= 0.95
+        above = s[s > d]
+        assert np.mean(s >= above.min()) < 0.95  # the next larger threshold loses the target
+        assert cal["achieved_tpr"] == np.mean(s >= d)
+        assert cal["n_heldout"] == n
+
+
+def test_interval_is_the_order_statistic_beta_and_covers_new_data():
+    n, tpr = 200, 0.95
+    k = int(np.ceil(tpr * n))
+    lo, hi = tpr_interval(n, k)
+    assert (lo, hi) == pytest.approx((beta.ppf(0.025, k, n - k + 1), beta.ppf(0.975, k, n - k + 1)))
+    assert lo < tpr < hi
+    # Simulation: ID scores ~ U(0,1), so the TPR δ achieves on new ID data is exactly 1 − δ.
+    rng = np.random.default_rng(42)
+    sims = 4000
+    achieved = np.array([1.0 - calibrate(rng.uniform(size=n), tpr)["delta"] for _ in range(sims)])
+    inside = np.mean((achieved >= lo) & (achieved <= hi))
+    assert 0.935 <= inside <= 0.965  # 95% ± ~4.4 binomial standard errors
+    assert achieved.mean() == pytest.approx(k / (n + 1), abs=0.002)
+
+
+def test_minimum_heldout_size_is_derived_and_enforced():
+    assert min_heldout(0.95) == 100
+    assert min_heldout(0.90) == 50
+    assert min_heldout(0.99) == 500
+    s = np.linspace(0, 1, 99)
+    with pytest.raises(ConfigError, match="at least 100"):
+        calibrate(s, 0.95)
+    assert calibrate(np.linspace(0, 1, 100), 0.95)["n_heldout"] == 100
+    for bad in (0.0, 1.0, 1.5, float("nan")):
+        with pytest.raises(ConfigError, match="tpr"):
+            calibrate(np.linspace(0, 1, 1000), bad)
+
+
+def test_calibrate_frames_uses_ok_heldout_rows_and_records_settings(frames):
+    cal = calibrate_frames(frames["corpus"], frames["heldout"], tpr=0.95, method="odin")
+    ok = frames["heldout"][frames["heldout"]["status"] == "ok"]["odin"].to_numpy()
+    assert cal["delta"] == threshold_at_tpr(ok, 0.95)
+    assert cal["n_heldout"] == 127 and cal["n_heldout_errors"] == 3
+    assert cal["model_id"] == frames["model"].model_id
+    assert (cal["temperature"], cal["epsilon"], cal["method"]) == (1000.0, 0.0014, "odin")
+    lo, hi = cal["tpr_ci"]
+    assert lo < cal["target_tpr"] < hi
+
+
+@pytest.mark.parametrize("column,value", [("temperature", 1.0), ("epsilon", 0.0), ("model_id", "other@sha256:0")])
+def test_different_settings_are_refused(frames, column, value):
+    held = frames["heldout"].copy()
+    held[column] = value
+    with pytest.raises(ConfigError, match=column):
+        calibrate_frames(frames["corpus"], held)
+
+
+def test_mixed_settings_within_one_set_are_refused(frames):
+    held = frames["heldout"].copy()
+    held.loc[held.index[:5], "epsilon"] = 0.002
+    with pytest.raises(ConfigError, match="mix"):
+        calibrate_frames(frames["corpus"], held)
+
+
+def test_cli_writes_calibration_and_flags(frames, tmp_path, capsys):
+    corpus_dir = write_scores(frames["corpus"], tmp_path / "corpus")
+    held_dir = write_scores(frames["heldout"], tmp_path / "held", parts=3)
+    out = tmp_path / "out"
+    rc = cli(["calibrate", "--scores", str(corpus_dir), "--heldout-scores", str(held_dir), "--output", str(out)])
+    assert rc == 0
+    cal = json.loads((out / "calibration.json").read_text())
+    for key in ("delta", "target_tpr", "achieved_tpr", "n_heldout", "tpr_ci", "model_id", "temperature",
+                "epsilon", "method", "min_heldout"):
+        assert key in cal
+    flags = pd.read_parquet(out / "flags")
+    assert len(flags) == len(frames["corpus"])
+    ok = flags[flags["status"] == "ok"]
+    assert (ok["is_outlier"] == (ok["odin"] < cal["delta"])).all()
+    assert cal["summary"]["n_outliers"] == int(ok["is_outlier"].sum())
+    assert "flagged" in capsys.readouterr().out
+
+
+def test_cli_bad_configuration_exits_2_and_writes_nothing(frames, tmp_path, capsys):
+    corpus_dir = write_scores(frames["corpus"], tmp_path / "corpus")
+    few = write_scores(frames["heldout"].iloc[:60], tmp_path / "few")
+    other_t = frames["heldout"].copy()
+    other_t["temperature"] = 10.0
+    mism = write_scores(other_t, tmp_path / "mism")
+    cases = [
+        (["--scores", str(corpus_dir), "--heldout-scores", str(few)], "at least 100"),
+        (["--scores", str(corpus_dir), "--heldout-scores", str(mism)], "temperature"),
+        (["--scores", str(corpus_dir), "--heldout-scores", str(tmp_path / "nope")], "not found"),
+        (["--scores", str(corpus_dir), "--heldout-scores", str(few), "--tpr", "95"], "tpr"),
+        (["--heldout-scores", str(few)], "--scores"),
+    ]
+    for i, (argv, msg) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert cli(["calibrate", *argv, "--output", str(out)]) == 2
+        assert msg in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_calibrated_threshold_holds_on_fresh_in_distribution_images(frames):
+    """δ from one ID sample keeps about the target share of a second, independent ID sample."""
+    model = frames["model"]
+    held = score_frame(model, smooth_images(400, 11), prefix="h")
+    fresh = score_frame(model, smooth_images(400, 12), prefix="f")
+    cal = calibrate_frames(fresh, held, tpr=0.95, method="msp")
+    kept = float(np.mean(fresh["msp"] >= cal["delta"]))
+    lo, hi = cal["tpr_ci"]
+    # the fresh sample's share carries its own binomial noise (±~2.2% at n=400): widen by 3 s.e.
+    se = np.sqrt(0.95 * 0.05 / 400)
+    assert lo - 3 * se <= kept <= hi + 3 * se
