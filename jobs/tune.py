@@ -44,6 +44,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="T grid for --mode paper (comma-separated)")
     parser.add_argument("--epsilons", default=",".join(f"{e:g}" for e in PAPER_EPSILONS),
                         help="ε grid (comma-separated, pixel units in [0,1])")
+    parser.add_argument("--resize", default="crop", choices=("crop", "stretch"),
+                        help="how images not at the model's input size are resized (as in odin-audit score)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     parser.add_argument("--unsafe-pickle", action="store_true",
@@ -80,14 +82,25 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--mode paper needs at least one --ood SRC; without OOD images use --mode id-only")
     model = load_model(args.model, args.weights, unsafe_pickle=args.unsafe_pickle)
     scorer = OdinScorer(model, temperature=temps[0], epsilon=0.0, device=args.device, batch_size=args.batch_size)
-    heldout = load_source(args.heldout, model.input_size)
-    ood = {name: load_source(src, model.input_size) for name, src in ood_specs}
+    if args.resize not in ("crop", "stretch"):
+        raise ConfigError(f"--resize must be crop or stretch; got {args.resize!r}")
+    heldout, held_err = load_source(args.heldout, model.input_size, args.resize)
+    ood, ood_err = {}, {}
+    for name, src in ood_specs:
+        ood[name], ood_err[name] = load_source(src, model.input_size, args.resize)
+    for what, errs in [("held-out", held_err), *((f"OOD {n}", e) for n, e in ood_err.items())]:
+        if errs:
+            print(f"warning: {len(errs)} {what} images could not be decoded and were left out "
+                  f"(first: {errs[0]['image_id']}: {errs[0]['error']})", file=sys.stderr)
     if args.mode == "paper":
         result = tune_paper(scorer, heldout, ood, temps, eps, args.tpr)
     else:
         result = tune_id_only(scorer, heldout, args.temperature, eps)
-    sources = {"heldout": {"source": args.heldout, "n": int(len(heldout))},
-               "ood": {name: {"source": src, "n": int(len(ood[name]))} for name, src in ood_specs}}
+    sources = {"heldout": {"source": args.heldout, "n": int(len(heldout)), "undecodable": held_err[:50],
+                           "n_undecodable": len(held_err)},
+               "ood": {name: {"source": src, "n": int(len(ood[name])), "undecodable": ood_err[name][:50],
+                              "n_undecodable": len(ood_err[name])} for name, src in ood_specs},
+               "resize": args.resize}
     doc = tuning_document(result, model.model_id, sources)
     doc["model_spec"] = args.model
     write_json(out, doc)

@@ -25,18 +25,17 @@ Image sources (``load_source``)
 * ``path.npz`` or ``path.npz[start:stop]`` / ``path.npz[start:stop:step]`` — an ``.npz`` whose
   ``images`` array is uint8 N×H×W×3 RGB; the optional Python slice picks rows
   (``cifar.npz[0:10000:10]`` = every 10th image). ``path.npz:key[...]`` reads array ``key``.
-* a directory — every ``.png/.jpg/.jpeg/.bmp/.gif/.webp/.tif(f)`` file under it, sorted by path.
-* a manifest — ``.csv``, ``.parquet`` or ``.jsonl`` with a ``uri`` (or ``path``) column of local
-  files (relative paths resolve against the manifest's folder); an optional ``[start:stop]``
-  slice works here too.
-Images are converted to RGB and, when not already ``input_size`` square, resized with
-Pillow bilinear.
+* a directory or a ``.csv``/``.parquet`` manifest (local, ``file://``, ``s3://``) — listed and
+  decoded exactly as ``odin-audit score --input`` does (:mod:`odin_engine.corpus`,
+  :mod:`odin_engine.images`, sorted by ``image_id``); an optional ``[start:stop[:step]]`` slice
+  picks rows of that sorted list. Files that cannot be decoded are left out and reported.
+``.npz`` images not already ``input_size`` square are centre-cropped and resized with Pillow
+BILINEAR (the score job's ``crop`` policy).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from datetime import datetime, timezone
@@ -55,7 +54,6 @@ DEFAULT_TEMPERATURE = 1000.0
 DEFAULT_EPSILON = 0.0014
 TUNING_VERSION = 1
 MODES = ("paper", "id-only")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 # --------------------------------------------------------------------------- criteria
@@ -185,7 +183,7 @@ def load_tuning(path: str | Path, *, expect_model_id: str | None = None) -> tupl
 
 
 # --------------------------------------------------------------------------- image sources
-_SLICE = re.compile(r"^(?P<path>.+?)(?::(?P<key>[A-Za-z_][A-Za-z0-9_]*))?\[(?P<slice>[-0-9: ]*)\]$")
+_SLICE = re.compile(r"^(?P<path>.+?)(?::(?P<key>[A-Za-z_][A-Za-z0-9_]*))?\[(?P<slice>[^\[\]]*)\]$")
 
 
 def parse_slice(text: str) -> slice:
@@ -206,49 +204,44 @@ def split_source(spec: str) -> tuple[str, str | None, slice | None]:
     m = _SLICE.match(spec)
     if m:
         return m.group("path"), m.group("key"), parse_slice(m.group("slice"))
+    if spec.endswith("]") and "[" in spec:
+        raise ConfigError(f"{spec}: the slice must look like [start:stop] or [start:stop:step] with integers")
     if ".npz:" in spec:
         path, key = spec.rsplit(":", 1)
         return path, key, None
     return spec, None, None
 
 
-def _resize(img, size: int) -> np.ndarray:
+def _resize_array(arr: np.ndarray, size: int, policy: str) -> np.ndarray:
+    """An in-memory uint8 H×W×3 array → size×size×3, by the score job's rules (crop or stretch, BILINEAR)."""
     from PIL import Image
 
-    img = img.convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    if arr.shape[:2] == (size, size):
+        return arr
+    img = Image.fromarray(arr)
+    w, h = img.size
+    if policy == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return np.asarray(img.resize((size, size), Image.BILINEAR), dtype=np.uint8)
 
 
-def _read_files(paths: Sequence[Path], size: int, what: str) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+def load_source(spec: str, input_size: int, policy: str = "crop") -> tuple[np.ndarray, list[dict[str, str]]]:
+    """Images of a tuning source as uint8 N×S×S×3, plus the files that could not be decoded.
 
-    out = np.empty((len(paths), size, size, 3), np.uint8)
-    for i, p in enumerate(paths):
-        try:
-            with Image.open(p) as im:
-                out[i] = _resize(im, size)
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ConfigError(f"{what}: cannot read image {p}: {exc}") from exc
-    return out
+    Directories and manifests are listed by :func:`odin_engine.corpus.load_corpus` and decoded by
+    :func:`odin_engine.images.decode_image`, exactly as the score job does; undecodable files are
+    left out and returned as ``[{"image_id", "error"}]`` (the caller reports them).
+    """
+    from .corpus import load_corpus, read_bytes
+    from .images import ImageDecodeError, decode_image
 
-
-def load_source(spec: str, input_size: int) -> np.ndarray:
-    """Images of a tuning source as uint8 N×S×S×3 (see the module docstring for the forms)."""
     path_s, key, sl = split_source(str(spec))
-    path = Path(path_s)
-    if not path.exists():
-        raise ConfigError(f"image source not found: {path_s}")
-    if path.is_dir():
-        if sl is not None:
-            raise ConfigError(f"{spec}: slices apply to .npz files and manifests, not directories")
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not files:
-            raise ConfigError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {path}")
-        return _read_files(files, input_size, str(spec))
-    suffix = path.suffix.lower()
-    if suffix == ".npz":
+    if path_s.lower().endswith(".npz"):
+        path = Path(path_s)
+        if not path.is_file():
+            raise ConfigError(f"image source not found: {path_s}")
         with np.load(path, allow_pickle=False) as z:
             k = key or "images"
             if k not in z.files:
@@ -261,32 +254,23 @@ def load_source(spec: str, input_size: int) -> np.ndarray:
         if arr.shape[0] == 0:
             raise ConfigError(f"{spec} selects no images")
         if arr.shape[1:3] != (input_size, input_size):
-            from PIL import Image
-
-            arr = np.stack([_resize(Image.fromarray(a), input_size) for a in arr])
-        return np.ascontiguousarray(arr)
-    if suffix in (".csv", ".parquet", ".jsonl", ".json"):
-        import pandas as pd
-
-        df = (pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path) if suffix == ".parquet"
-              else pd.read_json(path, lines=True))
-        col = "uri" if "uri" in df.columns else "path" if "path" in df.columns else None
-        if col is None:
-            raise ConfigError(f"manifest {path} needs a 'uri' or 'path' column; it has {list(df.columns)}")
-        uris = df[col].astype(str).tolist()
-        if sl is not None:
-            uris = uris[sl]
-        files = []
-        for u in uris:
-            if "://" in u and not u.startswith("file://"):
-                raise ConfigError(f"manifest {path}: tuning reads local files only; got {u}")
-            p = Path(u[len("file://"):] if u.startswith("file://") else u)
-            files.append(p if p.is_absolute() else path.parent / p)
-        if not files:
-            raise ConfigError(f"{spec} selects no images")
-        return _read_files(files, input_size, str(spec))
-    raise ConfigError(f"unknown image source {spec!r}: give a directory, a .npz[start:stop] or a .csv/.parquet/.jsonl manifest")
-
-
-def describe_source(spec: str, n: int) -> dict[str, Any]:
-    return {"source": str(spec), "n": int(n)}
+            arr = np.stack([_resize_array(a, input_size, policy) for a in arr])
+        return np.ascontiguousarray(arr), []
+    if key is not None:
+        raise ConfigError(f"{spec}: ':key' applies to .npz files only")
+    corpus = load_corpus(path_s)
+    ids = corpus.table.column("image_id").to_pylist()
+    uris = corpus.table.column("uri").to_pylist()
+    if sl is not None:
+        ids, uris = ids[sl], uris[sl]
+    if not uris:
+        raise ConfigError(f"{spec} selects no images")
+    images, errors = [], []
+    for image_id, uri in zip(ids, uris):
+        try:
+            images.append(decode_image(read_bytes(uri), input_size, policy)[0])
+        except (ImageDecodeError, OSError) as exc:
+            errors.append({"image_id": str(image_id), "error": str(exc)})
+    if not images:
+        raise ConfigError(f"none of the {len(uris)} images of {spec} could be decoded (first: {errors[0]['error']})")
+    return np.stack(images), errors

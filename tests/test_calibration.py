@@ -134,8 +134,8 @@ def test_cli_bad_configuration_exits_2_and_writes_nothing(frames, tmp_path, caps
 def test_calibrated_threshold_holds_on_fresh_in_distribution_images(frames):
     """δ from one ID sample keeps about the target share of a second, independent ID sample."""
     model = frames["model"]
-    held = score_frame(model, smooth_images(400, 11), prefix="h")
-    fresh = score_frame(model, smooth_images(400, 12), prefix="f")
+    held = score_frame(model, smooth_images(400, 11), epsilon=0.0, prefix="h")
+    fresh = score_frame(model, smooth_images(400, 12), epsilon=0.0, prefix="f")
     cal = calibrate_frames(fresh, held, tpr=0.95, method="msp")
     kept = float(np.mean(fresh["msp"] >= cal["delta"]))
     lo, hi = cal["tpr_ci"]
