@@ -1,0 +1,607 @@
+"""Score an image corpus with ODIN on Ray: one Parquet row per image, exactly once, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import posixpath
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from odin_engine import __version__ as ENGINE_VERSION
+from odin_engine.corpus import Corpus, is_uri, load_corpus, resolve, split_uri
+from odin_engine.errors import ConfigError
+from odin_engine.images import RESIZE_POLICIES, ImageDecodeError, decode_image
+from odin_engine.scorer import SCORE_COLUMNS, validate_epsilon, validate_temperature
+
+SCHEMA_VERSION = 1
+JOB_FILE = "_odin_job.json"  # the configuration this output directory belongs to
+CORPUS_DIR = "_corpus"  # the sorted corpus listing, in shards: what Ray Data reads
+CHECKPOINT_DIR = "_checkpoint"  # Ray Data's row-level checkpoint (committed image_ids)
+SCORES_DIR = "scores"
+RUN_JSON = "run.json"
+MAX_FILE_BYTES = 256 * 1024 * 1024  # bigger files become error rows, never a worker OOM
+PENDING_SUFFIX = ".pending.parquet"  # Ray Data's pending-checkpoint suffix (checkpoint_writer.py)
+FLOAT_COLUMNS = ("msp", "max_logit", "energy", "odin")
+
+
+# --------------------------------------------------------------------------- schema
+def output_schema(carried: pa.Schema | None = None, metadata: dict | None = None) -> pa.Schema:
+    """The ``scores/`` schema; ``carried`` holds the manifest's label/split fields."""
+    fields = [
+        pa.field("image_id", pa.string(), nullable=False),
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # "ok" | "error"
+        pa.field("error", pa.string()),  # null when ok
+        pa.field("width", pa.int32()),  # displayed size (after EXIF rotation); null if undecodable
+        pa.field("height", pa.int32()),
+        pa.field("pred", pa.int64()),  # argmax class of the clean input; null on error
+        pa.field("msp", pa.float64()),
+        pa.field("max_logit", pa.float64()),
+        pa.field("energy", pa.float64()),
+        pa.field("odin", pa.float64()),
+        pa.field("temperature", pa.float64()),
+        pa.field("epsilon", pa.float64()),
+        pa.field("model_id", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("scored_at", pa.timestamp("us", tz="UTC")),
+    ]
+    fields += list(carried or [])
+    return pa.schema(fields, metadata=metadata)
+
+
+_DECODED_FIELDS = [
+    pa.field("status", pa.string()),
+    pa.field("error", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("pixels", pa.binary()),
+]
+
+
+# --------------------------------------------------------------------------- pipeline stages
+def read_and_decode(batch: pa.Table, size: int, policy: str, max_bytes: int = MAX_FILE_BYTES) -> pa.Table:
+    """Ray Data stage 1 (CPU tasks): uri → bytes → uint8 size×size×3 pixels, or an error message.
+
+    Never raises for a bad item: every input row comes out as one row.
+    """
+    from odin_engine.corpus import split_uri as _split
+
+    status, error, width, height, pixels = [], [], [], [], []
+    for uri in batch.column("uri").to_pylist():
+        try:
+            fs, path = _split(uri)
+            with fs.open_input_file(path) as fh:
+                n = fh.size()
+                if n > max_bytes:
+                    raise ImageDecodeError(f"file too large: {n} bytes > {max_bytes}")
+                data = fh.read()
+        except ImageDecodeError as exc:
+            status.append("error"), error.append(str(exc)), width.append(None), height.append(None), pixels.append(None)
+            continue
+        except Exception as exc:  # noqa: BLE001 - missing file, denied key, network: a row error
+            msg = f"read failed: {type(exc).__name__}: {exc}".replace("\n", " ")[:300]
+            status.append("error"), error.append(msg), width.append(None), height.append(None), pixels.append(None)
+            continue
+        try:
+            arr, w, h = decode_image(data, size, policy)
+        except ImageDecodeError as exc:
+            status.append("error"), error.append(str(exc)), width.append(None), height.append(None), pixels.append(None)
+            continue
+        status.append("ok"), error.append(None), width.append(w), height.append(h), pixels.append(arr.tobytes())
+    out = batch
+    for f, values in zip(_DECODED_FIELDS, (status, error, width, height, pixels)):
+        out = out.append_column(f, pa.array(values, f.type))
+    return out
+
+
+class ScoreBatch:
+    """Ray Data stage 2 (actor pool): load the model once per actor, score decoded batches."""
+
+    def __init__(self, spec, weights, mean, std, temperature, epsilon, batch_size, model_id, run_id,
+                 threads, unsafe_pickle, schema_bytes, device=None):
+        import torch
+
+        from odin_engine.loading import load_model
+        from odin_engine.scorer import OdinScorer
+
+        if threads:
+            torch.set_num_threads(int(threads))
+        model = load_model(spec, weights, mean=mean, std=std, unsafe_pickle=unsafe_pickle)
+        if model.model_id != model_id:
+            raise RuntimeError(
+                f"the weights this worker loaded ({model.model_id}) differ from the driver's ({model_id}): "
+                "make --weights the same file on every node"
+            )
+        self.size = model.input_size
+        self.scorer = OdinScorer(model, temperature, epsilon, device=device, batch_size=batch_size)
+        self.model_id, self.run_id = model_id, run_id
+        self.temperature, self.epsilon = float(temperature), float(epsilon)
+        self.schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+
+    def _score(self, pixels: list[bytes]) -> dict[str, np.ndarray]:
+        s = self.size
+        arr = np.stack([np.frombuffer(p, np.uint8).reshape(s, s, 3) for p in pixels])
+        return self.scorer.score(arr)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        status = batch.column("status").to_pylist()
+        error = batch.column("error").to_pylist()
+        ok = [i for i, st in enumerate(status) if st == "ok"]
+        cols: dict[str, list] = {c: [None] * n for c in SCORE_COLUMNS}
+        if ok:
+            pix = batch.column("pixels").to_pylist()
+            try:
+                res = self._score([pix[i] for i in ok])
+                for c in SCORE_COLUMNS:
+                    for j, i in enumerate(ok):
+                        cols[c][i] = res[c][j].item()
+            except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
+                for i in ok:
+                    try:
+                        one = self._score([pix[i]])
+                        for c in SCORE_COLUMNS:
+                            cols[c][i] = one[c][0].item()
+                    except Exception as exc:  # noqa: BLE001
+                        status[i], error[i] = "error", f"scoring failed: {type(exc).__name__}: {exc}"[:300]
+        now = datetime.now(timezone.utc)
+        data = {
+            "image_id": batch.column("image_id"),
+            "uri": batch.column("uri"),
+            "status": pa.array(status, pa.string()),
+            "error": pa.array(error, pa.string()),
+            "width": batch.column("width"),
+            "height": batch.column("height"),
+            "pred": pa.array(cols["pred"], pa.int64()),
+            **{c: pa.array(cols[c], pa.float64()) for c in FLOAT_COLUMNS},
+            "temperature": pa.array([self.temperature] * n, pa.float64()),
+            "epsilon": pa.array([self.epsilon] * n, pa.float64()),
+            "model_id": pa.array([self.model_id] * n, pa.string()),
+            "run_id": pa.array([self.run_id] * n, pa.string()),
+            "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+        }
+        for f in self.schema:
+            if f.name not in data:
+                data[f.name] = batch.column(f.name)
+        return pa.Table.from_pydict(data, schema=self.schema)
+
+
+class CorpusShards(Datasource):
+    """Ray Data source: one read task (and one block) per corpus shard file, in order.
+
+    ``read_parquet`` bin-packs small files into one task; a shard per task is what makes the
+    checkpoint granular (Ray Data commits once per write task) and parallelism predictable.
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem, files: list[str]):
+        super().__init__()
+        self._fs, self._files = filesystem, list(files)
+        self._meta = [pq.ParquetFile(filesystem.open_input_file(f)).metadata for f in self._files]
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        return sum(m.serialized_size + 200 * m.num_rows for m in self._meta)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        tasks = []
+        for path, meta in zip(self._files, self._meta):
+            def read(path=path, fs=self._fs):
+                yield pq.read_table(path, filesystem=fs)
+
+            block_meta = BlockMetadata(num_rows=meta.num_rows, size_bytes=200 * meta.num_rows,
+                                       input_files=[path], exec_stats=None)
+            tasks.append(ReadTask(read, block_meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+
+# --------------------------------------------------------------------------- output directory
+class OutputDir:
+    """The output directory on a pyarrow filesystem (local or object store)."""
+
+    def __init__(self, root: str):
+        self.root_uri = root.rstrip("/") if root != "/" else root
+        self.fs, self.path = resolve(self.root_uri)
+
+    def p(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def uri(self, *parts: str) -> str:
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            return self.p(*parts)
+        return f"{self.root_uri.split('://', 1)[0]}://{self.p(*parts)}"
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.p(*parts)).type != pafs.FileType.NotFound
+
+    def listdir(self, *parts: str, recursive: bool = False) -> list[pafs.FileInfo]:
+        sel = pafs.FileSelector(self.p(*parts), recursive=recursive, allow_not_found=True)
+        return [i for i in self.fs.get_file_info(sel)]
+
+    def read_json(self, name: str) -> dict | None:
+        if not self.exists(name):
+            return None
+        with self.fs.open_input_stream(self.p(name)) as fh:
+            return json.loads(fh.read().decode())
+
+    def write_json(self, name: str, obj: dict) -> None:
+        """Write-then-rename (atomic on local disks; a single PUT on object stores)."""
+        data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
+        self.fs.create_dir(self.path, recursive=True)
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = self.p(f".{name}.{uuid.uuid4().hex}.tmp")
+            with self.fs.open_output_stream(tmp) as fh:
+                fh.write(data)
+            os.replace(tmp, self.p(name))
+        else:
+            with self.fs.open_output_stream(self.p(name)) as fh:
+                fh.write(data)
+
+
+def corpus_digest(table: pa.Table) -> str:
+    h = hashlib.sha256()
+    for batch in table.to_batches(max_chunksize=65536):
+        for name in batch.schema.names:
+            h.update(name.encode() + b"\0")
+            h.update("\0".join("" if v is None else str(v) for v in batch.column(name).to_pylist()).encode())
+    return h.hexdigest()
+
+
+def _write_corpus_shards(out: OutputDir, table: pa.Table, shard_rows: int) -> int:
+    out.fs.create_dir(out.p(CORPUS_DIR), recursive=True)
+    for info in out.listdir(CORPUS_DIR):
+        if info.type == pafs.FileType.File:
+            out.fs.delete_file(info.path)
+    n_shards = max(1, math.ceil(table.num_rows / shard_rows))
+    for k in range(n_shards):
+        pq.write_table(table.slice(k * shard_rows, shard_rows), out.p(CORPUS_DIR, f"part-{k:06d}.parquet"),
+                       filesystem=out.fs)
+    return n_shards
+
+
+def _repair_checkpoint(out: OutputDir) -> int:
+    """Drop pending checkpoints whose commit already happened.
+
+    Ray Data commits by renaming ``X.pending.parquet`` → ``X.parquet``; on an object store the
+    rename is copy-then-delete, so a crash in between leaves both. Ray's recovery would then
+    delete the data file of a *committed* checkpoint (losing rows); removing the stale pending
+    file first makes that case a plain committed one.
+    """
+    infos = out.listdir(CHECKPOINT_DIR)
+    names = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
+    fixed = 0
+    for name in names:
+        if name.endswith(PENDING_SUFFIX) and name[: -len(PENDING_SUFFIX)] + ".parquet" in names:
+            out.fs.delete_file(out.p(CHECKPOINT_DIR, name))
+            fixed += 1
+    return fixed
+
+
+def _committed_ids(out: OutputDir) -> int:
+    files = [i.path for i in out.listdir(CHECKPOINT_DIR)
+             if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.path.endswith(PENDING_SUFFIX)]
+    return sum(pq.ParquetFile(out.fs.open_input_file(f)).metadata.num_rows for f in files)
+
+
+def _score_files(out: OutputDir) -> list[str]:
+    return sorted(i.path for i in out.listdir(SCORES_DIR, recursive=True)
+                  if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def _verify(out: OutputDir, corpus: Corpus) -> dict[str, Any]:
+    """Read the image_id/status columns of every score file and compare with the corpus."""
+    files = _score_files(out)
+    if files:
+        t = pq.ParquetDataset(files, filesystem=out.fs).read(columns=["image_id", "status"])
+    else:
+        t = pa.table({"image_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
+    ids = t.column("image_id")
+    counts = {d["values"]: d["counts"] for d in pc.value_counts(t.column("status")).to_pylist()}
+    unique = pc.unique(ids)
+    expected = corpus.table.column("image_id")
+    missing = len(expected) - pc.sum(pc.is_in(expected, value_set=unique)).as_py() if len(expected) else 0
+    extra = len(unique) - pc.sum(pc.is_in(unique, value_set=expected)).as_py() if len(unique) else 0
+    return {
+        "rows": t.num_rows,
+        "files": len(files),
+        "by_status": {"ok": counts.get("ok", 0), "error": counts.get("error", 0)},
+        "duplicates": t.num_rows - len(unique),
+        "missing": int(missing),
+        "unexpected": int(extra),
+        "exactly_once": t.num_rows == len(unique) == len(expected) and missing == 0,
+    }
+
+
+def _versions() -> dict[str, str]:
+    import PIL
+    import ray
+    import torch
+
+    return {"odin_engine": ENGINE_VERSION, "torch": torch.__version__, "ray": ray.__version__,
+            "pyarrow": pa.__version__, "pillow": PIL.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def _default_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+# --------------------------------------------------------------------------- the job
+def score_corpus(
+    input: str,
+    output: str,
+    model: str,
+    weights: str | None = None,
+    *,
+    mean: Sequence[float] | str | None = None,
+    std: Sequence[float] | str | None = None,
+    temperature: float = 1000.0,
+    epsilon: float = 0.0014,
+    batch_size: int = 256,
+    workers: int | None = None,
+    run_id: str | None = None,
+    resize: str = "crop",
+    cpus_per_worker: float = 1.0,
+    decode_cpus: float = 1.0,
+    shard_rows: int = 1024,
+    unsafe_pickle: bool = False,
+    ray_address: str | None = None,
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Score every image of ``input`` into ``<output>/scores/*.parquet``; return the run.json dict.
+
+    ``input``: a directory (recursive) or a .parquet/.csv manifest, local or ``s3://``/``gs://``/
+    ``file://``. ``output``: a directory, local or object store. ``model``/``weights``/``mean``/
+    ``std``: as :func:`odin_engine.load_model`. ``temperature``/``epsilon``: ODIN's T and ε.
+    ``workers``: scoring actors (default: one per GPU, else 1); ``batch_size``: images per
+    scoring call. Calling it again with the same arguments resumes (finished images are not
+    rescored); an output directory that holds another configuration raises ``ConfigError``,
+    as does any bad argument — in both cases before anything is written.
+    Ray: uses the running session, else ``ray.init(address=ray_address)`` (``RAY_ADDRESS``,
+    or a new local cluster). The returned dict's ``counts`` has ``ok``/``error``/``total``.
+    """
+    t_start = time.time()
+    started_at = datetime.now(timezone.utc).isoformat()
+    # 1. validate everything before touching the output
+    for name, value in (("--input", input), ("--output", output), ("--model", model)):
+        if not value or not str(value).strip():
+            raise ConfigError(f"{name} is required")
+    temperature = validate_temperature(temperature)
+    epsilon = validate_epsilon(epsilon)
+    if resize not in RESIZE_POLICIES:
+        raise ConfigError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}; got {resize!r}")
+    for name, value in (("--batch-size", batch_size), ("--shard-rows", shard_rows)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1; got {value!r}")
+    if workers is not None and (not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"--workers must be an integer >= 1; got {workers!r}")
+    for name, value in (("--cpus-per-worker", cpus_per_worker), ("--decode-cpus", decode_cpus)):
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a number > 0; got {value!r}")
+    if run_id is not None and (not str(run_id).strip() or len(str(run_id)) > 200):
+        raise ConfigError(f"--run-id must be a non-empty string of at most 200 characters; got {run_id!r}")
+    if weights and not is_uri(str(weights)) and weights != "DEFAULT" and not os.path.isfile(weights):
+        raise ConfigError(f"weights file not found: {weights}")
+    corpus = load_corpus(str(input))
+    from odin_engine.loading import load_model
+
+    loaded = load_model(model, weights, mean=mean, std=std, unsafe_pickle=unsafe_pickle)
+    digest = corpus_digest(corpus.table)
+    config = {
+        "schema_version": SCHEMA_VERSION,
+        "input": str(input),
+        "corpus_kind": corpus.kind,
+        "corpus_items": len(corpus),
+        "corpus_digest": digest,
+        "model": model,
+        "weights": str(weights) if weights else None,
+        "model_id": loaded.model_id,
+        "mean": list(loaded.mean),
+        "std": list(loaded.std),
+        "input_size": loaded.input_size,
+        "resize": resize,
+        "temperature": temperature,
+        "epsilon": epsilon,
+    }
+    out = OutputDir(str(output))
+    try:
+        existing = out.read_json(JOB_FILE)
+        entries = [posixpath.basename(i.path) for i in out.listdir()] if out.exists() else []
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read output directory {output!r}: {exc}") from exc
+    identity = ("schema_version", "corpus_digest", "model_id", "mean", "std", "input_size", "resize",
+                "temperature", "epsilon")
+    if existing is not None:
+        old = existing.get("config", {})
+        diff = [k for k in identity if old.get(k) != config[k]]
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} there vs {config[k]!r} now" for k in diff)
+            raise ConfigError(f"{output!r} holds the output of another configuration ({shown}). "
+                              "Use a new --output directory, or the same settings to resume.")
+        if run_id is not None and run_id != existing.get("run_id"):
+            raise ConfigError(f"{output!r} belongs to run_id {existing.get('run_id')!r}, not {run_id!r}: "
+                              "drop --run-id to resume it, or use a new --output directory")
+        run_id = existing["run_id"]
+    else:
+        stray = [e for e in entries if e not in (CORPUS_DIR,)]
+        if stray:
+            raise ConfigError(f"{output!r} is not empty and holds no odin score run ({JOB_FILE} missing); "
+                              f"found {sorted(stray)[:10]}. Use a new or empty --output directory.")
+        run_id = str(run_id) if run_id else _default_run_id()
+
+    # 2. the output directory is ours: corpus shards, then the job file (its presence = shards complete)
+    if existing is None:
+        n_shards = _write_corpus_shards(out, corpus.table, shard_rows)
+        out.write_json(JOB_FILE, {"run_id": run_id, "config": config, "shard_rows": shard_rows,
+                                  "n_shards": n_shards, "created_at": started_at})
+    repaired = _repair_checkpoint(out)
+    done_before = _committed_ids(out)
+
+    metadata = {
+        "odin.schema_version": str(SCHEMA_VERSION),
+        "odin.model_id": loaded.model_id,
+        "odin.model_spec": model,
+        "odin.temperature": repr(temperature),
+        "odin.epsilon": repr(epsilon),
+        "odin.normalization": json.dumps({"mean": list(loaded.mean), "std": list(loaded.std),
+                                          "pixel_range": [0, 1]}),
+        "odin.input_size": str(loaded.input_size),
+        "odin.resize": resize,
+        "odin.run_id": run_id,
+        "odin.versions": json.dumps(_versions()),
+    }
+    carried = pa.schema([corpus.table.schema.field(c) for c in corpus.carried_columns])
+    schema = output_schema(carried, metadata)
+
+    # 3. run the pipeline unless everything is already committed
+    ray_stats = None
+    ray_init_s = 0.0
+    t_pipeline = time.time()
+    if done_before < len(corpus):
+        import ray
+        from ray.data.checkpoint import CheckpointConfig
+
+        from jobs.ray_utils import cluster_gpus, init_ray
+
+        t_init = time.time()
+        init_ray(ray_address)
+        ray_init_s = time.time() - t_init
+        t_pipeline = time.time()
+        gpus = cluster_gpus()
+        n_workers = workers or max(1, gpus)
+        ctx = ray.data.DataContext.get_current()
+        ctx.checkpoint_config = CheckpointConfig(
+            id_column="image_id",
+            checkpoint_path=out.uri(CHECKPOINT_DIR),
+            delete_checkpoint_on_success=False,
+            override_filesystem=None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs,
+        )
+        ctx.enable_progress_bars = verbose
+        read_fs = None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs
+        shard_files = sorted(i.path for i in out.listdir(CORPUS_DIR) if i.path.endswith(".parquet"))
+        ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files))
+        ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=decode_cpus,
+                            fn_kwargs={"size": loaded.input_size, "policy": resize})
+        sink = schema.serialize().to_pybytes()
+        ds = ds.map_batches(
+            ScoreBatch,
+            fn_constructor_kwargs=dict(
+                spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
+                temperature=temperature, epsilon=epsilon, batch_size=batch_size, model_id=loaded.model_id,
+                run_id=run_id, threads=None if gpus else max(1, int(round(cpus_per_worker))),
+                unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu",
+            ),
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            concurrency=n_workers,
+            num_gpus=1 if gpus else 0,
+            num_cpus=0 if gpus else cpus_per_worker,
+        )
+        ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs)
+        ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
+                     "cpus_per_worker": 0 if gpus else cpus_per_worker}
+    t_end = time.time()
+
+    # 4. verify exactly-once against the corpus and write run.json
+    check = _verify(out, corpus)
+    scored_now = max(0, check["rows"] - done_before)
+    pipeline_s = t_end - t_pipeline
+    previous = out.read_json(RUN_JSON) or {}
+    attempt = {
+        "started_at": started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "already_done": done_before,
+        "scored": scored_now,
+        "ray_init_s": round(ray_init_s, 3),
+        "pipeline_s": round(pipeline_s, 3),
+        "total_s": round(time.time() - t_start, 3),
+        "images_per_s": round(scored_now / pipeline_s, 2) if pipeline_s > 0 and scored_now else 0.0,
+        "repaired_checkpoints": repaired,
+        "execution": ray_stats,
+        "argv": sys.argv,
+    }
+    result = {
+        "run_id": run_id,
+        "config": config,
+        "execution": {"batch_size": batch_size, "workers": workers, "cpus_per_worker": cpus_per_worker,
+                      "decode_cpus": decode_cpus, "shard_rows": shard_rows},
+        "output": {"root": out.root_uri, "scores": out.uri(SCORES_DIR), "files": check["files"]},
+        "counts": {**check["by_status"], "total": check["rows"]},
+        "verification": {k: check[k] for k in ("duplicates", "missing", "unexpected", "exactly_once")},
+        "durations": {"this_attempt_s": attempt["total_s"], "pipeline_s": attempt["pipeline_s"]},
+        "images_per_s": attempt["images_per_s"],
+        "attempts": list(previous.get("attempts", [])) + [attempt],
+        "versions": _versions(),
+        "parquet_metadata": metadata,
+    }
+    out.write_json(RUN_JSON, result)
+    if verbose:
+        c = result["counts"]
+        print(
+            f"odin score: {c['total']} rows ({c['ok']} ok, {c['error']} error) in {out.uri(SCORES_DIR)}; "
+            f"this attempt scored {scored_now} ({done_before} already done) in {pipeline_s:.1f}s "
+            f"= {attempt['images_per_s']} images/s; exactly once: {check['exactly_once']}"
+            + ("" if check["exactly_once"] else
+               f" (duplicates {check['duplicates']}, missing {check['missing']}, unexpected {check['unexpected']})"),
+            flush=True,
+        )
+    return result
+
+
+# --------------------------------------------------------------------------- CLI
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    from jobs._cli import add_config_option
+
+    add_config_option(parser)
+    parser.add_argument("--input", help="directory (recursive) or .parquet/.csv manifest; local, s3://, gs://, file://")
+    parser.add_argument("--output", help="output directory (local or object store); rerun the same command to resume")
+    parser.add_argument("--model", help="cifar_resnet20|32|44|56, torchvision:<name>, torchscript:<path>, module:factory")
+    parser.add_argument("--weights", help="checkpoint file (state_dict)")
+    parser.add_argument("--mean", help="input mean r,g,b in [0,1] pixel units (default: the model's)")
+    parser.add_argument("--std", help="input std r,g,b in [0,1] pixel units (default: the model's)")
+    parser.add_argument("--temperature", type=float, default=1000.0, help="ODIN temperature T > 0")
+    parser.add_argument("--epsilon", type=float, default=0.0014, help="ODIN perturbation ε in [0, 1] pixel units")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
+    parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
+    parser.add_argument("--run-id", default=None, help="id stored in every row (default: generated; kept on resume)")
+    parser.add_argument("--resize", choices=RESIZE_POLICIES, default="crop",
+                        help="crop: centred square then resize; stretch: resize the whole image")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per CPU actor")
+    parser.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs reserved per read/decode task")
+    parser.add_argument("--shard-rows", type=int, default=1024,
+                        help="corpus rows per input shard (the unit of checkpointing)")
+    parser.add_argument("--unsafe-pickle", action="store_true", help="allow checkpoints that need arbitrary pickles")
+    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = score_corpus(
+        args.input, args.output, args.model, args.weights, mean=args.mean, std=args.std,
+        temperature=args.temperature, epsilon=args.epsilon, batch_size=args.batch_size, workers=args.workers,
+        run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
+        decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
+        ray_address=args.ray_address, verbose=not args.quiet,
+    )
+    return 0 if result["verification"]["exactly_once"] else 1
+
+
+if __name__ == "__main__":
+    from jobs._cli import run_main
+
+    sys.exit(run_main(build_parser, run, prog="python -m jobs.score", section="score"))
