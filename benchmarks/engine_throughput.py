@@ -1,0 +1,128 @@
+"""Engine throughput on the CPU: plain forward vs ODIN (batched, per-image) and what each change buys.
+
+    python -m benchmarks.engine_throughput [--data ../shared/data] [--images 2048] [--repeats 5]
+
+ResNet-20, batch 256, one process. Each variant is timed ``--repeats`` times, interleaved
+with the others (the machine is noisy); the median is reported, and every ratio is against
+the plain forward pass of the model as loaded, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import odin_engine as oe
+from odin_engine.models.cifar_resnet import CifarResNet
+from odin_engine.odin import odin_scores
+from odin_engine.optimize import fold_batchnorm
+
+
+def _model(data: Path | None) -> oe.LoadedModel:
+    weights = data / "weights" / "resnet20-12fca82f.th" if data else None
+    if weights and weights.is_file():
+        return oe.load_model("cifar_resnet20", weights)
+    torch.manual_seed(0)
+    m = CifarResNet(20).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    return oe.LoadedModel(m, oe.IMAGENET_MEAN, oe.IMAGENET_STD, 10, 32, "cifar_resnet20@random", "cifar_resnet20")
+
+
+def _images(data: Path | None, n: int) -> np.ndarray:
+    path = data / "cifar10_test_jpeg_yoongikim.npz" if data else None
+    if path and path.is_file():
+        return np.load(path)["images"][:n]
+    return np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("../shared/data"))
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--per-image", type=int, default=256, help="images for the batch-1 loop")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to build on CPU)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    data = args.data if args.data.is_dir() else None
+    loaded = _model(data)
+    imgs = _images(data, args.images)
+    bs, T, eps = args.batch_size, 1000.0, 0.0014
+    std = torch.tensor(loaded.std)
+    unit = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
+    x_all = (unit - torch.tensor(loaded.mean).view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    chunks = list(x_all.split(bs))
+    cl_chunks = [c.contiguous(memory_format=torch.channels_last) for c in chunks]
+
+    plain = loaded.module
+    folded = fold_batchnorm(plain)
+    plain_cl = CifarResNet(20).eval()
+    plain_cl.load_state_dict(plain.state_dict())
+    for p in plain_cl.parameters():
+        p.requires_grad_(False)
+    plain_cl = plain_cl.to(memory_format=torch.channels_last)
+    folded_cl = fold_batchnorm(plain).to(memory_format=torch.channels_last)
+
+    def forward(module, xs):
+        def run():
+            with torch.inference_mode():
+                for x in xs:
+                    module(x)
+        return run
+
+    def odin(module, xs):
+        def run():
+            for x in xs:
+                odin_scores(module, x, std, T, eps)
+        return run
+
+    per_image_x = x_all[: args.per_image]
+
+    def per_image_loop():
+        for i in range(per_image_x.shape[0]):
+            odin_scores(plain, per_image_x[i : i + 1], std, T, eps)
+
+    n = x_all.shape[0]
+    variants = {
+        "plain forward (model as loaded, NCHW)": (forward(plain, chunks), n),
+        "forward, BN folded + channels-last": (forward(folded_cl, cl_chunks), n),
+        "ODIN naive batched (as loaded, NCHW)": (odin(plain, chunks), n),
+        "ODIN + channels-last": (odin(plain_cl, cl_chunks), n),
+        "ODIN + BN folding": (odin(folded, chunks), n),
+        "ODIN + BN folding + channels-last (OdinScorer)": (odin(folded_cl, cl_chunks), n),
+        "ODIN per-image loop (batch 1, as loaded)": (per_image_loop, per_image_x.shape[0]),
+    }
+    if args.compile:
+        compiled = torch.compile(folded_cl)
+        odin(compiled, cl_chunks[:1])()  # build outside the timing
+        variants["ODIN + BN folding + channels-last + torch.compile"] = (odin(compiled, cl_chunks), n)
+
+    for fn, _ in variants.values():  # warm-up
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):
+        for name, (fn, _) in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    rates = {k: variants[k][1] / statistics.median(v) for k, v in times.items()}
+    base = rates["plain forward (model as loaded, NCHW)"]
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {bs}, images {n}, "
+          f"median of {args.repeats}, model {loaded.model_id}")
+    print(f"| variant | images/s | × plain forward |")
+    print(f"|---|---:|---:|")
+    for name, r in rates.items():
+        print(f"| {name} | {r:,.0f} | {r / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
