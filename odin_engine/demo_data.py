@@ -109,7 +109,8 @@ def write_demo_images(
     ``root/heldout/``  ``n_heldout`` unseen digits (calibration: the in-distribution reference)
     ``root/corpus/``   ``n_corpus_id`` other unseen digits + ``n_corpus_ood`` OOD images
                        (half photo crops, half noise)
-    ``root/corpus.csv`` manifest: ``path,image_id,label`` with label ``id`` or ``ood``
+    ``root/corpus.csv`` manifest: ``path,image_id,label`` with label ``id`` or ``ood`` (paths
+                       relative to ``root``, so the folder can be moved or uploaded whole)
     """
     root = Path(root)
     images, targets = digits_rgb()
@@ -150,7 +151,7 @@ def write_demo_images(
         w = csv.writer(fh)
         w.writerow(["path", "image_id", "label"])
         for rel, image_id, label in rows:
-            w.writerow([str((corpus_dir / rel).resolve()), image_id, label])
+            w.writerow([f"corpus/{rel}", image_id, label])  # relative to the manifest's folder
     counts = {
         "heldout_id": int(len(heldout_idx)),
         "corpus_id": int(len(corpus_idx)),

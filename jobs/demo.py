@@ -1,0 +1,182 @@
+"""Built-in demo, no download: train a digits CNN, audit digits + photo crops + noise on a local Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from jobs._cli import run_main
+from odin_engine.errors import ConfigError
+
+MODEL_SPEC = "odin_engine.demo_model:build"
+
+
+def build_parser(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Train (once, cached) a small CNN on scikit-learn's bundled digits, write held-out digits and a "
+        "corpus of unseen digits mixed with out-of-distribution images (crops of scikit-learn's sample "
+        "photos, and noise) as PNG files, run the full audit on a local Ray cluster (score, calibrate, "
+        "flag, report) and print how many of each kind were flagged."
+    )
+    parser.add_argument("--output", metavar="DIR", default="out/demo",
+                        help="where the images, the audit outputs and the HTML report go")
+    parser.add_argument("--heldout", type=int, default=400, metavar="N",
+                        help="held-out digits for calibration (at least 100 for --tpr 0.95)")
+    parser.add_argument("--corpus-id", type=int, default=300, metavar="N", help="unseen digits in the corpus")
+    parser.add_argument("--corpus-ood", type=int, default=200, metavar="N",
+                        help="out-of-distribution images in the corpus (half photo crops, half noise)")
+    parser.add_argument("--temperature", type=float, default=1000.0, help="ODIN temperature T")
+    parser.add_argument("--epsilon", type=float, default=0.0014, help="ODIN perturbation ε (pixel units)")
+    parser.add_argument("--tpr", type=float, default=0.95, help="share of held-out digits kept above δ")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of the demo model")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="trained-model cache (default: $ODIN_AUDIT_CACHE, else ~/.cache/odin-audit)")
+    parser.add_argument("--retrain", action="store_true", help="train again even if the cache has the model")
+    parser.add_argument("--fresh", action="store_true",
+                        help="delete an earlier demo's audit outputs under --output first (else it resumes)")
+
+
+def _check(args: argparse.Namespace) -> None:
+    from odin_engine.demo_data import N_DIGITS, TRAIN_SIZE
+
+    unseen = N_DIGITS - TRAIN_SIZE
+    if args.heldout < 1 or args.corpus_id < 0 or args.corpus_ood < 0:
+        raise ConfigError("--heldout must be >= 1 and --corpus-id/--corpus-ood >= 0")
+    if args.heldout + args.corpus_id > unseen:
+        raise ConfigError(f"--heldout + --corpus-id must be <= {unseen} (the digits kept out of training)")
+    if args.corpus_id + args.corpus_ood < 1:
+        raise ConfigError("the corpus is empty: give --corpus-id or --corpus-ood > 0")
+    if args.epochs is not None and args.epochs < 1:
+        raise ConfigError("--epochs must be >= 1")
+
+
+def _audit(args: argparse.Namespace, images, weights: Path, out: Path) -> dict[str, Any]:
+    """The audit stage on a local Ray cluster; returns where its outputs are."""
+    try:
+        from jobs import audit as audit_job
+    except ImportError:  # TEMPORARY until jobs/audit.py lands: the same stages, without the report
+        return _audit_without_report(args, images, weights, out)
+    from jobs._cli import run_main as _run_main
+
+    argv = [
+        "--corpus", str(images.corpus_manifest), "--heldout", str(images.heldout_dir),
+        "--output", str(out), "--model", MODEL_SPEC, "--weights", str(weights),
+        "--temperature", repr(args.temperature), "--epsilon", repr(args.epsilon), "--tpr", repr(args.tpr),
+    ]
+    print(f"[demo] odin-audit audit {' '.join(argv)}", flush=True)
+    rc = _run_main(audit_job.build_parser, audit_job.run, argv, prog="odin-audit audit", section="audit")
+    if rc != 0:
+        raise RuntimeError(f"the audit stage exited with {rc}")
+    return {"report": out / "report.html"}
+
+
+def _audit_without_report(args, images, weights: Path, out: Path) -> dict[str, Any]:
+    from jobs.calibrate import calibrate_and_flag
+    from jobs.score import score_corpus
+
+    kw = dict(model=MODEL_SPEC, weights=str(weights), temperature=args.temperature, epsilon=args.epsilon)
+    score_corpus(str(images.heldout_dir), str(out / "heldout"), **kw)
+    score_corpus(str(images.corpus_manifest), str(out / "corpus"), **kw)
+    calibrate_and_flag(out / "corpus", out / "heldout", out, tpr=args.tpr)
+    return {"report": None}
+
+
+def _summarize(audit_out: Path, manifest: Path) -> dict[str, Any]:
+    """Flag rates by ground truth (the manifest's label column and the image kind)."""
+    import pandas as pd
+
+    from odin_engine.demo_data import image_kind
+
+    flags = pd.read_parquet(audit_out / "flags")
+    truth = pd.read_csv(manifest, dtype=str)[["image_id", "label"]]
+    df = flags.drop(columns=[c for c in ("label",) if c in flags.columns]).merge(truth, on="image_id", how="right")
+    if df["is_outlier"].isna().any():
+        missing = df.loc[df["is_outlier"].isna(), "image_id"].head(5).tolist()
+        raise RuntimeError(f"some corpus images have no flag (errors or missing rows), e.g. {missing}")
+    df["kind"] = df["image_id"].map(image_kind)
+    groups: dict[str, dict[str, Any]] = {}
+
+    def add(name: str, sub) -> None:
+        n = int(len(sub))
+        k = int(sub["is_outlier"].astype(bool).sum())
+        groups[name] = {"n": n, "flagged": k, "rate": (k / n) if n else None}
+
+    add("id_digits", df[df["label"] == "id"])
+    add("ood_photos", df[df["kind"] == "photo"])
+    add("ood_noise", df[df["kind"] == "noise"])
+    add("ood_all", df[df["label"] == "ood"])
+    cal = json.loads((audit_out / "calibration.json").read_text())
+    return {"groups": groups, "delta": cal.get("delta"), "n_heldout": cal.get("n_heldout"),
+            "tpr_ci": cal.get("tpr_ci"), "method": cal.get("method", "odin")}
+
+
+def _fmt_rate(g: dict[str, Any]) -> str:
+    return f"{g['flagged']:>5} / {g['n']:<5} {100 * g['rate']:6.1f}%" if g["n"] else "    (none in corpus)"
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    import shutil
+
+    from odin_engine import demo_model
+    from odin_engine.demo_data import write_demo_images
+
+    t0 = time.perf_counter()
+    root = Path(args.output).resolve()
+    audit_out = root / "audit"
+    if args.fresh and audit_out.exists():
+        shutil.rmtree(audit_out)
+    # 1. the model: trained once per recipe, then read from the cache
+    recipe = demo_model.Recipe(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    weights, info = demo_model.cached_weights(recipe, args.cache_dir, retrain=args.retrain)
+    how = "cached" if info.get("cached") else f"trained in {info['train_seconds']:.1f} s"
+    print(f"[demo] model {MODEL_SPEC} ({how}; accuracy on the {info['n_unseen']} digits kept out of "
+          f"training: {100 * info['unseen_accuracy']:.1f}%): {weights}", flush=True)
+    t_model = time.perf_counter()
+    # 2. the images, as PNG files; the manifest's label column is the ground truth
+    images = write_demo_images(root / "images", n_heldout=args.heldout, n_corpus_id=args.corpus_id,
+                               n_corpus_ood=args.corpus_ood)
+    c = images.counts
+    print(f"[demo] wrote {c['heldout_id']} held-out digits to {images.heldout_dir} and a corpus of "
+          f"{c['corpus_id']} digits + {c['corpus_ood_photo']} photo crops + {c['corpus_ood_noise']} noise "
+          f"images ({images.corpus_manifest})", flush=True)
+    t_images = time.perf_counter()
+    # 3. the audit: score → calibrate → flag → report, on a local Ray cluster
+    paths = _audit(args, images, weights, audit_out)
+    t_audit = time.perf_counter()
+    # 4. the summary
+    s = _summarize(audit_out, images.corpus_manifest)
+    g = s["groups"]
+    summary = {
+        "model": {"spec": MODEL_SPEC, "weights": str(weights), **{k: info[k] for k in ("key", "unseen_accuracy")},
+                  "cached": bool(info.get("cached"))},
+        "temperature": args.temperature, "epsilon": args.epsilon, "tpr": args.tpr,
+        **s,
+        "seconds": {"model": round(t_model - t0, 2), "images": round(t_images - t_model, 2),
+                    "audit": round(t_audit - t_images, 2), "total": round(time.perf_counter() - t0, 2)},
+        "outputs": {"root": str(root), "audit": str(audit_out), "report": str(paths["report"])},
+    }
+    (root / "demo-summary.json").write_text(json.dumps(summary, indent=2))
+    lo_hi = s.get("tpr_ci") or [float("nan"), float("nan")]
+    print()
+    print(f"ODIN demo: T={args.temperature:g}, ε={args.epsilon:g}; threshold δ={s['delta']:.6g} keeps "
+          f"{100 * args.tpr:g}% of {s['n_heldout']} held-out digits (TPR on new digits, 95% CI "
+          f"[{lo_hi[0]:.3f}, {lo_hi[1]:.3f}])")
+    print("flagged as out-of-distribution:")
+    print(f"  in-distribution digits   {_fmt_rate(g['id_digits'])}")
+    print(f"  OOD photo crops          {_fmt_rate(g['ood_photos'])}")
+    print(f"  OOD noise                {_fmt_rate(g['ood_noise'])}")
+    print(f"  OOD, all                 {_fmt_rate(g['ood_all'])}")
+    print(f"report:  {paths['report']}")
+    print(f"outputs: {audit_out}  (scores/, flags/, calibration.json, …; summary: {root / 'demo-summary.json'})")
+    print(f"wall time: {summary['seconds']['total']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(build_parser, run, prog="python -m jobs.demo", section="demo"))
