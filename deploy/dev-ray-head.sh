@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Bring up a local Ray head for development, with token auth on, and print how to submit to it.
+#
+#   deploy/dev-ray-head.sh            start (sets up .venv first if needed)
+#   deploy/dev-ray-head.sh --stop     stop it
+#
+# Ports: RAY_PORT (GCS, default 6379) and RAY_DASHBOARD_PORT (jobs API + dashboard, default 8265),
+# both on 127.0.0.1 only. The token is Ray's default token file, ~/.ray/auth_token (created on the
+# first start; RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH override it, as in Ray itself).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RAY_PORT=${RAY_PORT:-6379}
+RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
+TEMP_DIR=${RAY_DEV_TEMP_DIR:-/tmp/ray-odin-dev}
+export RAY_AUTH_MODE=token
+export RAY_USAGE_STATS_ENABLED=0
+
+if [ "${1:-}" = "--stop" ]; then
+  # Stop only this head: the processes whose command line names its temp dir (`ray stop` would
+  # stop every Ray cluster on the machine). Workers exit with their raylet.
+  pids=$(grep -l -a -- "$TEMP_DIR" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 | grep -vx "$$" || true)
+  if [ -z "$pids" ]; then echo "no Ray head with temp dir $TEMP_DIR is running"; exit 0; fi
+  kill $pids 2>/dev/null || true
+  for _ in $(seq 50); do
+    alive=$(for p in $pids; do if [ -d "/proc/$p" ]; then echo "$p"; fi; done)
+    [ -z "$alive" ] && break
+    sleep 0.2
+  done
+  if [ -n "${alive:-}" ]; then kill -9 $alive 2>/dev/null || true; fi
+  echo "stopped the Ray head with temp dir $TEMP_DIR"
+  exit 0
+fi
+[ $# -eq 0 ] || { echo "usage: $0 [--stop]" >&2; exit 2; }
+
+scripts/setup
+# Jobs run `python`: make it the project's virtualenv for the head and everything it starts.
+export PATH="$PWD/.venv/bin:$PATH"
+RAY=.venv/bin/ray
+if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ]; then
+  "$RAY" get-auth-token --generate >/dev/null   # creates ~/.ray/auth_token (mode 600) if missing
+fi
+"$RAY" start --head --node-ip-address 127.0.0.1 --port "$RAY_PORT" \
+  --dashboard-host 127.0.0.1 --dashboard-port "$RAY_DASHBOARD_PORT" --include-dashboard true \
+  --temp-dir "$TEMP_DIR" --disable-usage-stats ${RAY_START_ARGS:-}
+
+cat <<MSG
+
+Ray head is up on 127.0.0.1 (token auth on). In any shell:
+
+  export RAY_AUTH_MODE=token RAY_ADDRESS=http://127.0.0.1:${RAY_DASHBOARD_PORT}
+  .venv/bin/ray job submit --working-dir . -- python -m jobs.audit --config audit.toml
+  .venv/bin/ray job submit --working-dir . -- python -m jobs.demo --output /tmp/odin-demo
+
+(The token is read from ~/.ray/auth_token, or set RAY_AUTH_TOKEN. The dashboard at
+http://127.0.0.1:${RAY_DASHBOARD_PORT} asks for it too.)  Stop: deploy/dev-ray-head.sh --stop
+MSG
