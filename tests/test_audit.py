@@ -1,0 +1,153 @@
+"""`odin-audit audit` end to end on a real local Ray head: ray job submit, resume without rescoring,
+config file + tuning file + held-out split, and bad configuration (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from _odin_helpers import noise_images, random_weights, smooth_images
+from jobs.cli import main as cli
+from odin_engine.loading import load_model
+from odin_engine.metrics import threshold_at_tpr
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(d: Path, imgs: np.ndarray, prefix: str = "") -> list[Path]:
+    d.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, a in enumerate(imgs):
+        p = d / f"{prefix}{i:04d}.png"
+        Image.fromarray(a).save(p)
+        paths.append(p)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("audit")
+    w = random_weights(root / "w.pt")
+    _write(root / "held", smooth_images(100, 1))
+    _write(root / "corpus", np.concatenate([smooth_images(20, 2), noise_images(10, 3)]))
+    (root / "corpus" / "broken.png").write_bytes(b"this is not a png")
+    _write(root / "ood", noise_images(20, 4))
+    _write(root / "few", smooth_images(50, 5))
+    return root, w
+
+
+def _model_args(w: Path) -> list[str]:
+    return ["--model", "cifar_resnet20", "--weights", str(w)]
+
+
+def _scores(d: Path) -> pd.DataFrame:
+    return pd.concat([pd.read_parquet(f) for f in sorted((d / "scores").glob("*.parquet"))], ignore_index=True)
+
+
+@pytest.mark.slow
+def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
+    root, w = data
+    out = root / "out"
+    args = ["python", "-m", "jobs.audit", "--corpus", str(root / "corpus"), "--heldout", str(root / "held"),
+            "--output", str(out), *_model_args(w), "--temperature", "1000", "--epsilon", "0.0014",
+            "--ood", f"noise={root / 'ood'}", "--class-names", ",".join(f"c{i}" for i in range(10)), "--quiet"]
+    proc = ray_head.submit(args, cwd=REPO, timeout=500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    cal = json.loads((out / "calibration.json").read_text())
+    held = _scores(out / "heldout")
+    assert len(held) == 100
+    assert cal["delta"] == threshold_at_tpr(held["odin"], 0.95)
+    assert cal["n_heldout"] == 100 and (cal["temperature"], cal["epsilon"]) == (1000.0, 0.0014)
+    flags = pd.read_parquet(out / "flags")
+    assert len(flags) == 31
+    broken = flags[flags["image_id"] == "broken.png"].iloc[0]
+    assert broken["status"] == "error" and pd.isna(broken["is_outlier"]) and broken["error"]
+    ok = flags[flags["status"] == "ok"]
+    assert (ok["is_outlier"].astype(bool) == (ok["odin"] < cal["delta"])).all()
+    ev = json.loads((out / "evaluation.json").read_text())
+    assert set(ev["sets"]) == {"noise"} and ev["sets"]["noise"]["n"] == 20
+    assert set(ev["sets"]["noise"]["metrics"]) == {"msp", "energy", "odin"}
+    report = (out / "report.html").read_text()
+    assert report.count("data:image/png;base64,") >= 4 and "c0" in report
+    doc = json.loads((out / "audit.json").read_text())
+    assert doc["score_runs"]["corpus"]["scored_this_run"] == 31
+
+    # rerun the same command (as a plain driver on the same cluster): resumes, rescores nothing
+    before = {k: (out / k / "run.json").read_text() for k in ("heldout", "corpus")}
+    again = subprocess.run([sys.executable, *args[1:]], cwd=REPO, env=ray_head.env, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    doc2 = json.loads((out / "audit.json").read_text())
+    assert all(r["scored_this_run"] == 0 for r in doc2["score_runs"].values())
+    for k in ("heldout", "corpus"):
+        run = json.loads((out / k / "run.json").read_text())
+        assert run["attempts"][-1]["scored"] == 0 and len(run["attempts"]) == 2
+        assert json.loads(before[k])["run_id"] == run["run_id"]
+    assert json.loads((out / "calibration.json").read_text())["delta"] == cal["delta"]
+    pd.testing.assert_frame_equal(pd.read_parquet(out / "flags").drop(columns=["scored_at"], errors="ignore"),
+                                  flags.drop(columns=["scored_at"], errors="ignore"))
+
+
+@pytest.mark.slow
+def test_audit_config_file_tuning_file_and_heldout_split(ray_head, data):
+    root, w = data
+    model_id = load_model("cifar_resnet20", w).model_id
+    tuning = root / "tuning.json"
+    tuning.write_text(json.dumps({"version": 1, "temperature": 10.0, "epsilon": 0.001, "mode": "paper",
+                                  "model_id": model_id}))
+    rows = [{"uri": str(p), "split": "heldout"} for p in _write(root / "m_held", smooth_images(100, 7), "h")]
+    rows += [{"uri": str(p), "split": "audit"} for p in _write(root / "m_corp", noise_images(12, 8), "c")]
+    pd.DataFrame(rows).to_csv(root / "manifest.csv", index=False)
+    out = root / "out_cfg"
+    (root / "audit.toml").write_text(
+        "[audit]\n"
+        f'corpus = "{root / "manifest.csv"}"\nheldout-split = "heldout"\noutput = "{out}"\n'
+        f'model = "cifar_resnet20"\nweights = "{w}"\ntuning = "{tuning}"\ntpr = 0.9\nquiet = true\n'
+    )
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "audit", "--config", str(root / "audit.toml")],
+                          cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cal = json.loads((out / "calibration.json").read_text())
+    assert (cal["temperature"], cal["epsilon"], cal["target_tpr"]) == (10.0, 0.001, 0.9)
+    assert cal["settings_from"].startswith("tuning file")
+    flags = pd.read_parquet(out / "flags")
+    assert len(flags) == 12 and (flags["split"] == "audit").all()  # held-out rows are not flagged
+    assert cal["n_heldout"] == 100
+    scores = _scores(out / "corpus")
+    assert cal["delta"] == threshold_at_tpr(scores[scores["split"] == "heldout"]["odin"], 0.9)
+    assert not (out / "evaluation.json").exists()
+
+
+def test_bad_configuration_exits_2_and_writes_nothing(data, tmp_path, capsys):
+    root, w = data
+    other = tmp_path / "other_tuning.json"
+    other.write_text(json.dumps({"temperature": 10, "epsilon": 0.001, "model_id": "cifar_resnet20@sha256:0000"}))
+    base = ["audit", "--corpus", str(root / "corpus"), *_model_args(w)]
+    cases = [
+        ([*base, "--heldout", str(root / "held"), "--tuning", str(other), "--temperature", "5"], "not both"),
+        ([*base, "--heldout", str(root / "held"), "--tuning", str(other)], "tuned for model"),
+        ([*base, "--heldout", str(root / "held"), "--tuning", str(tmp_path / "none.json")], "not found"),
+        ([*base], "--heldout"),
+        ([*base, "--heldout", str(root / "held"), "--heldout-split", "x"], "exactly one"),
+        ([*base, "--heldout", str(root / "few")], "at least 100"),
+        ([*base, "--heldout", str(root / "held"), "--ood", "noise"], "NAME=SRC"),
+        ([*base, "--heldout", str(root / "held"), "--ood", f"a={root}", "--ood", f"a={root}"], "differ"),
+        ([*base, "--heldout", str(root / "held"), "--tpr", "1"], "tpr"),
+        ([*base, "--heldout", str(root / "held"), "--epsilon", "3"], "epsilon"),
+        ([*base, "--heldout-split", "heldout"], "split"),
+        (["audit", "--corpus", str(root / "corpus"), "--heldout", str(root / "held"), "--model", "nope"], "model"),
+    ]
+    for i, (argv, msg) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert cli([*argv, "--output", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert msg in err, (msg, err)
+        assert not out.exists()
