@@ -6,6 +6,7 @@ functions chunk by chunk and returns numpy columns ``pred, msp, max_logit, energ
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Iterator
 
@@ -83,7 +84,8 @@ class OdinScorer:
             raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
         self.batch_size = int(batch_size)
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        module: nn.Module = model.module.to(self.device)
+        # a private copy: the caller's LoadedModel keeps its device and layout
+        module: nn.Module = copy.deepcopy(model.module).to(self.device)
         self.module = optimize_for_inference(module, self.device) if optimize else module
         self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1)

@@ -214,3 +214,14 @@ def test_resnet20_accuracy_on_cifar10_jpeg_test_set():
     acc = float(np.mean(pred == d["labels"][idx]))
     assert 0.77 <= acc <= 0.85, acc
     assert collections.Counter(pred.tolist()).keys() == set(range(10))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_cuda_scores_match_cpu(model):
+    imgs = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    cpu = oe.OdinScorer(model, device="cpu").score(imgs)
+    gpu = oe.OdinScorer(model, device="cuda").score(imgs)
+    np.testing.assert_array_equal(cpu["pred"], gpu["pred"])
+    np.testing.assert_allclose(cpu["odin"], gpu["odin"], rtol=1e-3)
+    bf16 = oe.OdinScorer(model, device="cuda", autocast="bf16").score(imgs)
+    np.testing.assert_allclose(cpu["odin"], bf16["odin"], rtol=1e-2)
