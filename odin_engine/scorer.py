@@ -96,9 +96,10 @@ class OdinScorer:
         return x.contiguous(memory_format=torch.channels_last) if self.device.type == "cpu" else x
 
     def batches(self, images) -> Iterator[torch.Tensor]:
-        unit = to_unit_tensor(images)
-        for start in range(0, unit.shape[0], self.batch_size):
-            yield self.normalize(unit[start : start + self.batch_size])
+        """Normalized chunks of ``batch_size``; converted chunk by chunk to bound memory."""
+        to_unit_tensor(images[:0])  # validate the whole input's type and shape up front
+        for start in range(0, len(images), self.batch_size):
+            yield self.normalize(to_unit_tensor(images[start : start + self.batch_size]))
 
     def score(self, images) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {c: [] for c in SCORE_COLUMNS}
