@@ -29,6 +29,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus-id", type=int, default=300, metavar="N", help="unseen digits in the corpus")
     parser.add_argument("--corpus-ood", type=int, default=200, metavar="N",
                         help="out-of-distribution images in the corpus (half photo crops, half noise)")
+    parser.add_argument("--eval-ood", type=int, default=100, metavar="N",
+                        help="images in each labelled OOD set (photos, noise) for the report's evaluation "
+                             "(MSP vs energy vs ODIN: FPR@TPR, AUROC, …); 0 skips the evaluation")
     parser.add_argument("--temperature", type=float, default=1000.0, help="ODIN temperature T")
     parser.add_argument("--epsilon", type=float, default=0.0014, help="ODIN perturbation ε (pixel units)")
     parser.add_argument("--tpr", type=float, default=0.95, help="share of held-out digits kept above δ")
@@ -45,8 +48,8 @@ def _check(args: argparse.Namespace) -> None:
     from odin_engine.demo_data import N_DIGITS, TRAIN_SIZE
 
     unseen = N_DIGITS - TRAIN_SIZE
-    if args.heldout < 1 or args.corpus_id < 0 or args.corpus_ood < 0:
-        raise ConfigError("--heldout must be >= 1 and --corpus-id/--corpus-ood >= 0")
+    if args.heldout < 1 or args.corpus_id < 0 or args.corpus_ood < 0 or args.eval_ood < 0:
+        raise ConfigError("--heldout must be >= 1 and --corpus-id/--corpus-ood/--eval-ood >= 0")
     if args.heldout + args.corpus_id > unseen:
         raise ConfigError(f"--heldout + --corpus-id must be <= {unseen} (the digits kept out of training)")
     if args.corpus_id + args.corpus_ood < 1:
@@ -55,7 +58,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--epochs must be >= 1")
 
 
-def _audit(args: argparse.Namespace, images, weights: Path, out: Path) -> dict[str, Any]:
+def _audit(args: argparse.Namespace, images, ood_sets: dict[str, Path], weights: Path, out: Path) -> dict[str, Any]:
     """The audit stage on a local Ray cluster; returns where its outputs are."""
     try:
         from jobs import audit as audit_job
@@ -68,6 +71,8 @@ def _audit(args: argparse.Namespace, images, weights: Path, out: Path) -> dict[s
         "--output", str(out), "--model", MODEL_SPEC, "--weights", str(weights),
         "--temperature", repr(args.temperature), "--epsilon", repr(args.epsilon), "--tpr", repr(args.tpr),
     ]
+    for name, path in ood_sets.items():
+        argv += ["--ood", f"{name}={path}"]
     print(f"[demo] odin-audit audit {' '.join(argv)}", flush=True)
     rc = _run_main(audit_job.build_parser, audit_job.run, argv, prog="odin-audit audit", section="audit")
     if rc != 0:
@@ -111,7 +116,12 @@ def _summarize(audit_out: Path, manifest: Path) -> dict[str, Any]:
     add("ood_noise", df[df["kind"] == "noise"])
     add("ood_all", df[df["label"] == "ood"])
     cal = json.loads((audit_out / "calibration.json").read_text())
-    return {"groups": groups, "delta": cal.get("delta"), "n_heldout": cal.get("n_heldout"),
+    evaluation = None
+    if (audit_out / "evaluation.json").is_file():
+        ev = json.loads((audit_out / "evaluation.json").read_text())
+        evaluation = {name: {m: {k: e["metrics"][m][k] for k in ("fpr_at_tpr", "auroc")} for m in e["metrics"]}
+                      for name, e in ev.get("sets", {}).items()}
+    return {"groups": groups, "evaluation": evaluation, "delta": cal.get("delta"), "n_heldout": cal.get("n_heldout"),
             "tpr_ci": cal.get("tpr_ci"), "method": cal.get("method", "odin")}
 
 
@@ -124,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     import shutil
 
     from odin_engine import demo_model
-    from odin_engine.demo_data import write_demo_images
+    from odin_engine.demo_data import write_demo_images, write_ood_sets
 
     t0 = time.perf_counter()
     root = Path(args.output).resolve()
@@ -145,9 +155,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"[demo] wrote {c['heldout_id']} held-out digits to {images.heldout_dir} and a corpus of "
           f"{c['corpus_id']} digits + {c['corpus_ood_photo']} photo crops + {c['corpus_ood_noise']} noise "
           f"images ({images.corpus_manifest})", flush=True)
+    ood_sets = write_ood_sets(root / "images", args.eval_ood)
+    if ood_sets:
+        print(f"[demo] wrote labelled OOD sets for the evaluation: "
+              + ", ".join(f"{k} ({args.eval_ood} images) {v}" for k, v in ood_sets.items()), flush=True)
     t_images = time.perf_counter()
     # 3. the audit: score → calibrate → flag → report, on a local Ray cluster
-    paths = _audit(args, images, weights, audit_out)
+    paths = _audit(args, images, ood_sets, weights, audit_out)
     t_audit = time.perf_counter()
     # 4. the summary
     s = _summarize(audit_out, images.corpus_manifest)
@@ -172,6 +186,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"  OOD photo crops          {_fmt_rate(g['ood_photos'])}")
     print(f"  OOD noise                {_fmt_rate(g['ood_noise'])}")
     print(f"  OOD, all                 {_fmt_rate(g['ood_all'])}")
+    if s.get("evaluation"):
+        print(f"labelled OOD sets ({args.eval_ood} images each) vs the held-out digits, "
+              f"FPR at {100 * args.tpr:g}% TPR (lower is better) / AUROC:")
+        for name, per in s["evaluation"].items():
+            cells = "   ".join(f"{m} {v['fpr_at_tpr']:.3f} / {v['auroc']:.3f}" for m, v in per.items())
+            print(f"  {name:<8} {cells}")
     print(f"report:  {paths['report']}")
     print(f"outputs: {audit_out}  (scores/, flags/, calibration.json, …; summary: {root / 'demo-summary.json'})")
     print(f"wall time: {summary['seconds']['total']:.1f} s")

@@ -161,6 +161,25 @@ def write_demo_images(
     return DemoImages(root, heldout_dir, corpus_dir, manifest, counts)
 
 
+def write_ood_sets(root: str | Path, n_each: int = 100, seed: int = SPLIT_SEED) -> dict[str, Path]:
+    """Labelled OOD sets for evaluation, separate from the corpus (other crops, other noise).
+
+    Writes ``root/ood-photos/`` and ``root/ood-noise/`` (``n_each`` PNG files each) and returns
+    ``{"photos": dir, "noise": dir}``; ``n_each == 0`` writes nothing and returns ``{}``.
+    """
+    root = Path(root)
+    if n_each <= 0:
+        return {}
+    photos, names = photo_crops(n_each, seed=seed + 101)
+    noise, kinds = noise_images(n_each, seed=seed + 102)
+    out = {"photos": root / "ood-photos", "noise": root / "ood-noise"}
+    for j, (arr, name) in enumerate(zip(photos, names)):
+        _save(arr, out["photos"] / f"photo-{name}-{j:04d}.png")
+    for j, (arr, kind) in enumerate(zip(noise, kinds)):
+        _save(arr, out["noise"] / f"noise-{kind}-{j:04d}.png")
+    return out
+
+
 def image_kind(image_id: str) -> str:
     """``id/digit-3-0042.png`` → ``digit``; ``ood/photo-china-0001.png`` → ``photo``; noise → ``noise``."""
     name = image_id.rsplit("/", 1)[-1]

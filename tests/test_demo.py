@@ -1,0 +1,137 @@
+"""The built-in demo: its model, its images, and the whole `odin-audit demo` run end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from odin_engine import demo_data, demo_model, load_model
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train the demo model once (the default recipe) into a fresh cache; time it."""
+    cache = tmp_path_factory.mktemp("odin-cache")
+    t0 = time.perf_counter()
+    weights, info = demo_model.cached_weights(cache_dir=cache, log=None)
+    return cache, weights, info, time.perf_counter() - t0
+
+
+def test_training_is_quick_accurate_and_cached(trained):
+    cache, weights, info, seconds = trained
+    assert info["cached"] is False
+    # "well under a minute on 2 CPU cores": generous bound, since CI shares the cores.
+    assert seconds < 60, f"training took {seconds:.1f} s"
+    assert info["unseen_accuracy"] > 0.95, info
+    assert info["n_train"] == demo_data.TRAIN_SIZE and info["n_unseen"] == demo_data.N_DIGITS - demo_data.TRAIN_SIZE
+    # a plain state_dict: loads with weights_only=True
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    # second call: read from the cache, no training
+    t0 = time.perf_counter()
+    again, info2 = demo_model.cached_weights(cache_dir=cache, log=None)
+    assert again == weights and info2["cached"] is True and time.perf_counter() - t0 < 5
+    # the recipe key changes with the recipe
+    assert demo_model.Recipe(seed=1).key() != demo_model.Recipe().key()
+
+
+def test_weights_load_through_the_engine_spec(trained):
+    _, weights, info, _ = trained
+    m = load_model("odin_engine.demo_model:build", str(weights))
+    assert (m.input_size, m.num_classes, m.mean, m.std) == (32, 10, demo_model.MEAN, demo_model.STD)
+    images, targets = demo_data.digits_rgb()
+    _, unseen = demo_data.digit_split()
+    x = torch.from_numpy(images[unseen]).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(m.mean).view(1, 3, 1, 1)) / torch.tensor(m.std).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        acc = float((m.module(x).argmax(1).numpy() == targets[unseen]).mean())
+    assert acc == pytest.approx(info["unseen_accuracy"], abs=1e-9)
+
+
+def test_training_is_seeded():
+    r = demo_model.Recipe(epochs=1)
+    a, _ = demo_model.train(r, log=None)
+    b, _ = demo_model.train(r, log=None)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_demo_images(tmp_path):
+    imgs = demo_data.write_demo_images(tmp_path, n_heldout=50, n_corpus_id=40, n_corpus_ood=21)
+    assert imgs.counts == {"heldout_id": 50, "corpus_id": 40, "corpus_ood_photo": 10, "corpus_ood_noise": 11}
+    with open(imgs.corpus_manifest) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 61 and {r["label"] for r in rows} == {"id", "ood"}
+    assert sum(r["label"] == "ood" for r in rows) == 21
+    assert {demo_data.image_kind(r["image_id"]) for r in rows} == {"digit", "photo", "noise"}
+    for r in rows:  # manifest paths are relative to the manifest's folder, and every file is a 32×32 RGB PNG
+        with Image.open(tmp_path / r["path"]) as im:
+            assert (im.format, im.mode, im.size) == ("PNG", "RGB", (32, 32))
+    # held-out, corpus and training digits never overlap
+    train, _ = demo_data.digit_split()
+    idx = lambda names: {int(re.search(r"-(\d{4})\.png$", n).group(1)) for n in names}  # noqa: E731
+    held = idx(p.name for p in imgs.heldout_dir.iterdir())
+    corpus = idx(r["path"] for r in rows if r["label"] == "id")
+    assert len(held) == 50 and len(corpus) == 40
+    assert not (held & corpus) and not (held & set(train.tolist())) and not (corpus & set(train.tolist()))
+    ood = demo_data.write_ood_sets(tmp_path, 6)
+    assert sorted(len(list(d.iterdir())) for d in ood.values()) == [6, 6]
+
+
+def test_demo_rejects_impossible_sizes(tmp_path):
+    p = subprocess.run([str(VENV_BIN / "odin-audit"), "demo", "--heldout", "700", "--corpus-id", "200",
+                        "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "--heldout + --corpus-id must be <= 797" in p.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(trained, tmp_path):
+    """`odin-audit demo` at small sizes: real training cache, PNG files, local Ray, the audit, the report."""
+    cache, _, _, _ = trained
+    out = tmp_path / "demo"
+    cmd = [str(VENV_BIN / "odin-audit"), "demo", "--output", str(out), "--cache-dir", str(cache),
+           "--heldout", "200", "--corpus-id", "120", "--corpus-ood", "80", "--eval-ood", "40"]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+    s = json.loads((out / "demo-summary.json").read_text())
+    g = s["groups"]
+    assert (g["id_digits"]["n"], g["ood_photos"]["n"], g["ood_noise"]["n"]) == (120, 40, 40)
+    # the flags make sense: few digits flagged (δ keeps 95% of held-out digits), most OOD flagged
+    assert g["id_digits"]["rate"] <= 0.15, g
+    assert g["ood_all"]["rate"] >= 0.80, g
+    assert g["ood_noise"]["rate"] >= 0.90, g
+    assert s["model"]["cached"] is True
+    # the figures are printed, and they are the summary's
+    stdout = p.stdout
+    assert "flagged as out-of-distribution" in stdout
+    for key in ("id_digits", "ood_photos", "ood_noise", "ood_all"):
+        assert f"{100 * g[key]['rate']:6.1f}%" in stdout, key
+    assert f"report:  {out / 'audit' / 'report.html'}" in stdout
+    m = re.search(r"wall time: ([0-9.]+) s", stdout)
+    assert m and float(m.group(1)) > 0
+    # the report is real: an HTML page with embedded images, and the evaluation ran
+    html = (out / "audit" / "report.html").read_text()
+    assert html.lstrip().lower().startswith("<!doctype html") and "data:image/png;base64," in html
+    assert set(s["evaluation"]) == {"photos", "noise"}
+    assert s["evaluation"]["noise"]["odin"]["auroc"] > 0.9
+    # flags cover every corpus image exactly once
+    import pandas as pd
+
+    flags = pd.read_parquet(out / "audit" / "flags")
+    assert len(flags) == 200 and flags["image_id"].is_unique
+    assert np.isclose(s["delta"], json.loads((out / "audit" / "calibration.json").read_text())["delta"])
