@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -36,12 +37,16 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epsilon", type=float, default=0.0014, help="ODIN perturbation ε (pixel units)")
     parser.add_argument("--tpr", type=float, default=0.95, help="share of held-out digits kept above δ")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the demo model")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
-    parser.add_argument("--cache-dir", metavar="DIR", default=None,
-                        help="trained-model cache (default: $ODIN_AUDIT_CACHE, else ~/.cache/odin-audit)")
+    from odin_engine.demo_model import Recipe, default_cache_dir
+
+    parser.add_argument("--epochs", type=int, default=Recipe().epochs, help="training epochs")
+    parser.add_argument("--cache-dir", metavar="DIR", default=str(default_cache_dir()),
+                        help="trained-model cache, keyed by a hash of the training recipe "
+                             "($ODIN_AUDIT_CACHE, else $XDG_CACHE_HOME/odin-audit, else ~/.cache/odin-audit)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the cache has the model")
     parser.add_argument("--fresh", action="store_true",
-                        help="delete an earlier demo's audit outputs under --output first (else it resumes)")
+                        help="delete an earlier demo's audit outputs under --output first (else the audit resumes "
+                             "them, and refuses them if the sizes or settings changed)")
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -54,16 +59,13 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--heldout + --corpus-id must be <= {unseen} (the digits kept out of training)")
     if args.corpus_id + args.corpus_ood < 1:
         raise ConfigError("the corpus is empty: give --corpus-id or --corpus-ood > 0")
-    if args.epochs is not None and args.epochs < 1:
+    if args.epochs < 1:
         raise ConfigError("--epochs must be >= 1")
 
 
 def _audit(args: argparse.Namespace, images, ood_sets: dict[str, Path], weights: Path, out: Path) -> dict[str, Any]:
     """The audit stage on a local Ray cluster; returns where its outputs are."""
-    try:
-        from jobs import audit as audit_job
-    except ImportError:  # TEMPORARY until jobs/audit.py lands: the same stages, without the report
-        return _audit_without_report(args, images, weights, out)
+    from jobs import audit as audit_job
     from jobs._cli import run_main as _run_main
 
     argv = [
@@ -73,22 +75,11 @@ def _audit(args: argparse.Namespace, images, ood_sets: dict[str, Path], weights:
     ]
     for name, path in ood_sets.items():
         argv += ["--ood", f"{name}={path}"]
-    print(f"[demo] odin-audit audit {' '.join(argv)}", flush=True)
+    print("[demo] running the audit on a local Ray cluster (score held-out digits, corpus and OOD sets → "
+          "calibrate δ → flag → evaluate → report); the same as:\n"
+          f"       odin-audit audit {' '.join(shlex.quote(a) for a in argv)}", flush=True)
     rc = _run_main(audit_job.build_parser, audit_job.run, argv, prog="odin-audit audit", section="audit")
-    if rc != 0:
-        raise RuntimeError(f"the audit stage exited with {rc}")
-    return {"report": out / "report.html"}
-
-
-def _audit_without_report(args, images, weights: Path, out: Path) -> dict[str, Any]:
-    from jobs.calibrate import calibrate_and_flag
-    from jobs.score import score_corpus
-
-    kw = dict(model=MODEL_SPEC, weights=str(weights), temperature=args.temperature, epsilon=args.epsilon)
-    score_corpus(str(images.heldout_dir), str(out / "heldout"), **kw)
-    score_corpus(str(images.corpus_manifest), str(out / "corpus"), **kw)
-    calibrate_and_flag(out / "corpus", out / "heldout", out, tpr=args.tpr)
-    return {"report": None}
+    return {"rc": rc, "report": out / "report.html"}
 
 
 def _summarize(audit_out: Path, manifest: Path) -> dict[str, Any]:
@@ -142,13 +133,14 @@ def run(args: argparse.Namespace) -> int:
     if args.fresh and audit_out.exists():
         shutil.rmtree(audit_out)
     # 1. the model: trained once per recipe, then read from the cache
-    recipe = demo_model.Recipe(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    recipe = demo_model.Recipe(seed=args.seed, epochs=args.epochs)
     weights, info = demo_model.cached_weights(recipe, args.cache_dir, retrain=args.retrain)
     how = "cached" if info.get("cached") else f"trained in {info['train_seconds']:.1f} s"
     print(f"[demo] model {MODEL_SPEC} ({how}; accuracy on the {info['n_unseen']} digits kept out of "
           f"training: {100 * info['unseen_accuracy']:.1f}%): {weights}", flush=True)
     t_model = time.perf_counter()
     # 2. the images, as PNG files; the manifest's label column is the ground truth
+    shutil.rmtree(root / "images", ignore_errors=True)  # the demo's own files: always written afresh
     images = write_demo_images(root / "images", n_heldout=args.heldout, n_corpus_id=args.corpus_id,
                                n_corpus_ood=args.corpus_ood)
     c = images.counts
@@ -162,6 +154,11 @@ def run(args: argparse.Namespace) -> int:
     t_images = time.perf_counter()
     # 3. the audit: score → calibrate → flag → report, on a local Ray cluster
     paths = _audit(args, images, ood_sets, weights, audit_out)
+    if paths["rc"] != 0:
+        print(f"[demo] the audit stage stopped with exit code {paths['rc']} (message above). If {root} holds an "
+              "earlier demo run with other sizes or settings, rerun with --fresh, or pick another --output.",
+              file=sys.stderr)
+        return paths["rc"]
     t_audit = time.perf_counter()
     # 4. the summary
     s = _summarize(audit_out, images.corpus_manifest)
