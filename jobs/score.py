@@ -476,7 +476,7 @@ def score_corpus(
         import ray
         from ray.data.checkpoint import CheckpointConfig
 
-        from jobs.ray_utils import cluster_gpus, init_ray
+        from jobs.ray_utils import cluster_cpus, cluster_gpus, init_ray
 
         t_init = time.time()
         init_ray(ray_address)
@@ -484,6 +484,15 @@ def score_corpus(
         t_pipeline = time.time()
         gpus = cluster_gpus()
         n_workers = workers or max(1, gpus)
+        actor_cpus, threads = cpus_per_worker, max(1, int(round(cpus_per_worker)))
+        if done_before and not gpus:
+            # On resume Ray Data adds a CheckpointFilter actor that reserves 1 CPU; leave it one.
+            spare = cluster_cpus() - 1
+            if n_workers * actor_cpus > spare:
+                actor_cpus = max(0.01, spare / n_workers)
+                if verbose:
+                    print(f"odin score: resuming; {n_workers} worker(s) reserve {actor_cpus:.2f} CPU each "
+                          "(one CPU is left to Ray Data's checkpoint filter)", flush=True)
         ctx = ray.data.DataContext.get_current()
         ctx.checkpoint_config = CheckpointConfig(
             id_column="image_id",
@@ -494,7 +503,9 @@ def score_corpus(
         ctx.enable_progress_bars = verbose
         read_fs = None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs
         shard_files = sorted(i.path for i in out.listdir(CORPUS_DIR) if i.path.endswith(".parquet"))
-        ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files))
+        # Reading a shard is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
+        # at most 2 at a time so that it does not start a worker process per shard.
+        ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files), num_cpus=0, concurrency=2)
         ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=decode_cpus,
                             fn_kwargs={"size": loaded.input_size, "policy": resize})
         sink = schema.serialize().to_pybytes()
@@ -503,18 +514,18 @@ def score_corpus(
             fn_constructor_kwargs=dict(
                 spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
                 temperature=temperature, epsilon=epsilon, batch_size=batch_size, model_id=loaded.model_id,
-                run_id=run_id, threads=None if gpus else max(1, int(round(cpus_per_worker))),
+                run_id=run_id, threads=None if gpus else threads,
                 unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu",
             ),
             batch_size=batch_size,
             batch_format="pyarrow",
             concurrency=n_workers,
             num_gpus=1 if gpus else 0,
-            num_cpus=0 if gpus else cpus_per_worker,
+            num_cpus=0 if gpus else actor_cpus,
         )
         ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs)
         ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
-                     "cpus_per_worker": 0 if gpus else cpus_per_worker}
+                     "cpus_per_worker": 0 if gpus else actor_cpus}
     t_end = time.time()
 
     # 4. verify exactly-once against the corpus and write run.json

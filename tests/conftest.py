@@ -5,7 +5,7 @@ Fixtures
 ``ray_head`` (session)
     A real local Ray head: ``ray start --head --node-ip-address 127.0.0.1`` on free ports,
     token auth on (``RAY_AUTH_MODE=token`` with a fresh random token), 2 CPUs, its own
-    ``--temp-dir``; stopped with ``ray stop`` at the end of the session. Yields a
+    ``--temp-dir``; stopped at the end of the session by signalling only its own processes (not ``ray stop``, which would stop every cluster on the machine). Yields a
     :class:`RayHead` with ``address`` (GCS ``host:port``), ``dashboard_url``
     (``http://127.0.0.1:<port>``, what ``ray job submit --address`` wants), ``token`` and
     ``env`` — a copy of ``os.environ`` with ``RAY_ADDRESS``, ``RAY_AUTH_MODE``,
@@ -118,15 +118,77 @@ def ray_head(tmp_path_factory):
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0 or not _wait_port(dash_port, 60):
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(temp_dir)
         pytest.skip(f"could not start a local Ray head: rc={proc.returncode} {proc.stderr[-2000:]}")
     env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, str(temp_dir), env)
     try:
         yield head
     finally:
-        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def process_cmdlines() -> dict[int, str]:
+    """``{pid: command line}`` of this machine's processes, from /proc (no psutil here)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                out[int(entry)] = fh.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+    return out
+
+
+def pids_matching(needle: str) -> list[int]:
+    me = os.getpid()
+    return [pid for pid, cmd in process_cmdlines().items() if needle in cmd and pid != me]
+
+
+def _stop_head(temp_dir: Path) -> None:
+    """Stop *this* head only. ``ray stop`` would stop every Ray cluster of the user on the
+    machine (other test sessions' included), so signal just the processes whose command line
+    names our unique temp dir (GCS, raylet, dashboard, agents); workers exit with their raylet."""
+    pids = _with_descendants(pids_matching(str(temp_dir)))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 15
+        while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids):
+            time.sleep(0.2)
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return int(fh.read().split(")")[-1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _with_descendants(pids: list[int]) -> list[int]:
+    parent = {pid: _ppid(pid) for pid in process_cmdlines()}
+    found = set(pids)
+    grew = True
+    while grew:
+        new = {pid for pid, pp in parent.items() if pp in found and pid not in found}
+        found |= new
+        grew = bool(new)
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------- S3 (moto server)

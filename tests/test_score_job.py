@@ -1,0 +1,304 @@
+"""The scoring job end to end, with real parts: a real Ray head with token auth, real
+``ray job submit``, moto's real S3 API, real process kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import BAD_EXPECT, REPO, _with_descendants, make_images, pids_matching, process_cmdlines
+from jobs.cli import main as cli_main
+
+SCORE_COLS = ["image_id", "uri", "status", "error", "width", "height", "pred", "msp", "max_logit", "energy",
+              "odin", "temperature", "epsilon", "model_id", "run_id", "scored_at"]
+DOC = REPO / "docs" / "scoring-job.md"
+
+
+def read_scores(out: Path) -> pa.Table:
+    return pq.ParquetDataset(sorted((out / "scores").glob("*.parquet"))).read()
+
+
+def assert_exactly_once(out: Path, expected_ids: set[str]) -> pa.Table:
+    t = read_scores(out)
+    ids = t.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate rows"
+    assert set(ids) == expected_ids, f"missing {sorted(expected_ids - set(ids))[:5]} extra {sorted(set(ids) - expected_ids)[:5]}"
+    run = json.loads((out / "run.json").read_text())
+    assert run["verification"]["exactly_once"] is True
+    assert run["counts"]["total"] == len(expected_ids)
+    return t
+
+
+def job_cmd(corpus, out, tiny_model, *extra) -> list[str]:
+    return [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out), *tiny_model.cli,
+            "--temperature", "1000", "--epsilon", "0.0014", *extra]
+
+
+def run_job(args, env, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- bad configuration: exit 2, nothing written
+@pytest.mark.parametrize("case", ["empty_corpus", "missing_corpus", "missing_weights", "unknown_model", "bad_T",
+                                  "zero_T", "bad_eps", "bad_batch", "bad_mean", "no_input", "bad_config_key"])
+def test_bad_configuration_exits_2_and_writes_nothing(tmp_path, tiny_model, case, capsys):
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    args = ["score", "--input", str(corpus), "--output", str(out), *tiny_model.cli]
+    if case == "empty_corpus":
+        args[2] = str(tmp_path / "empty")
+    elif case == "missing_corpus":
+        args[2] = str(tmp_path / "nowhere")
+    elif case == "missing_weights":
+        args[args.index("--weights") + 1] = str(tmp_path / "nope.pt")
+    elif case == "unknown_model":
+        args[args.index("--model") + 1] = "resnet_forty_two"
+    elif case == "bad_T":
+        args += ["--temperature", "nan"]
+    elif case == "zero_T":
+        args += ["--temperature", "0"]
+    elif case == "bad_eps":
+        args += ["--epsilon", "2"]
+    elif case == "bad_batch":
+        args += ["--batch-size", "0"]
+    elif case == "bad_mean":
+        args += ["--mean", "0.5,0.5"]
+    elif case == "no_input":
+        args = ["score", "--output", str(out), *tiny_model.cli]
+    elif case == "bad_config_key":
+        (tmp_path / "c.toml").write_text("[score]\ntemprature = 10\n")
+        args += ["--config", str(tmp_path / "c.toml")]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and len(err.strip()) > 20
+    assert not out.exists()
+
+
+def test_help_and_config_file_are_wired(tmp_path, tiny_model):
+    from jobs._cli import parse_with_config
+    import argparse
+
+    from jobs import score
+
+    (tmp_path / "c.toml").write_text(f'[score]\ninput = "x"\ntemperature = 10.0\nbatch-size = 8\nworkers = 3\n')
+    parser = argparse.ArgumentParser()
+    score.build_parser(parser)
+    args = parse_with_config(parser, ["--config", str(tmp_path / "c.toml"), "--temperature", "20"], "score")
+    assert (args.input, args.temperature, args.batch_size, args.workers) == ("x", 20.0, 8, 3)
+    assert score.__doc__.strip().count("\n") == 0
+
+
+# --------------------------------------------------------------------------- ray job submit against a real head
+@pytest.mark.slow
+def test_ray_job_submit_end_to_end_then_resume_and_refuse(ray_head, tiny_model, tmp_path, bad_images):
+    corpus = tmp_path / "corpus dir"
+    make_images(corpus / "a", 40, prefix="ok_")
+    (corpus / "b ünï").mkdir()
+    for name in ("corrupt.png", "zero_byte.png", "rgba.png"):
+        (corpus / "b ünï" / name).write_bytes(bad_images[name])
+    out = tmp_path / "out"
+    args = ["python", "-m", "jobs.score", "--input", str(corpus), "--output", str(out), *tiny_model.cli,
+            "--batch-size", "16", "--shard-rows", "10", "--run-id", "submit-test"]
+    proc = ray_head.submit(args, cwd=REPO, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Job 'raysubmit_" in proc.stdout + proc.stderr and "succeeded" in proc.stdout + proc.stderr
+    assert "odin score: 43 rows (41 ok, 2 error)" in proc.stdout
+    ids = {f"a/ok_{i:05d}.png" for i in range(40)} | {f"b ünï/{n}" for n in ("corrupt.png", "zero_byte.png", "rgba.png")}
+    t = assert_exactly_once(out, ids)
+    assert t.column_names == SCORE_COLS
+    rows = {r["image_id"]: r for r in t.to_pylist()}
+    assert rows["b ünï/zero_byte.png"]["status"] == "error" and rows["b ünï/zero_byte.png"]["error"].startswith("empty file")
+    assert rows["b ünï/rgba.png"]["status"] == "ok" and rows["b ünï/rgba.png"]["pred"] is not None
+    ok = [r for r in rows.values() if r["status"] == "ok"]
+    assert all(0 < r["odin"] <= 1 and 0 < r["msp"] <= 1 and r["run_id"] == "submit-test" for r in ok)
+    assert all(r["temperature"] == 1000.0 and r["epsilon"] == 0.0014 for r in rows.values())
+    meta = pq.read_schema(next((out / "scores").glob("*.parquet"))).metadata
+    assert meta[b"odin.model_id"].decode().startswith("cifar_resnet20@sha256:")
+    assert json.loads(meta[b"odin.normalization"])["std"] == [0.229, 0.224, 0.225]
+    assert "ray" in json.loads(meta[b"odin.versions"])
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"] == {"ok": 41, "error": 2, "total": 43}
+    assert run["config"]["temperature"] == 1000.0 and run["versions"]["ray"]
+
+    # the same command again: nothing rescored, nothing duplicated
+    env = dict(ray_head.env)
+    again = run_job([sys.executable, *args[1:]], env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "this attempt scored 0 (43 already done)" in again.stdout
+    assert_exactly_once(out, ids)
+    # another configuration in the same directory: refused with exit 2, files untouched
+    before = sorted(p.name for p in (out / "scores").iterdir())
+    other = run_job([sys.executable, *args[1:], "--temperature", "10"], env)
+    assert other.returncode == 2 and "another configuration" in other.stderr and "temperature" in other.stderr
+    assert sorted(p.name for p in (out / "scores").iterdir()) == before
+
+    # the README/docs query examples run against this output
+    _run_doc_examples(out)
+
+
+def _run_doc_examples(out: Path) -> None:
+    text = DOC.read_text()
+    blocks = re.findall(r"<!-- tested: (\w+) -->\s*```python\n(.*?)```", text, re.S)
+    kinds = {k for k, _ in blocks}
+    assert {"pandas", "duckdb"} <= kinds, "docs/scoring-job.md lost its tested query examples"
+    for kind, code in blocks:
+        ns: dict = {}
+        exec(compile(code.replace("OUTPUT_DIR", str(out)), f"<docs {kind} example>", "exec"), ns)
+        result = ns["result"]
+        assert len(result) > 0, kind
+
+
+# --------------------------------------------------------------------------- every bad input kind
+@pytest.mark.slow
+def test_bad_input_corpus_every_kind_gives_one_row(ray_head, tiny_model, tmp_path, bad_images):
+    root = tmp_path / "bad corpus" / "ünï cödé"
+    root.mkdir(parents=True)
+    for name, data in bad_images.items():
+        (root / name).write_bytes(data)
+    lines = ["path,label,split"]
+    for i, name in enumerate(sorted(bad_images)):
+        lines.append(f"\"ünï cödé/{name}\",{i % 10},{'test' if i % 2 else 'train'}")
+    lines.append("ünï cödé/missing file.png,3,test")
+    manifest = tmp_path / "bad corpus" / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    proc = run_job(job_cmd(manifest, out, tiny_model, "--batch-size", "8", "--shard-rows", "8"), ray_head.env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    expected = {f"ünï cödé/{n}" for n in bad_images} | {"ünï cödé/missing file.png"}
+    t = assert_exactly_once(out, expected)
+    assert t.column_names == SCORE_COLS + ["label", "split"]
+    rows = {r["image_id"]: r for r in t.to_pylist()}
+    for name, want in BAD_EXPECT.items():
+        r = rows[f"ünï cödé/{name}"]
+        assert r["status"] == want, (name, r["error"])
+        if want == "error":
+            assert r["error"] and r["pred"] is None and r["odin"] is None
+        else:
+            assert r["error"] is None and r["pred"] is not None and r["width"] >= 1
+    missing = rows["ünï cödé/missing file.png"]
+    assert missing["status"] == "error" and missing["error"].startswith("read failed")
+    assert rows["ünï cödé/exif_rotated.jpg"]["width"] == 40 and rows["ünï cödé/exif_rotated.jpg"]["height"] == 60
+    assert rows["ünï cödé/bomb.png"]["error"].startswith("decompression bomb")
+    assert {r["split"] for r in rows.values()} == {"train", "test"}
+    n_err = sum(1 for v in BAD_EXPECT.values() if v == "error") + 1
+    run = json.loads((out / "run.json").read_text())
+    assert run["counts"]["error"] == n_err and run["counts"]["ok"] == len(expected) - n_err
+    assert f"({len(expected) - n_err} ok, {n_err} error)" in proc.stdout
+
+
+# --------------------------------------------------------------------------- S3 in and out (moto server)
+@pytest.mark.slow
+def test_s3_corpus_and_s3_output(ray_head, s3_server, s3_bucket, tiny_model, tmp_path, bad_images):
+    client = s3_server.client()
+    paths = make_images(tmp_path / "imgs", 12)
+    for p in paths:
+        client.put_object(Bucket=s3_bucket, Key=f"corpus/x y/{p.name}", Body=p.read_bytes())
+    client.put_object(Bucket=s3_bucket, Key="corpus/x y/truncated.jpg", Body=bad_images["truncated.jpg"])
+    manifest = "uri,label\n" + "".join(f"x y/{p.name},1\n" for p in paths) + "x y/truncated.jpg,2\nx y/gone.png,3\n"
+    client.put_object(Bucket=s3_bucket, Key="corpus/manifest.csv", Body=manifest.encode())
+    env = dict(ray_head.env, **s3_server.env)
+    out = f"s3://{s3_bucket}/runs/r1"
+    proc = run_job(job_cmd(f"s3://{s3_bucket}/corpus/manifest.csv", out, tiny_model,
+                           "--batch-size", "8", "--shard-rows", "5"), env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    fs = s3_server.filesystem()
+    files = [i.path for i in fs.get_file_info(pa.fs.FileSelector(f"{s3_bucket}/runs/r1/scores"))]
+    t = pq.ParquetDataset(files, filesystem=fs).read()
+    ids = t.column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) == 14
+    rows = {r["image_id"]: r for r in t.to_pylist()}
+    assert rows["x y/gone.png"]["status"] == "error" and "read failed" in rows["x y/gone.png"]["error"]
+    assert rows["x y/truncated.jpg"]["status"] == "error"
+    assert rows[f"x y/{paths[0].name}"]["uri"] == f"s3://{s3_bucket}/corpus/x y/{paths[0].name}"
+    assert sum(r["status"] == "ok" for r in rows.values()) == 12
+    with fs.open_input_stream(f"{s3_bucket}/runs/r1/run.json") as fh:
+        run = json.loads(fh.read())
+    assert run["counts"] == {"ok": 12, "error": 2, "total": 14} and run["verification"]["exactly_once"]
+    again = run_job(job_cmd(f"s3://{s3_bucket}/corpus/manifest.csv", out, tiny_model, "--shard-rows", "5"), env)
+    assert again.returncode == 0 and "this attempt scored 0 (14 already done)" in again.stdout, again.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- kills
+def _map_worker_pids(head) -> list[int]:
+    """Scoring actors of *our* test head only (descendants of its raylet), never anyone else's."""
+    ours = set(_with_descendants(pids_matching(head.temp_dir)))
+    return [pid for pid, cmd in process_cmdlines().items()
+            if pid in ours and cmd.startswith("ray::MapWorker") and "ScoreBatch" in cmd]
+
+
+def _committed(out: Path) -> int:
+    d = out / "_checkpoint"
+    return len([p for p in d.glob("*.parquet") if not p.name.endswith(".pending.parquet")]) if d.exists() else 0
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+def test_killing_a_scoring_actor_loses_and_duplicates_nothing(ray_head, tiny_model, tmp_path):
+    corpus = tmp_path / "corpus"
+    n = 1200
+    make_images(corpus, n)
+    out = tmp_path / "out"
+    proc = subprocess.Popen(job_cmd(corpus, out, tiny_model, "--batch-size", "8", "--shard-rows", "50", "--quiet"),
+                            cwd=REPO, env=ray_head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait(lambda: _committed(out) >= 1, 120, "a first committed shard")
+        victims = _wait(lambda: _map_worker_pids(ray_head), 30, "the scoring actor process")
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        killed_at = _committed(out)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_at < n // 50, "the job finished before the kill: make it slower"
+    assert proc.returncode == 0, stderr[-4000:]
+    assert_exactly_once(out, {f"img_{i:05d}.png" for i in range(n)})
+    assert set(_map_worker_pids(ray_head)).isdisjoint(victims)
+
+
+@pytest.mark.slow
+def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tiny_model, tmp_path):
+    corpus = tmp_path / "corpus"
+    n = 1200
+    make_images(corpus, n)
+    out = tmp_path / "out"
+    cmd = job_cmd(corpus, out, tiny_model, "--batch-size", "8", "--shard-rows", "50", "--quiet")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        _wait(lambda: _committed(out) >= 3, 120, "three committed shards")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    done_at_kill = _committed(out)
+    assert done_at_kill < n // 50, "the job finished before the kill: make it slower"
+    assert not (out / "run.json").exists()
+    # the dead driver's workers go away with it; then the same command resumes
+    _wait(lambda: not _map_worker_pids(ray_head), 60, "the killed job's actors to exit")
+    again = run_job(cmd, ray_head.env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    run = json.loads((out / "run.json").read_text())
+    attempt = run["attempts"][-1]
+    assert attempt["already_done"] >= 3 * 50 and attempt["scored"] == n - attempt["already_done"]
+    assert_exactly_once(out, {f"img_{i:05d}.png" for i in range(n)})
