@@ -4,6 +4,7 @@ tuning.json round-trips through load_tuning, image sources, and the tune command
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from odin_engine.tuning import (
     PAPER_EPSILONS, PAPER_TEMPERATURES, load_source, load_tuning, split_source, tune_id_only, tune_paper,
 )
 
+REPO_DOCS = Path(__file__).resolve().parents[1] / "docs"
 TEMPS = (1.0, 1000.0)
 EPS = (0.0, 0.004)
 
@@ -168,3 +170,25 @@ def test_tune_cli_bad_configuration_exits_2_and_writes_nothing(setup, tmp_path, 
         assert cli(argv) == 2
         assert msg in capsys.readouterr().err
         assert not out.exists() and not (tmp_path / "t.txt").exists()
+
+
+@pytest.mark.testbed
+def test_committed_tuning_beats_msp_on_real_data():
+    """docs/tuning-resnet20-cifar10.json (tuned on CIFAR-10[0::10] + tin_crop[0:1000]) on images it never saw."""
+    from _odin_helpers import shared_data
+    from odin_engine.loading import load_model
+
+    data = shared_data()
+    if not (data / "cifar10_test_jpeg_yoongikim.npz").is_file():
+        pytest.skip(f"test-bed data not found at ../shared/data ({data})")
+    model = load_model("cifar_resnet20", data / "weights" / "resnet20-12fca82f.th")
+    t, e = load_tuning(REPO_DOCS / "tuning-resnet20-cifar10.json", expect_model_id=model.model_id)
+    id_imgs, _ = load_source(f"{data / 'cifar10_test_jpeg_yoongikim.npz'}[3:10000:25]", 32)  # 400, disjoint from [0::10]
+    sets = {"tin_crop": f"{data / 'ood' / 'tin_crop.npz'}[5000:5300]",
+            "mnist_test_pad": f"{data / 'ood' / 'mnist_test_pad.npz'}[5000:5300]"}
+    sc = OdinScorer(model, temperature=t, epsilon=e, device="cpu")
+    s_id = sc.score(id_imgs)
+    for name, spec in sets.items():
+        s_ood = sc.score(load_source(spec, 32)[0])
+        odin, msp = fpr_at_tpr(s_id["odin"], s_ood["odin"]), fpr_at_tpr(s_id["msp"], s_ood["msp"])
+        assert odin < msp, (name, odin, msp)
