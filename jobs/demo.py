@@ -137,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
     weights, info = demo_model.cached_weights(recipe, args.cache_dir, retrain=args.retrain)
     how = "cached" if info.get("cached") else f"trained in {info['train_seconds']:.1f} s"
     print(f"[demo] model {MODEL_SPEC} ({how}; accuracy on the {info['n_unseen']} digits kept out of "
-          f"training: {100 * info['unseen_accuracy']:.1f}%): {weights}", flush=True)
+          f"training: {100 * info['unseen_accuracy']:.1f}%): {weights}, copied to {root / 'demo-model.pt'}", flush=True)
+    root.mkdir(parents=True, exist_ok=True)
+    local_weights = root / "demo-model.pt"  # a copy beside the outputs, for trying the other commands on them
+    shutil.copyfile(weights, local_weights)
+    weights = local_weights
     t_model = time.perf_counter()
     # 2. the images, as PNG files; the manifest's label column is the ground truth
     shutil.rmtree(root / "images", ignore_errors=True)  # the demo's own files: always written afresh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import subprocess
 import sys
@@ -98,15 +99,26 @@ def test_demo_rejects_impossible_sizes(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.slow
-def test_demo_end_to_end(trained, tmp_path):
-    """`odin-audit demo` at small sizes: real training cache, PNG files, local Ray, the audit, the report."""
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+@pytest.fixture(scope="module")
+def demo_run(trained, tmp_path_factory):
+    """One `odin-audit demo` run at small sizes, shared by the checks below."""
     cache, _, _, _ = trained
-    out = tmp_path / "demo"
+    cwd = tmp_path_factory.mktemp("demo-cwd")
+    out = cwd / "out" / "demo"
     cmd = [str(VENV_BIN / "odin-audit"), "demo", "--output", str(out), "--cache-dir", str(cache),
            "--heldout", "200", "--corpus-id", "120", "--corpus-ood", "80", "--eval-ood", "40"]
-    env = {k: v for k, v in __import__("os").environ.items() if k != "RAY_ADDRESS"}
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=_env())
+    return cwd, out, p
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(demo_run):
+    """`odin-audit demo` at small sizes: real training cache, PNG files, local Ray, the audit, the report."""
+    _, out, p = demo_run
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
     s = json.loads((out / "demo-summary.json").read_text())
     g = s["groups"]
@@ -135,3 +147,46 @@ def test_demo_end_to_end(trained, tmp_path):
     flags = pd.read_parquet(out / "audit" / "flags")
     assert len(flags) == 200 and flags["image_id"].is_unique
     assert np.isclose(s["delta"], json.loads((out / "audit" / "calibration.json").read_text())["delta"])
+
+
+README = (REPO / "README.md").read_text()
+
+
+def _readme_blocks(tag: str, lang: str) -> list[str]:
+    return re.findall(rf"<!-- tested: {tag} -->\n```{lang}\n(.*?)```", README, re.S)
+
+
+@pytest.mark.slow
+def test_readme_recipes_run_on_the_demo_output(demo_run):
+    """README's pandas and DuckDB recipes, run as written (from the directory the demo ran in)."""
+    cwd, out, p = demo_run
+    assert p.returncode == 0
+    blocks = _readme_blocks("demo-output", "python")
+    assert len(blocks) == 2
+    for code in blocks:
+        r = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, code + r.stderr[-3000:]
+        assert r.stdout.strip(), "a recipe printed nothing"
+    duck = subprocess.run([sys.executable, "-c", blocks[1] + "\nimport json; print(json.dumps(rows))"], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+    rows = {label: (n, rate) for label, n, rate in json.loads(duck.stdout.strip().splitlines()[-1])}
+    s = json.loads((out / "demo-summary.json").read_text())["groups"]
+    assert rows["id"] == (120, pytest.approx(s["id_digits"]["rate"]))
+    assert rows["ood"] == (80, pytest.approx(s["ood_all"]["rate"]))
+
+
+@pytest.mark.slow
+def test_readme_followup_commands_run_on_the_demo_output(demo_run):
+    """README's "try the other commands" block: tune on the demo's files, then audit with tuning.json."""
+    cwd, out, p = demo_run
+    assert p.returncode == 0
+    (block,) = _readme_blocks("demo-followup", "bash")
+    script = block.replace(".venv/bin/", f"{VENV_BIN}/")
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=_env(), capture_output=True,
+                       text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    tuning = json.loads((out / "tuning.json").read_text())
+    audit = json.loads((out / "audit-tuned" / "audit.json").read_text())
+    assert audit["settings_from"].startswith("tuning file")
+    assert (audit["temperature"], audit["epsilon"]) == (tuning["temperature"], tuning["epsilon"])
+    assert (out / "audit-tuned" / "report.html").is_file()
