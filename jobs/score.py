@@ -523,7 +523,9 @@ def score_corpus(
             num_gpus=1 if gpus else 0,
             num_cpus=0 if gpus else actor_cpus,
         )
-        ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs)
+        # Encoding a shard's rows is light: like the read, it reserves no CPU (the actors have
+        # them) and runs at most 2 at a time.
+        ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs, ray_remote_args={"num_cpus": 0}, concurrency=2)
         ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
                      "cpus_per_worker": 0 if gpus else actor_cpus}
     t_end = time.time()
