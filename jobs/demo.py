@@ -57,6 +57,12 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--heldout must be >= 1 and --corpus-id/--corpus-ood/--eval-ood >= 0")
     if args.heldout + args.corpus_id > unseen:
         raise ConfigError(f"--heldout + --corpus-id must be <= {unseen} (the digits kept out of training)")
+    from odin_engine.calibration import min_heldout, validate_tpr
+
+    validate_tpr(args.tpr)
+    if args.heldout < min_heldout(args.tpr):
+        raise ConfigError(f"--heldout {args.heldout} is too few for --tpr {args.tpr:g}: calibration needs at least "
+                          f"{min_heldout(args.tpr)} held-out digits")
     if args.corpus_id + args.corpus_ood < 1:
         raise ConfigError("the corpus is empty: give --corpus-id or --corpus-ood > 0")
     if args.epochs < 1:
@@ -132,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     audit_out = root / "audit"
     if args.fresh and audit_out.exists():
         shutil.rmtree(audit_out)
+    resuming = audit_out.exists()
     # 1. the model: trained once per recipe, then read from the cache
     recipe = demo_model.Recipe(seed=args.seed, epochs=args.epochs)
     weights, info = demo_model.cached_weights(recipe, args.cache_dir, retrain=args.retrain)
@@ -159,9 +166,9 @@ def run(args: argparse.Namespace) -> int:
     # 3. the audit: score → calibrate → flag → report, on a local Ray cluster
     paths = _audit(args, images, ood_sets, weights, audit_out)
     if paths["rc"] != 0:
-        print(f"[demo] the audit stage stopped with exit code {paths['rc']} (message above). If {root} holds an "
-              "earlier demo run with other sizes or settings, rerun with --fresh, or pick another --output.",
-              file=sys.stderr)
+        hint = (f" {audit_out} holds an earlier demo's audit: if its sizes or settings differ, rerun with --fresh "
+                "or pick another --output." if resuming else "")
+        print(f"[demo] the audit stage stopped with exit code {paths['rc']} (message above).{hint}", file=sys.stderr)
         return paths["rc"]
     t_audit = time.perf_counter()
     # 4. the summary

@@ -96,6 +96,9 @@ def test_demo_rejects_impossible_sizes(tmp_path):
                         "--output", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     assert "--heldout + --corpus-id must be <= 797" in p.stderr
+    p = subprocess.run([str(VENV_BIN / "odin-audit"), "demo", "--heldout", "50", "--output", str(tmp_path / "o")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "needs at least 100 held-out digits" in p.stderr, p.stderr
     assert not (tmp_path / "o").exists()
 
 
