@@ -183,9 +183,9 @@ def test_committed_tuning_beats_msp_on_real_data():
         pytest.skip(f"test-bed data not found at ../shared/data ({data})")
     model = load_model("cifar_resnet20", data / "weights" / "resnet20-12fca82f.th")
     t, e = load_tuning(REPO_DOCS / "tuning-resnet20-cifar10.json", expect_model_id=model.model_id)
-    id_imgs, _ = load_source(f"{data / 'cifar10_test_jpeg_yoongikim.npz'}[3:10000:25]", 32)  # 400, disjoint from [0::10]
-    sets = {"tin_crop": f"{data / 'ood' / 'tin_crop.npz'}[5000:5300]",
-            "mnist_test_pad": f"{data / 'ood' / 'mnist_test_pad.npz'}[5000:5300]"}
+    id_imgs, _ = load_source(f"{data / 'cifar10_test_jpeg_yoongikim.npz'}[3:10000:33]", 32)  # 304, disjoint from [0::10]
+    sets = {"tin_crop": f"{data / 'ood' / 'tin_crop.npz'}[5000:5200]",
+            "mnist_test_pad": f"{data / 'ood' / 'mnist_test_pad.npz'}[5000:5200]"}
     sc = OdinScorer(model, temperature=t, epsilon=e, device="cpu")
     s_id = sc.score(id_imgs)
     for name, spec in sets.items():
