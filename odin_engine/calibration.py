@@ -89,6 +89,13 @@ def read_scores(path: str | Path) -> pd.DataFrame:
     missing = [c for c in ("image_id", "status", *SETTING_COLUMNS) if c not in df.columns]
     if missing:
         raise ConfigError(f"{path} is not score-job output: columns {missing} are missing")
+    dup = df["image_id"].duplicated(keep=False)
+    if dup.any():
+        ids = df.loc[dup, "image_id"].astype(str).unique().tolist()
+        raise ConfigError(
+            f"{path} holds {len(ids)} image_ids more than once (e.g. {ids[:3]}): that score run is not "
+            "exactly-once; rerun the same `odin-audit score` command to repair it"
+        )
     return df
 
 

@@ -117,12 +117,15 @@ def test_cli_bad_configuration_exits_2_and_writes_nothing(frames, tmp_path, caps
     other_t = frames["heldout"].copy()
     other_t["temperature"] = 10.0
     mism = write_scores(other_t, tmp_path / "mism")
+    held = write_scores(frames["heldout"], tmp_path / "held")
+    dup = write_scores(pd.concat([frames["corpus"], frames["corpus"].iloc[:3]]), tmp_path / "dup")
     cases = [
         (["--scores", str(corpus_dir), "--heldout-scores", str(few)], "at least 100"),
         (["--scores", str(corpus_dir), "--heldout-scores", str(mism)], "temperature"),
         (["--scores", str(corpus_dir), "--heldout-scores", str(tmp_path / "nope")], "not found"),
         (["--scores", str(corpus_dir), "--heldout-scores", str(few), "--tpr", "95"], "tpr"),
         (["--heldout-scores", str(few)], "--scores"),
+        (["--scores", str(dup), "--heldout-scores", str(held)], "more than once"),
     ]
     for i, (argv, msg) in enumerate(cases):
         out = tmp_path / f"out{i}"
