@@ -368,7 +368,8 @@ def score_corpus(
     ``input``: a directory (recursive) or a .parquet/.csv manifest, local or ``s3://``/``gs://``/
     ``file://``. ``output``: a directory, local or object store. ``model``/``weights``/``mean``/
     ``std``: as :func:`odin_engine.load_model`. ``temperature``/``epsilon``: ODIN's T and ε.
-    ``workers``: scoring actors (default: one per GPU, else 1); ``batch_size``: images per
+    ``workers``: scoring actors (default: one per GPU, else cluster CPUs / ``cpus_per_worker``);
+    ``batch_size``: images per
     scoring call. Calling it again with the same arguments resumes (finished images are not
     rescored); an output directory that holds another configuration raises ``ConfigError``,
     as does any bad argument — in both cases before anything is written.
@@ -483,7 +484,8 @@ def score_corpus(
         ray_init_s = time.time() - t_init
         t_pipeline = time.time()
         gpus = cluster_gpus()
-        n_workers = workers or max(1, gpus)
+        # default pool: one actor per GPU, else as many CPU actors as the cluster has room for
+        n_workers = workers or (gpus if gpus else max(1, int(cluster_cpus() // cpus_per_worker)))
         actor_cpus, threads = cpus_per_worker, max(1, int(round(cpus_per_worker)))
         if done_before and not gpus:
             # On resume Ray Data adds a CheckpointFilter actor that reserves 1 CPU; leave it one.
@@ -519,7 +521,7 @@ def score_corpus(
             ),
             batch_size=batch_size,
             batch_format="pyarrow",
-            concurrency=n_workers,
+            compute=ray.data.ActorPoolStrategy(size=n_workers),
             num_gpus=1 if gpus else 0,
             num_cpus=0 if gpus else actor_cpus,
         )
@@ -590,7 +592,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1000.0, help="ODIN temperature T > 0")
     parser.add_argument("--epsilon", type=float, default=0.0014, help="ODIN perturbation ε in [0, 1] pixel units")
     parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
-    parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
+    parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else cluster CPUs / --cpus-per-worker)")
     parser.add_argument("--run-id", default=None, help="id stored in every row (default: generated; kept on resume)")
     parser.add_argument("--resize", choices=RESIZE_POLICIES, default="crop",
                         help="crop: centred square then resize; stretch: resize the whole image")

@@ -174,8 +174,15 @@ def test_bad_input_corpus_every_kind_gives_one_row(ray_head, tiny_model, tmp_pat
     manifest = tmp_path / "bad corpus" / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
-    proc = run_job(job_cmd(manifest, out, tiny_model, "--batch-size", "8", "--shard-rows", "8"), ray_head.env)
+    # through the Python API the audit stage uses (in a child process: it becomes a Ray driver)
+    code = ("import json, sys; from jobs.score import score_corpus; "
+            f"r = score_corpus({str(manifest)!r}, {str(out)!r}, {tiny_model.spec!r}, {tiny_model.weights!r}, "
+            "temperature=1000.0, epsilon=0.0014, batch_size=8, shard_rows=8); "
+            "print('RESULT', json.dumps(r))")
+    proc = run_job([sys.executable, "-c", code], ray_head.env)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert result == json.loads((out / "run.json").read_text())
     expected = {f"ünï cödé/{n}" for n in bad_images} | {"ünï cödé/missing file.png"}
     t = assert_exactly_once(out, expected)
     assert t.column_names == SCORE_COLS + ["label", "split"]
