@@ -180,8 +180,9 @@ def calibrate_frames(
     for what, df in (("corpus", corpus), ("held-out", heldout)):
         if method not in df.columns:
             raise ConfigError(f"the {what} scores have no {method!r} column")
-    c_set = settings_of(corpus, method, "corpus")
     h_set = settings_of(heldout, method, "held-out")
+    # a corpus whose every image failed to decode has no scores to compare: its rows stay errors
+    c_set = settings_of(corpus, method, "corpus") if not ok_rows(corpus).empty else h_set
     check_same_settings(c_set, h_set)
     h_ok = ok_rows(heldout)
     result = calibrate(h_ok[method].to_numpy(), tpr, confidence)

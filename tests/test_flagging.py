@@ -19,11 +19,11 @@ def scored(tmp_path_factory):
     corpus = score_frame(model, np.concatenate([smooth_images(40, 2), noise_images(20, 3)]), epsilon=0.0,
                          prefix="corp", errors=4)
     cal = calibrate_frames(corpus, heldout, tpr=0.95, method="msp")
-    return corpus, cal
+    return corpus, cal, heldout
 
 
 def test_every_row_is_kept_and_outliers_are_below_delta(scored):
-    corpus, cal = scored
+    corpus, cal, _ = scored
     d = cal["delta"]
     f = flag(corpus, d, "msp")
     assert len(f) == len(corpus) and list(f["image_id"]) == list(corpus["image_id"])
@@ -36,7 +36,7 @@ def test_every_row_is_kept_and_outliers_are_below_delta(scored):
 
 
 def test_errors_stay_errors(scored):
-    corpus, cal = scored
+    corpus, cal, _ = scored
     f = flag(corpus, cal["delta"], "msp")
     err = f[f["status"] == "error"]
     assert len(err) == 4
@@ -52,7 +52,7 @@ def test_errors_stay_errors(scored):
 
 
 def test_rank_one_is_the_most_anomalous(scored):
-    corpus, cal = scored
+    corpus, cal, _ = scored
     f = flag(corpus, cal["delta"], "msp")
     ok = f[f["status"] == "ok"].sort_values("rank")
     assert ok["rank"].iloc[0] == 1
@@ -62,7 +62,7 @@ def test_rank_one_is_the_most_anomalous(scored):
 
 
 def test_summary_overall_and_per_class(scored):
-    corpus, cal = scored
+    corpus, cal, _ = scored
     f = flag(corpus, cal["delta"], "msp")
     s = summarize(f, class_names=[f"c{i}" for i in range(10)])
     ok = f[f["status"] == "ok"]
@@ -80,10 +80,21 @@ def test_summary_overall_and_per_class(scored):
 
 
 def test_written_flags_keep_nulls(scored, tmp_path):
-    corpus, cal = scored
+    corpus, cal, _ = scored
     path = write_flags(flag(corpus, cal["delta"], "msp"), tmp_path)
     back = pd.read_parquet(path)
     assert back["is_outlier"].isna().sum() == 4
     assert back["rank"].isna().sum() == 4
     assert str(back["is_outlier"].dtype) == "boolean"
     assert not list(tmp_path.glob("flags/.*"))  # no temp file left behind
+
+
+
+def test_corpus_of_only_errors_is_calibrated_and_flagged_as_errors(scored):
+    corpus, _, heldout = scored
+    all_err = corpus[corpus["status"] == "error"]
+    cal = calibrate_frames(all_err, heldout, tpr=0.95, method="msp")
+    f = flag(all_err, cal["delta"], "msp")
+    s = summarize(f)
+    assert s["overall"] == {"n_rows": 4, "n_ok": 0, "n_error": 4, "n_outliers": 0, "outlier_rate": None}
+    assert f["is_outlier"].isna().all() and (f["status"] == "error").all()
