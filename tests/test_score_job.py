@@ -309,3 +309,33 @@ def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tin
     attempt = run["attempts"][-1]
     assert attempt["already_done"] >= 3 * 50 and attempt["scored"] == n - attempt["already_done"]
     assert_exactly_once(out, {f"img_{i:05d}.png" for i in range(n)})
+
+
+# --------------------------------------------------------------------------- the pieces of the exactly-once scheme
+def test_repair_drops_pending_checkpoints_whose_commit_happened(tmp_path):
+    from jobs.score import CHECKPOINT_DIR, OutputDir, _committed_ids, _repair_checkpoint
+
+    ck = tmp_path / CHECKPOINT_DIR
+    ck.mkdir()
+    ids = pa.table({"image_id": ["a", "b"]})
+    pq.write_table(ids, ck / "w_000001.parquet")  # committed ...
+    pq.write_table(ids, ck / "w_000001.pending.parquet")  # ... and its copy-then-delete leftover
+    pq.write_table(ids, ck / "w_000002.pending.parquet")  # a genuinely pending one: Ray's recovery handles it
+    out = OutputDir(str(tmp_path))
+    assert _repair_checkpoint(out) == 1
+    assert sorted(p.name for p in ck.iterdir()) == ["w_000001.parquet", "w_000002.pending.parquet"]
+    assert _committed_ids(out) == 2
+
+
+def test_verification_reports_duplicates_and_gaps(tmp_path):
+    from jobs.score import SCORES_DIR, OutputDir, _verify
+    from odin_engine.corpus import Corpus
+
+    (tmp_path / SCORES_DIR).mkdir()
+    rows = lambda ids: pa.table({"image_id": ids, "status": ["ok"] * len(ids)})  # noqa: E731
+    pq.write_table(rows(["a", "b"]), tmp_path / SCORES_DIR / "x-0.parquet")
+    pq.write_table(rows(["b", "z"]), tmp_path / SCORES_DIR / "y-0.parquet")
+    corpus = Corpus(pa.table({"image_id": ["a", "b", "c"], "uri": ["1", "2", "3"]}), "src", "manifest")
+    check = _verify(OutputDir(str(tmp_path)), corpus)
+    assert (check["rows"], check["duplicates"], check["missing"], check["unexpected"]) == (4, 1, 1, 1)
+    assert check["exactly_once"] is False
