@@ -49,6 +49,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--per-image", type=int, default=256, help="images for the batch-1 loop")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to build on CPU)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -56,19 +57,21 @@ def main(argv=None) -> None:
     loaded = _model(data)
     imgs = _images(data, args.images)
     bs, T, eps = args.batch_size, 1000.0, 0.0014
-    std = torch.tensor(loaded.std)
-    unit = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
-    x_all = (unit - torch.tensor(loaded.mean).view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    std = torch.tensor(loaded.std, device=dev)
+    unit = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().to(dev) / 255
+    x_all = (unit - torch.tensor(loaded.mean, device=dev).view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
     chunks = list(x_all.split(bs))
     cl_chunks = [c.contiguous(memory_format=torch.channels_last) for c in chunks]
 
-    plain = loaded.module
+    plain = loaded.module.to(dev)
     folded = fold_batchnorm(plain)
     plain_cl = CifarResNet(20).eval()
     plain_cl.load_state_dict(plain.state_dict())
     for p in plain_cl.parameters():
         p.requires_grad_(False)
-    plain_cl = plain_cl.to(memory_format=torch.channels_last)
+    plain_cl = plain_cl.to(dev, memory_format=torch.channels_last)
     folded_cl = fold_batchnorm(plain).to(memory_format=torch.channels_last)
 
     def forward(module, xs):
@@ -76,12 +79,14 @@ def main(argv=None) -> None:
             with torch.inference_mode():
                 for x in xs:
                     module(x)
+            sync()
         return run
 
     def odin(module, xs):
         def run():
             for x in xs:
                 odin_scores(module, x, std, T, eps)
+            sync()
         return run
 
     per_image_x = x_all[: args.per_image]
@@ -89,6 +94,7 @@ def main(argv=None) -> None:
     def per_image_loop():
         for i in range(per_image_x.shape[0]):
             odin_scores(plain, per_image_x[i : i + 1], std, T, eps)
+        sync()
 
     n = x_all.shape[0]
     variants = {
@@ -116,7 +122,7 @@ def main(argv=None) -> None:
 
     rates = {k: variants[k][1] / statistics.median(v) for k, v in times.items()}
     base = rates["plain forward (model as loaded, NCHW)"]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, batch {bs}, images {n}, "
+    print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, batch {bs}, images {n}, "
           f"median of {args.repeats}, model {loaded.model_id}")
     print(f"| variant | images/s | × plain forward |")
     print(f"|---|---:|---:|")
