@@ -132,6 +132,9 @@ def test_ray_job_submit_end_to_end_then_resume_and_refuse(ray_head, tiny_model, 
     assert run["counts"] == {"ok": 41, "error": 2, "total": 43}
     assert run["config"]["temperature"] == 1000.0 and run["versions"]["ray"]
 
+    # each row carries the scores of its own image: the in-process engine agrees per image_id
+    _assert_matches_in_process(t, tiny_model)
+
     # the same command again: nothing rescored, nothing duplicated
     env = dict(ray_head.env)
     again = run_job([sys.executable, *args[1:]], env)
@@ -146,6 +149,23 @@ def test_ray_job_submit_end_to_end_then_resume_and_refuse(ray_head, tiny_model, 
 
     # the README/docs query examples run against this output
     _run_doc_examples(out)
+
+
+def _assert_matches_in_process(t: pa.Table, model_fixture, size: int = 32) -> None:
+    import numpy as np
+
+    from odin_engine.corpus import read_bytes
+    from odin_engine.images import decode_image
+    from odin_engine.loading import load_model
+    from odin_engine.scorer import OdinScorer
+
+    ok = [r for r in t.to_pylist() if r["status"] == "ok"]
+    scorer = OdinScorer(load_model(model_fixture.spec, model_fixture.weights), 1000.0, 0.0014, device="cpu")
+    ref = scorer.score(np.stack([decode_image(read_bytes(r["uri"]), size)[0] for r in ok]))
+    for i, r in enumerate(ok):
+        assert r["pred"] == int(ref["pred"][i]), r["image_id"]
+        for c in ("msp", "max_logit", "energy", "odin"):
+            assert abs(r[c] - float(ref[c][i])) <= 1e-5 * max(1.0, abs(float(ref[c][i]))), (r["image_id"], c)
 
 
 def _run_doc_examples(out: Path) -> None:
@@ -339,3 +359,35 @@ def test_verification_reports_duplicates_and_gaps(tmp_path):
     check = _verify(OutputDir(str(tmp_path)), corpus)
     assert (check["rows"], check["duplicates"], check["missing"], check["unexpected"]) == (4, 1, 1, 1)
     assert check["exactly_once"] is False
+
+
+# --------------------------------------------------------------------------- the real test bed
+SHARED = REPO / ".." / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.testbed
+@pytest.mark.skipif(not (SHARED / "cifar10_test_jpeg_yoongikim.npz").is_file(),
+                    reason="../shared/data (CIFAR-10 test set and ResNet-20 weights) is not present")
+def test_real_weights_on_cifar_pngs_with_labels(ray_head, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    data = np.load(SHARED / "cifar10_test_jpeg_yoongikim.npz", allow_pickle=False)
+    pick = np.arange(0, 10000, 50)  # 200 images, 20 per class
+    lines = ["path,label,split"]
+    for i in pick:
+        Image.fromarray(data["images"][i]).save(tmp_path / f"c{i:05d}.png")
+        lines.append(f"c{i:05d}.png,{int(data['labels'][i])},test")
+    (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    weights = str(SHARED / "weights" / "resnet20-12fca82f.th")
+    proc = run_job([sys.executable, "-m", "jobs.score", "--input", str(tmp_path / "m.csv"), "--output", str(out),
+                    "--model", "cifar_resnet20", "--weights", weights, "--batch-size", "64", "--shard-rows", "100",
+                    "--quiet"], ray_head.env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    t = assert_exactly_once(out, {f"c{i:05d}.png" for i in pick})
+    df = t.to_pandas()
+    accuracy = float((df["pred"] == df["label"]).mean())
+    assert accuracy > 0.7, accuracy  # PROVENANCE.md: 81% on the whole JPEG test set
+    assert df["model_id"].iloc[0] == "cifar_resnet20@sha256:12fca82f0bebc413"
