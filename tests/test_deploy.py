@@ -243,15 +243,16 @@ def test_dev_ray_head_token_auth(tmp_path):
         start = subprocess.run([script], env=env, capture_output=True, text=True, timeout=300)
         assert start.returncode == 0, start.stdout[-3000:] + start.stderr[-3000:]
         assert "token auth on" in start.stdout and f"http://127.0.0.1:{dash}" in start.stdout
-        submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--",
-                  "python", "-m", "jobs.demo", "--help"]
+        # as the README and the script's own message say: from the repository, --working-dir .
+        submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                  "--working-dir", ".", "--", "python", "-m", "jobs.demo", "--help"]
         ok = subprocess.run(submit, env=dict(env, RAY_AUTH_MODE="token"), capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path)
+                            timeout=300, cwd=REPO)
         assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]
         assert "usage: python -m jobs.demo" in ok.stdout and "succeeded" in ok.stdout
         # the head itself refuses a wrong token (not just the client lacking one)
         wrong = dict(env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
-        refused = subprocess.run(submit, env=wrong, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        refused = subprocess.run(submit, env=wrong, capture_output=True, text=True, timeout=120, cwd=REPO)
         assert refused.returncode != 0 and "usage: python -m jobs.demo" not in refused.stdout
         msg = (refused.stdout + refused.stderr).lower()
         assert "401" in msg or "unauthorized" in msg or "authentication" in msg, msg[-2000:]
