@@ -31,6 +31,11 @@ Fixtures
 ``image_dir`` (function) / ``make_images(dir, n, size=32, fmt="png")``
     ``n`` small random RGB images written to a directory, names ``img_00000.png`` …
 
+Helpers (import them: ``from conftest import make_images, pids_matching``)
+    ``REPO``, ``SHARED_DATA`` (``../shared/data``; may be absent), ``free_port()``,
+    ``make_images(...)``, ``process_cmdlines()`` / ``pids_matching(needle)`` (from /proc: psutil
+    is not installed), ``BAD_EXPECT``.
+
 ``bad_images`` (session)
     ``{name: bytes}`` for every bad or odd input the job must survive: corrupt, truncated,
     zero-byte, non-image, decompression bomb, 16-bit, CMYK, palette (with/without

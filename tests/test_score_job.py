@@ -86,6 +86,17 @@ def test_bad_configuration_exits_2_and_writes_nothing(tmp_path, tiny_model, case
     assert not out.exists()
 
 
+def test_output_directory_that_is_not_a_run_is_refused(tmp_path, tiny_model, capsys):
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 2)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    assert cli_main(["score", "--input", str(corpus), "--output", str(out), *tiny_model.cli]) == 2
+    assert "holds no odin score run" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+
+
 def test_help_and_config_file_are_wired(tmp_path, tiny_model):
     from jobs._cli import parse_with_config
     import argparse
