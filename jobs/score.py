@@ -508,7 +508,7 @@ def score_corpus(
         # Reading a shard is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
         # at most 2 at a time so that it does not start a worker process per shard.
         ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files), num_cpus=0, concurrency=2)
-        ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=None, num_cpus=decode_cpus,
+        ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
                             fn_kwargs={"size": loaded.input_size, "policy": resize})
         sink = schema.serialize().to_pybytes()
         ds = ds.map_batches(
