@@ -130,3 +130,25 @@ def test_tagged_blocks_exist():
 @pytest.mark.parametrize("code", blocks("python"), ids=lambda c: c.strip().splitlines()[0][:40])
 def test_python_blocks_compile(code):
     compile(code, "README.md", "exec")
+
+
+def test_readme_factory_example_wraps_a_torchscript_model(tmp_path, monkeypatch):
+    """The "bring your own model" factory, as written in the README, around a real TorchScript archive."""
+    import numpy as np
+    import torch
+
+    from odin_engine import OdinScorer, load_model
+    from odin_engine.demo_model import DemoCNN
+
+    code = next(b for b in blocks("python") if "def build():" in b and "torch.jit.load" in b)
+    torch.manual_seed(0)
+    torch.jit.script(DemoCNN().eval()).save(str(tmp_path / "model.ts"))
+    (tmp_path / "mymodels.py").write_text(code)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    m = load_model("mymodels:build")
+    assert (m.mean, m.std, m.input_size, m.num_classes) == (
+        (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 32, 10)
+    images = np.random.default_rng(0).integers(0, 256, size=(4, 32, 32, 3), dtype=np.uint8)
+    out = OdinScorer(m, temperature=1000.0, epsilon=0.0014, device="cpu").score(images)
+    assert out["odin"].shape == (4,) and np.isfinite(out["odin"]).all()
