@@ -14,7 +14,6 @@ from odin_engine.calibration import (
     SCORE_METHODS, calibrate_frames, min_heldout, read_scores, validate_method, validate_tpr, write_json,
 )
 from odin_engine.errors import ConfigError
-from odin_engine.scorer import validate_epsilon, validate_temperature
 
 DEFAULT_T, DEFAULT_EPS = 1000.0, 0.0014
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
@@ -65,16 +64,9 @@ def parse_ood(specs: Sequence[str] | None) -> list[tuple[str, str]]:
 
 def resolve_settings(args: argparse.Namespace) -> tuple[float, float, str]:
     """(T, ε, where they came from). ``--tuning`` and ``--temperature/--epsilon`` exclude each other."""
-    if args.tuning and (args.temperature is not None or args.epsilon is not None):
-        raise ConfigError("give either --tuning or --temperature/--epsilon, not both")
-    if args.tuning:
-        from odin_engine.tuning import load_tuning
+    from odin_engine.tuning import resolve_settings as resolve
 
-        t, e = load_tuning(args.tuning)
-        return t, e, f"tuning file {args.tuning}"
-    t = validate_temperature(DEFAULT_T if args.temperature is None else args.temperature)
-    e = validate_epsilon(DEFAULT_EPS if args.epsilon is None else args.epsilon)
-    return t, e, "flags" if (args.temperature is not None or args.epsilon is not None) else "defaults"
+    return resolve(args.tuning, args.temperature, args.epsilon)
 
 
 def _validate(args: argparse.Namespace) -> tuple[float, float, str, list[tuple[str, str]]]:

@@ -589,8 +589,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="checkpoint file (state_dict)")
     parser.add_argument("--mean", help="input mean r,g,b in [0,1] pixel units (default: the model's)")
     parser.add_argument("--std", help="input std r,g,b in [0,1] pixel units (default: the model's)")
-    parser.add_argument("--temperature", type=float, default=1000.0, help="ODIN temperature T > 0")
-    parser.add_argument("--epsilon", type=float, default=0.0014, help="ODIN perturbation ε in [0, 1] pixel units")
+    parser.add_argument("--temperature", type=float, default=None, help="ODIN temperature T > 0 (default 1000)")
+    parser.add_argument("--epsilon", type=float, default=None,
+                        help="ODIN perturbation ε in [0, 1] pixel units (default 0.0014)")
+    parser.add_argument("--tuning", metavar="JSON", default=None,
+                        help="tuning.json from `odin-audit tune` (sets T and ε; excludes --temperature/--epsilon)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
     parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else cluster CPUs / --cpus-per-worker)")
     parser.add_argument("--run-id", default=None, help="id stored in every row (default: generated; kept on resume)")
@@ -606,9 +609,18 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from odin_engine.tuning import resolve_settings
+
+    model_id = None
+    if args.tuning and args.model:  # a tuning file made for another model is refused before anything runs
+        from odin_engine.loading import load_model
+
+        model_id = load_model(args.model, args.weights, mean=args.mean, std=args.std,
+                              unsafe_pickle=args.unsafe_pickle).model_id
+    temperature, epsilon, _ = resolve_settings(args.tuning, args.temperature, args.epsilon, model_id)
     result = score_corpus(
         args.input, args.output, args.model, args.weights, mean=args.mean, std=args.std,
-        temperature=args.temperature, epsilon=args.epsilon, batch_size=args.batch_size, workers=args.workers,
+        temperature=temperature, epsilon=epsilon, batch_size=args.batch_size, workers=args.workers,
         run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
         ray_address=args.ray_address, verbose=not args.quiet,

@@ -182,6 +182,23 @@ def load_tuning(path: str | Path, *, expect_model_id: str | None = None) -> tupl
     return t, e
 
 
+def resolve_settings(tuning: str | Path | None, temperature: float | None, epsilon: float | None,
+                     model_id: str | None = None) -> tuple[float, float, str]:
+    """(T, ε, where they came from) for the score and audit commands.
+
+    ``tuning`` (a tuning.json) and explicit ``temperature``/``epsilon`` exclude each other;
+    with neither, the paper's defaults T=1000, ε=0.0014 apply.
+    """
+    if tuning and (temperature is not None or epsilon is not None):
+        raise ConfigError("give either --tuning or --temperature/--epsilon, not both")
+    if tuning:
+        t, e = load_tuning(tuning, expect_model_id=model_id)
+        return t, e, f"tuning file {tuning}"
+    t = validate_temperature(DEFAULT_TEMPERATURE if temperature is None else temperature)
+    e = validate_epsilon(DEFAULT_EPSILON if epsilon is None else epsilon)
+    return t, e, "flags" if (temperature is not None or epsilon is not None) else "defaults"
+
+
 # --------------------------------------------------------------------------- image sources
 _SLICE = re.compile(r"^(?P<path>.+?)(?::(?P<key>[A-Za-z_][A-Za-z0-9_]*))?\[(?P<slice>[^\[\]]*)\]$")
 

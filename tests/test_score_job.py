@@ -50,7 +50,8 @@ def run_job(args, env, timeout=300) -> subprocess.CompletedProcess:
 
 # --------------------------------------------------------------------------- bad configuration: exit 2, nothing written
 @pytest.mark.parametrize("case", ["empty_corpus", "missing_corpus", "missing_weights", "unknown_model", "bad_T",
-                                  "zero_T", "bad_eps", "bad_batch", "bad_mean", "no_input", "bad_config_key"])
+                                  "zero_T", "bad_eps", "bad_batch", "bad_mean", "no_input", "bad_config_key",
+                                  "tuning_and_T", "tuning_other_model", "tuning_missing"])
 def test_bad_configuration_exits_2_and_writes_nothing(tmp_path, tiny_model, case, capsys):
     corpus = tmp_path / "corpus"
     make_images(corpus, 3)
@@ -80,6 +81,12 @@ def test_bad_configuration_exits_2_and_writes_nothing(tmp_path, tiny_model, case
     elif case == "bad_config_key":
         (tmp_path / "c.toml").write_text("[score]\ntemprature = 10\n")
         args += ["--config", str(tmp_path / "c.toml")]
+    elif case.startswith("tuning"):
+        tuning = tmp_path / "tuning.json"
+        tuning.write_text(json.dumps({"temperature": 20.0, "epsilon": 0.002, "model_id": "other_net@sha256:0"}))
+        if case == "tuning_missing":
+            tuning = tmp_path / "no-tuning.json"
+        args += ["--tuning", str(tuning)] + (["--temperature", "5"] if case == "tuning_and_T" else [])
     assert cli_main(args) == 2
     err = capsys.readouterr().err
     assert "error:" in err and len(err.strip()) > 20
@@ -152,6 +159,12 @@ def test_ray_job_submit_end_to_end_then_resume_and_refuse(ray_head, tiny_model, 
     assert again.returncode == 0, again.stderr[-3000:]
     assert "this attempt scored 0 (43 already done)" in again.stdout
     assert_exactly_once(out, ids)
+    # T and ε from a tuning.json (for this model) are the same configuration: it resumes too
+    tuning = tmp_path / "tuning.json"
+    tuning.write_text(json.dumps({"temperature": 1000.0, "epsilon": 0.0014,
+                                  "model_id": meta[b"odin.model_id"].decode()}))
+    tuned = run_job([sys.executable, *args[1:], "--tuning", str(tuning)], env)
+    assert tuned.returncode == 0 and "this attempt scored 0 (43 already done)" in tuned.stdout, tuned.stderr[-3000:]
     # another configuration in the same directory: refused with exit 2, files untouched
     before = sorted(p.name for p in (out / "scores").iterdir())
     other = run_job([sys.executable, *args[1:], "--temperature", "10"], env)
