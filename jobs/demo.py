@@ -47,6 +47,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="trained-model cache, keyed by a hash of the training recipe "
                              "($ODIN_AUDIT_CACHE, else $XDG_CACHE_HOME/odin-audit, else ~/.cache/odin-audit)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the cache has the model")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress output from the scoring runs (Ray Data's bars or log lines); "
+                             "the demo's own lines and summary are still printed")
     parser.add_argument("--fresh", action="store_true",
                         help="delete an earlier demo's audit outputs under --output first (else the audit resumes "
                              "them, and refuses them if the sizes or settings changed)")
@@ -84,6 +87,8 @@ def _audit(args: argparse.Namespace, images, ood_sets: dict[str, Path], weights:
     ]
     for name, path in ood_sets.items():
         argv += ["--ood", f"{name}={path}"]
+    if args.quiet:
+        argv.append("--quiet")
     print("[demo] running the audit on a local Ray cluster (score held-out digits, corpus and OOD sets → "
           "calibrate δ → flag → evaluate → report); the same as:\n"
           f"       odin-audit audit {' '.join(shlex.quote(a) for a in argv)}", flush=True)

@@ -113,7 +113,7 @@ def demo_run(trained, tmp_path_factory):
     cwd = tmp_path_factory.mktemp("demo-cwd")
     out = cwd / "out" / "demo"
     cmd = [str(VENV_BIN / "odin-audit"), "demo", "--output", str(out), "--cache-dir", str(cache),
-           "--heldout", "200", "--corpus-id", "120", "--corpus-ood", "80", "--eval-ood", "40"]
+           "--heldout", "200", "--corpus-id", "120", "--corpus-ood", "80", "--eval-ood", "40", "--quiet"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=cwd, env=_env())
     return cwd, out, p
 
