@@ -17,6 +17,14 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="TOML", help="read options from a TOML file; flags override it")
 
 
+def add_normalization_options(parser: argparse.ArgumentParser) -> None:
+    """``--mean``, ``--std``, ``--input-size``: override (or, for TorchScript, supply) the model's own."""
+    parser.add_argument("--mean", help="input mean r,g,b in [0,1] pixel units (default: the model's)")
+    parser.add_argument("--std", help="input std r,g,b in [0,1] pixel units (default: the model's)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="square input side in pixels (default: the model's; needed for torchscript: specs)")
+
+
 def load_config_defaults(parser: argparse.ArgumentParser, path: str, section: str | None = None) -> None:
     """Set ``parser`` defaults from a TOML file (keys spelled like the flags, ``-`` or ``_``).
 
@@ -51,6 +59,15 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     return args
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: …)`` only where there is a default worth showing."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.help is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def run_main(
     build_parser: Callable[[argparse.ArgumentParser], None],
     run: Callable[[argparse.Namespace], int],
@@ -59,7 +76,7 @@ def run_main(
     section: str | None = None,
 ) -> int:
     """Parse (config file, then flags), run, and map ``ConfigError`` to exit code 2."""
-    parser = argparse.ArgumentParser(prog=prog, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter)
     build_parser(parser)
     try:
         args = parse_with_config(parser, argv, section)

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs._cli import add_config_option, run_main
+from jobs._cli import add_config_option, add_normalization_options, run_main
 from odin_engine.calibration import (
     SCORE_METHODS, calibrate_frames, min_heldout, read_scores, validate_method, validate_tpr, write_json,
 )
@@ -29,21 +29,24 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", metavar="DIR", help="audit output directory; rerun the same command to resume")
     parser.add_argument("--model", metavar="SPEC", help="cifar_resnet20|32|44|56, torchvision:<name>, …")
     parser.add_argument("--weights", metavar="W", help="checkpoint file")
+    add_normalization_options(parser)
     parser.add_argument("--tuning", metavar="JSON", help="tuning.json from `odin-audit tune` (sets T and ε)")
-    parser.add_argument("--temperature", type=float, default=None, help=f"ODIN T (default {DEFAULT_T:g})")
-    parser.add_argument("--epsilon", type=float, default=None, help=f"ODIN ε (default {DEFAULT_EPS:g})")
+    parser.add_argument("--temperature", type=float, default=None, help=f"ODIN T; {DEFAULT_T:g} when neither this nor --tuning is given")
+    parser.add_argument("--epsilon", type=float, default=None, help=f"ODIN ε; {DEFAULT_EPS:g} when neither this nor --tuning is given")
     parser.add_argument("--tpr", type=float, default=0.95, help="share of in-distribution images kept at or above δ")
     parser.add_argument("--method", default="odin", choices=SCORE_METHODS, help="score that δ thresholds")
     parser.add_argument("--ood", metavar="NAME=SRC", action="append", default=None,
                         help="labelled OOD set for evaluation (repeatable)")
     parser.add_argument("--class-names", default=None, help="comma-separated class names for the report")
     parser.add_argument("--gallery", type=int, default=24, help="anomalous images shown in the report")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
     parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
-    parser.add_argument("--resize", default="crop", choices=("crop", "stretch"))
-    parser.add_argument("--unsafe-pickle", action="store_true")
-    parser.add_argument("--ray-address", default=None)
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--resize", default="crop", choices=("crop", "stretch"),
+                        help="crop: centred square then resize; stretch: resize the whole image")
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow checkpoints that need arbitrary pickles (can execute code: trusted files only)")
+    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_option(parser)
 
 
@@ -108,7 +111,8 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     t, e, origin, ood_specs = _validate(args)
     from odin_engine.loading import load_model
 
-    model = load_model(args.model, args.weights, unsafe_pickle=args.unsafe_pickle)
+    model = load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
+                       unsafe_pickle=args.unsafe_pickle)
     if args.tuning:
         from odin_engine.tuning import load_tuning
 
@@ -116,7 +120,8 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     from jobs.score import score_corpus
 
     out = Path(args.output)
-    kw = dict(model=args.model, weights=args.weights, temperature=t, epsilon=e, batch_size=args.batch_size,
+    kw = dict(model=args.model, weights=args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
+              temperature=t, epsilon=e, batch_size=args.batch_size,
               workers=args.workers, resize=args.resize, unsafe_pickle=args.unsafe_pickle,
               ray_address=args.ray_address, verbose=not args.quiet)
     t0 = time.time()

@@ -114,7 +114,7 @@ def read_and_decode(batch: pa.Table, size: int, policy: str, max_bytes: int = MA
 class ScoreBatch:
     """Ray Data stage 2 (actor pool): load the model once per actor, score decoded batches."""
 
-    def __init__(self, spec, weights, mean, std, temperature, epsilon, batch_size, model_id, run_id,
+    def __init__(self, spec, weights, mean, std, input_size, temperature, epsilon, batch_size, model_id, run_id,
                  threads, unsafe_pickle, schema_bytes, device=None):
         import torch
 
@@ -123,7 +123,7 @@ class ScoreBatch:
 
         if threads:
             torch.set_num_threads(int(threads))
-        model = load_model(spec, weights, mean=mean, std=std, unsafe_pickle=unsafe_pickle)
+        model = load_model(spec, weights, mean=mean, std=std, input_size=input_size, unsafe_pickle=unsafe_pickle)
         if model.model_id != model_id:
             raise RuntimeError(
                 f"the weights this worker loaded ({model.model_id}) differ from the driver's ({model_id}): "
@@ -350,6 +350,7 @@ def score_corpus(
     *,
     mean: Sequence[float] | str | None = None,
     std: Sequence[float] | str | None = None,
+    input_size: int | None = None,
     temperature: float = 1000.0,
     epsilon: float = 0.0014,
     batch_size: int = 256,
@@ -367,7 +368,7 @@ def score_corpus(
 
     ``input``: a directory (recursive) or a .parquet/.csv manifest, local or ``s3://``/``gs://``/
     ``file://``. ``output``: a directory, local or object store. ``model``/``weights``/``mean``/
-    ``std``: as :func:`odin_engine.load_model`. ``temperature``/``epsilon``: ODIN's T and ε.
+    ``std``/``input_size``: as :func:`odin_engine.load_model`. ``temperature``/``epsilon``: ODIN's T and ε.
     ``workers``: scoring actors (default: one per GPU, else cluster CPUs / ``cpus_per_worker``);
     ``batch_size``: images per
     scoring call. Calling it again with the same arguments resumes (finished images are not
@@ -401,7 +402,7 @@ def score_corpus(
     corpus = load_corpus(str(input))
     from odin_engine.loading import load_model
 
-    loaded = load_model(model, weights, mean=mean, std=std, unsafe_pickle=unsafe_pickle)
+    loaded = load_model(model, weights, mean=mean, std=std, input_size=input_size, unsafe_pickle=unsafe_pickle)
     digest = corpus_digest(corpus.table)
     config = {
         "schema_version": SCHEMA_VERSION,
@@ -515,6 +516,7 @@ def score_corpus(
             ScoreBatch,
             fn_constructor_kwargs=dict(
                 spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
+                input_size=loaded.input_size,
                 temperature=temperature, epsilon=epsilon, batch_size=batch_size, model_id=loaded.model_id,
                 run_id=run_id, threads=None if gpus else threads,
                 unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu",
@@ -580,18 +582,17 @@ def score_corpus(
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    from jobs._cli import add_config_option
+    from jobs._cli import add_config_option, add_normalization_options
 
     add_config_option(parser)
     parser.add_argument("--input", help="directory (recursive) or .parquet/.csv manifest; local, s3://, gs://, file://")
     parser.add_argument("--output", help="output directory (local or object store); rerun the same command to resume")
     parser.add_argument("--model", help="cifar_resnet20|32|44|56, torchvision:<name>, torchscript:<path>, module:factory")
     parser.add_argument("--weights", help="checkpoint file (state_dict)")
-    parser.add_argument("--mean", help="input mean r,g,b in [0,1] pixel units (default: the model's)")
-    parser.add_argument("--std", help="input std r,g,b in [0,1] pixel units (default: the model's)")
-    parser.add_argument("--temperature", type=float, default=None, help="ODIN temperature T > 0 (default 1000)")
+    add_normalization_options(parser)
+    parser.add_argument("--temperature", type=float, default=None, help="ODIN temperature T > 0; 1000 when neither this nor --tuning is given")
     parser.add_argument("--epsilon", type=float, default=None,
-                        help="ODIN perturbation ε in [0, 1] pixel units (default 0.0014)")
+                        help="ODIN perturbation ε in [0, 1] pixel units; 0.0014 when neither this nor --tuning is given")
     parser.add_argument("--tuning", metavar="JSON", default=None,
                         help="tuning.json from `odin-audit tune` (sets T and ε; excludes --temperature/--epsilon)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
@@ -615,11 +616,11 @@ def run(args: argparse.Namespace) -> int:
     if args.tuning and args.model:  # a tuning file made for another model is refused before anything runs
         from odin_engine.loading import load_model
 
-        model_id = load_model(args.model, args.weights, mean=args.mean, std=args.std,
+        model_id = load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
                               unsafe_pickle=args.unsafe_pickle).model_id
     temperature, epsilon, _ = resolve_settings(args.tuning, args.temperature, args.epsilon, model_id)
     result = score_corpus(
-        args.input, args.output, args.model, args.weights, mean=args.mean, std=args.std,
+        args.input, args.output, args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
         temperature=temperature, epsilon=epsilon, batch_size=args.batch_size, workers=args.workers,
         run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs._cli import add_config_option, run_main
+from jobs._cli import add_config_option, add_normalization_options, run_main
 from odin_engine.calibration import validate_tpr, write_json
 from odin_engine.errors import ConfigError
 from odin_engine.loading import load_model
@@ -34,6 +34,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="held-out OOD images (repeatable; NAME=SRC names the set); needed for --mode paper")
     parser.add_argument("--model", metavar="SPEC", help="model spec, e.g. cifar_resnet20 (see odin_engine.loading)")
     parser.add_argument("--weights", metavar="W", help="checkpoint file (or DEFAULT for torchvision)")
+    add_normalization_options(parser)
     parser.add_argument("--mode", default="paper", choices=MODES,
                         help="paper: minimize FPR@TPR vs OOD; id-only: maximize mean ID score at fixed T")
     parser.add_argument("--output", metavar="FILE", default=None, help="tuning.json to write")
@@ -46,7 +47,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="ε grid (comma-separated, pixel units in [0,1])")
     parser.add_argument("--resize", default="crop", choices=("crop", "stretch"),
                         help="how images not at the model's input size are resized (as in odin-audit score)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 … (default: cuda if available)")
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="allow checkpoints that need arbitrary pickled objects (runs code in the file)")
@@ -80,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     ood_specs = _named(list(args.ood or []))
     if args.mode == "paper" and not ood_specs:
         raise ConfigError("--mode paper needs at least one --ood SRC; without OOD images use --mode id-only")
-    model = load_model(args.model, args.weights, unsafe_pickle=args.unsafe_pickle)
+    model = load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
+                       unsafe_pickle=args.unsafe_pickle)
     scorer = OdinScorer(model, temperature=temps[0], epsilon=0.0, device=args.device, batch_size=args.batch_size)
     if args.resize not in ("crop", "stretch"):
         raise ConfigError(f"--resize must be crop or stretch; got {args.resize!r}")

@@ -415,3 +415,28 @@ def test_real_weights_on_cifar_pngs_with_labels(ray_head, tmp_path):
     accuracy = float((df["pred"] == df["label"]).mean())
     assert accuracy > 0.7, accuracy  # PROVENANCE.md: 81% on the whole JPEG test set
     assert df["model_id"].iloc[0] == "cifar_resnet20@sha256:12fca82f0bebc413"
+
+
+@pytest.mark.slow
+def test_torchscript_model_with_normalization_flags(ray_head, tmp_path):
+    """A TorchScript archive has no known normalization or size: --mean/--std/--input-size supply them."""
+    import torch
+
+    from odin_engine.models.cifar_resnet import CifarResNet
+
+    torch.manual_seed(0)
+    torch.jit.script(CifarResNet(20).eval()).save(str(tmp_path / "m.ts"))
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 6, size=48)
+    out = tmp_path / "out"
+    base = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out),
+            "--model", f"torchscript:{tmp_path / 'm.ts'}", "--batch-size", "4"]
+    missing = run_job(base, ray_head.env)
+    assert missing.returncode == 2 and "--mean" in missing.stderr and not out.exists()
+    proc = run_job(base + ["--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--input-size", "32"], ray_head.env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    t = assert_exactly_once(out, {f"img_{i:05d}.png" for i in range(6)})
+    assert set(t.column("status").to_pylist()) == {"ok"}
+    meta = pq.read_schema(next((out / "scores").glob("*.parquet"))).metadata
+    assert json.loads(meta[b"odin.normalization"])["std"] == [0.25, 0.25, 0.25]
+    assert meta[b"odin.input_size"] == b"32"
