@@ -12,6 +12,7 @@ import posixpath
 import sys
 import time
 import uuid
+import warnings
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
@@ -378,6 +379,8 @@ def score_corpus(
     or a new local cluster). The returned dict's ``counts`` has ``ok``/``error``/``total``.
     """
     t_start = time.time()
+    # Ray Data warns when a stage's concurrency cap exceeds its inputs (small corpora): harmless
+    warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     started_at = datetime.now(timezone.utc).isoformat()
     # 1. validate everything before touching the output
     for name, value in (("--input", input), ("--output", output), ("--model", model)):
