@@ -109,19 +109,13 @@ def _check_heldout_size(args: argparse.Namespace) -> None:
 def audit(args: argparse.Namespace) -> dict[str, Any]:
     """Run every stage; returns the audit.json dict. Reruns resume: finished images are not rescored."""
     t, e, origin, ood_specs = _validate(args)
-    from odin_engine.loading import load_model
-
-    model = load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
-                       unsafe_pickle=args.unsafe_pickle)
-    if args.tuning:
-        from odin_engine.tuning import load_tuning
-
-        load_tuning(args.tuning, expect_model_id=model.model_id)
     from jobs.score import score_corpus
 
     out = Path(args.output)
     kw = dict(model=args.model, weights=args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
-              temperature=t, epsilon=e, batch_size=args.batch_size,
+              # score_corpus refuses a tuning file made for another model before scoring anything
+              **({"tuning": args.tuning} if args.tuning else {"temperature": t, "epsilon": e}),
+              batch_size=args.batch_size,
               workers=args.workers, resize=args.resize, unsafe_pickle=args.unsafe_pickle,
               ray_address=args.ray_address, verbose=not args.quiet)
     t0 = time.time()
@@ -132,7 +126,8 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     jobs += [(f"ood/{name}", src, out / "ood" / name) for name, src in ood_specs]
     for what, src, dest in jobs:
         r = score_corpus(str(src), str(dest), **kw)
-        runs[what] = {"source": str(src), "output": str(dest), "run_id": r["run_id"], "counts": r["counts"],
+        runs[what] = {"source": str(src), "output": str(dest), "run_id": r["run_id"], "model_id": r["config"]["model_id"],
+                      "counts": r["counts"],
                       "scored_this_run": r["attempts"][-1]["scored"],
                       "already_done": r["attempts"][-1]["already_done"],
                       "exactly_once": r["verification"]["exactly_once"]}
@@ -177,7 +172,7 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
         "version": 1,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_spec": args.model,
-        "model_id": model.model_id,
+        "model_id": runs["corpus"]["model_id"],
         "temperature": t,
         "epsilon": e,
         "settings_from": origin,

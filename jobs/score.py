@@ -29,7 +29,8 @@ from odin_engine import __version__ as ENGINE_VERSION
 from odin_engine.corpus import Corpus, is_uri, load_corpus, resolve, split_uri
 from odin_engine.errors import ConfigError
 from odin_engine.images import RESIZE_POLICIES, ImageDecodeError, decode_image
-from odin_engine.scorer import SCORE_COLUMNS, validate_epsilon, validate_temperature
+from odin_engine.scorer import SCORE_COLUMNS
+from odin_engine.tuning import load_tuning, resolve_settings
 
 SCHEMA_VERSION = 1
 JOB_FILE = "_odin_job.json"  # the configuration this output directory belongs to
@@ -146,20 +147,22 @@ class ScoreBatch:
         status = batch.column("status").to_pylist()
         error = batch.column("error").to_pylist()
         ok = [i for i, st in enumerate(status) if st == "ok"]
-        cols: dict[str, list] = {c: [None] * n for c in SCORE_COLUMNS}
+        values = {c: np.zeros(n, np.int64 if c == "pred" else np.float64) for c in SCORE_COLUMNS}
+        scored = np.zeros(n, bool)  # rows without scores are written as nulls
         if ok:
             pix = batch.column("pixels").to_pylist()
             try:
                 res = self._score([pix[i] for i in ok])
                 for c in SCORE_COLUMNS:
-                    for j, i in enumerate(ok):
-                        cols[c][i] = res[c][j].item()
+                    values[c][ok] = res[c]
+                scored[ok] = True
             except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
                 for i in ok:
                     try:
                         one = self._score([pix[i]])
                         for c in SCORE_COLUMNS:
-                            cols[c][i] = one[c][0].item()
+                            values[c][i] = one[c][0]
+                        scored[i] = True
                     except Exception as exc:  # noqa: BLE001
                         status[i], error[i] = "error", f"scoring failed: {type(exc).__name__}: {exc}"[:300]
         now = datetime.now(timezone.utc)
@@ -170,8 +173,8 @@ class ScoreBatch:
             "error": pa.array(error, pa.string()),
             "width": batch.column("width"),
             "height": batch.column("height"),
-            "pred": pa.array(cols["pred"], pa.int64()),
-            **{c: pa.array(cols[c], pa.float64()) for c in FLOAT_COLUMNS},
+            "pred": pa.array(values["pred"], pa.int64(), mask=~scored),
+            **{c: pa.array(values[c], pa.float64(), mask=~scored) for c in FLOAT_COLUMNS},
             "temperature": pa.array([self.temperature] * n, pa.float64()),
             "epsilon": pa.array([self.epsilon] * n, pa.float64()),
             "model_id": pa.array([self.model_id] * n, pa.string()),
@@ -352,8 +355,9 @@ def score_corpus(
     mean: Sequence[float] | str | None = None,
     std: Sequence[float] | str | None = None,
     input_size: int | None = None,
-    temperature: float = 1000.0,
-    epsilon: float = 0.0014,
+    temperature: float | None = None,
+    epsilon: float | None = None,
+    tuning: str | None = None,
     batch_size: int = 256,
     workers: int | None = None,
     run_id: str | None = None,
@@ -369,7 +373,8 @@ def score_corpus(
 
     ``input``: a directory (recursive) or a .parquet/.csv manifest, local or ``s3://``/``gs://``/
     ``file://``. ``output``: a directory, local or object store. ``model``/``weights``/``mean``/
-    ``std``/``input_size``: as :func:`odin_engine.load_model`. ``temperature``/``epsilon``: ODIN's T and ε.
+    ``std``/``input_size``: as :func:`odin_engine.load_model`. ``temperature``/``epsilon``: ODIN's T and ε (default 1000, 0.0014),
+    or ``tuning``: a tuning.json from ``odin-audit tune`` for this model (excludes them).
     ``workers``: scoring actors (default: one per GPU, else cluster CPUs / ``cpus_per_worker``);
     ``batch_size``: images per
     scoring call. Calling it again with the same arguments resumes (finished images are not
@@ -386,8 +391,7 @@ def score_corpus(
     for name, value in (("--input", input), ("--output", output), ("--model", model)):
         if not value or not str(value).strip():
             raise ConfigError(f"{name} is required")
-    temperature = validate_temperature(temperature)
-    epsilon = validate_epsilon(epsilon)
+    temperature, epsilon, _ = resolve_settings(tuning, temperature, epsilon)
     if resize not in RESIZE_POLICIES:
         raise ConfigError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}; got {resize!r}")
     for name, value in (("--batch-size", batch_size), ("--shard-rows", shard_rows)):
@@ -406,6 +410,8 @@ def score_corpus(
     from odin_engine.loading import load_model
 
     loaded = load_model(model, weights, mean=mean, std=std, input_size=input_size, unsafe_pickle=unsafe_pickle)
+    if tuning:  # a file tuned for another model is refused
+        load_tuning(tuning, expect_model_id=loaded.model_id)
     digest = corpus_digest(corpus.table)
     config = {
         "schema_version": SCHEMA_VERSION,
@@ -613,18 +619,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from odin_engine.tuning import resolve_settings
-
-    model_id = None
-    if args.tuning and args.model:  # a tuning file made for another model is refused before anything runs
-        from odin_engine.loading import load_model
-
-        model_id = load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
-                              unsafe_pickle=args.unsafe_pickle).model_id
-    temperature, epsilon, _ = resolve_settings(args.tuning, args.temperature, args.epsilon, model_id)
     result = score_corpus(
         args.input, args.output, args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
-        temperature=temperature, epsilon=epsilon, batch_size=args.batch_size, workers=args.workers,
+        temperature=args.temperature, epsilon=args.epsilon, tuning=args.tuning, batch_size=args.batch_size, workers=args.workers,
         run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
         ray_address=args.ray_address, verbose=not args.quiet,
