@@ -65,13 +65,6 @@ def parse_ood(specs: Sequence[str] | None) -> list[tuple[str, str]]:
     return out
 
 
-def resolve_settings(args: argparse.Namespace) -> tuple[float, float, str]:
-    """(T, ε, where they came from). ``--tuning`` and ``--temperature/--epsilon`` exclude each other."""
-    from odin_engine.tuning import resolve_settings as resolve
-
-    return resolve(args.tuning, args.temperature, args.epsilon)
-
-
 def _validate(args: argparse.Namespace) -> tuple[float, float, str, list[tuple[str, str]]]:
     for name in ("corpus", "output", "model"):
         if not getattr(args, name):
@@ -82,7 +75,9 @@ def _validate(args: argparse.Namespace) -> tuple[float, float, str, list[tuple[s
     validate_method(args.method)
     if args.gallery < 0:
         raise ConfigError("--gallery must be >= 0")
-    t, e, origin = resolve_settings(args)
+    from odin_engine.tuning import resolve_settings
+
+    t, e, origin = resolve_settings(args.tuning, args.temperature, args.epsilon)
     ood = parse_ood(args.ood)
     _check_heldout_size(args)
     return t, e, origin, ood

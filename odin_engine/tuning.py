@@ -182,8 +182,8 @@ def load_tuning(path: str | Path, *, expect_model_id: str | None = None) -> tupl
     return t, e
 
 
-def resolve_settings(tuning: str | Path | None, temperature: float | None, epsilon: float | None,
-                     model_id: str | None = None) -> tuple[float, float, str]:
+def resolve_settings(tuning: str | Path | None, temperature: float | None,
+                     epsilon: float | None) -> tuple[float, float, str]:
     """(T, ε, where they came from) for the score and audit commands.
 
     ``tuning`` (a tuning.json) and explicit ``temperature``/``epsilon`` exclude each other;
@@ -192,7 +192,7 @@ def resolve_settings(tuning: str | Path | None, temperature: float | None, epsil
     if tuning and (temperature is not None or epsilon is not None):
         raise ConfigError("give either --tuning or --temperature/--epsilon, not both")
     if tuning:
-        t, e = load_tuning(tuning, expect_model_id=model_id)
+        t, e = load_tuning(tuning)
         return t, e, f"tuning file {tuning}"
     t = validate_temperature(DEFAULT_TEMPERATURE if temperature is None else temperature)
     e = validate_epsilon(DEFAULT_EPSILON if epsilon is None else epsilon)
