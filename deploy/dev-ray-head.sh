@@ -14,6 +14,9 @@ RAY_DASHBOARD_PORT=${RAY_DASHBOARD_PORT:-8265}
 TEMP_DIR=${RAY_DEV_TEMP_DIR:-/tmp/ray-odin-dev}
 export RAY_AUTH_MODE=token
 export RAY_USAGE_STATS_ENABLED=0
+# Idle workers live 60 s, not 1 s: the scoring job's short read/write tasks reuse them
+# (docs/scoring-job.md, "Worker reuse"). Read by `ray start`'s raylet.
+export RAY_idle_worker_killing_time_threshold_ms=${RAY_idle_worker_killing_time_threshold_ms:-60000}
 
 if [ "${1:-}" = "--stop" ]; then
   # Stop only this head: the processes whose command line names its temp dir (`ray stop` would

@@ -188,33 +188,40 @@ class ScoreBatch:
 
 
 class CorpusShards(Datasource):
-    """Ray Data source: one read task (and one block) per corpus shard file, in order.
+    """Ray Data source: the corpus shard files as blocks, one block per shard, in order.
 
-    ``read_parquet`` bin-packs small files into one task; a shard per task is what makes the
-    checkpoint granular (Ray Data commits once per write task) and parallelism predictable.
+    ``read_parquet`` bin-packs small files into one block, which would make the whole corpus
+    one checkpoint unit (Ray Data commits once per written block). Here every shard stays its
+    own block, and the shards are read by a few long read tasks (``read_tasks``, default 2):
+    a shard is a few KB of listing, and each extra short task may cost a fresh Ray worker
+    process on a busy node.
     """
 
-    def __init__(self, filesystem: pafs.FileSystem, files: list[str]):
+    def __init__(self, filesystem: pafs.FileSystem, files: list[str], read_tasks: int = 2):
         super().__init__()
         self._fs, self._files = filesystem, list(files)
         self._meta = [pq.ParquetFile(filesystem.open_input_file(f)).metadata for f in self._files]
+        self._read_tasks = max(1, min(int(read_tasks), len(self._files)))
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(m.serialized_size + 200 * m.num_rows for m in self._meta)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
+        groups = [list(range(i, len(self._files), self._read_tasks)) for i in range(self._read_tasks)]
         tasks = []
-        for path, meta in zip(self._files, self._meta):
-            def read(path=path, fs=self._fs):
-                yield pq.read_table(path, filesystem=fs)
+        for group in groups:
+            paths = [self._files[i] for i in group]
 
-            block_meta = BlockMetadata(num_rows=meta.num_rows, size_bytes=200 * meta.num_rows,
-                                       input_files=[path], exec_stats=None)
+            def read(paths=paths, fs=self._fs):
+                for path in paths:
+                    yield pq.read_table(path, filesystem=fs)
+
+            rows = sum(self._meta[i].num_rows for i in group)
+            block_meta = BlockMetadata(num_rows=rows, size_bytes=200 * rows, input_files=paths, exec_stats=None)
             tasks.append(ReadTask(read, block_meta, per_task_row_limit=per_task_row_limit))
         return tasks
 
 
-# --------------------------------------------------------------------------- output directory
 class OutputDir:
     """The output directory on a pyarrow filesystem (local or object store)."""
 
@@ -516,8 +523,9 @@ def score_corpus(
         read_fs = None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs
         shard_files = sorted(i.path for i in out.listdir(CORPUS_DIR) if i.path.endswith(".parquet"))
         # Reading a shard is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
-        # at most 2 at a time so that it does not start a worker process per shard.
-        ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files), num_cpus=0, concurrency=2)
+        # two long read tasks stream all the shards (not a short task, and maybe a fresh worker
+        # process, per shard).
+        ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files, read_tasks=2), num_cpus=0, concurrency=2)
         ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
                             fn_kwargs={"size": loaded.input_size, "policy": resize})
         sink = schema.serialize().to_pybytes()

@@ -45,7 +45,6 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .errors import ConfigError
-from .metrics import auroc, fpr_at_tpr
 from .scorer import OdinScorer, validate_epsilon, validate_temperature
 
 PAPER_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
@@ -66,6 +65,8 @@ def tune_paper(
     tpr: float = 0.95,
 ) -> dict[str, Any]:
     """Grid-search (T, ε) minimizing the mean FPR@``tpr`` over the OOD sets."""
+    from .metrics import auroc, fpr_at_tpr  # sklearn: imported only where tuning runs
+
     if not ood_images:
         raise ConfigError("paper-mode tuning needs at least one OOD set (--ood); use --mode id-only without OOD data")
     temps = [validate_temperature(t) for t in temperatures]

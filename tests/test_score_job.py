@@ -385,6 +385,53 @@ def test_verification_reports_duplicates_and_gaps(tmp_path):
     assert check["exactly_once"] is False
 
 
+def test_corpus_shards_stream_each_shard_as_its_own_block_from_few_read_tasks(tmp_path):
+    """The checkpoint unit is a block = one shard, whichever read task streams it."""
+    from pyarrow import fs as pafs
+
+    from jobs.score import CorpusShards
+
+    files = []
+    for k in range(5):
+        path = tmp_path / f"part-{k:05d}.parquet"
+        pq.write_table(pa.table({"image_id": [f"{k}-{i}" for i in range(k + 1)], "uri": ["u"] * (k + 1)}), path)
+        files.append(str(path))
+    for read_tasks, expect_tasks in ((2, 2), (1, 1), (9, 5)):
+        tasks = CorpusShards(pafs.LocalFileSystem(), files, read_tasks=read_tasks).get_read_tasks(100)
+        assert len(tasks) == expect_tasks
+        blocks = [b for t in tasks for b in t()]
+        assert sorted(b.num_rows for b in blocks) == [1, 2, 3, 4, 5]  # one block per shard
+        assert sum(t.metadata.num_rows for t in tasks) == 15
+        ids = [i for b in blocks for i in b.column("image_id").to_pylist()]
+        assert sorted(ids) == sorted(f"{k}-{i}" for k in range(5) for i in range(k + 1))
+
+
+def test_a_local_cluster_keeps_idle_workers_for_reuse(monkeypatch):
+    """init_ray without an address passes the worker-reuse setting to the raylet it starts."""
+    import ray
+
+    from jobs import ray_utils
+
+    seen = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_idle_worker_killing_time_threshold_ms", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw, env=dict(os.environ)))
+    assert ray_utils.init_ray(num_cpus=3)
+    assert seen["num_cpus"] == 3
+    assert seen["env"]["RAY_idle_worker_killing_time_threshold_ms"] == "60000"
+    seen.clear()
+    monkeypatch.setenv("RAY_idle_worker_killing_time_threshold_ms", "5000")  # the user's value wins
+    ray_utils.init_ray()
+    assert seen["env"]["RAY_idle_worker_killing_time_threshold_ms"] == "5000" and "num_cpus" not in seen
+
+
+def test_scoring_workers_do_not_import_scikit_learn():
+    """A scoring actor imports jobs.score; scikit-learn (metrics only) would add ~0.6 s to its start."""
+    code = "import sys, jobs.score; assert 'sklearn' not in sys.modules, 'sklearn imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
 # --------------------------------------------------------------------------- the real test bed
 SHARED = REPO / ".." / "shared" / "data"
 
