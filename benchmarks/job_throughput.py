@@ -107,7 +107,7 @@ def _tree_rss(root: int) -> int:
 
 
 def run_job(corpus: Path, out: Path, weights: Path, cpus: int, workers: int, batch_size: int,
-            shard_rows: int, sample_every: float | None = None) -> dict:
+            shard_rows: int, sample_every: float | None = None, idle_worker_ms: int | None = None) -> dict:
     """Run the job in a fresh process; with ``sample_every`` (s), track the peak PSS of its process tree.
 
     Sampling is not free (reading smaps_rollup of ~15 processes takes ~0.08 s of CPU), so the
@@ -115,6 +115,9 @@ def run_job(corpus: Path, out: Path, weights: Path, cpus: int, workers: int, bat
     """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env.pop("RAY_idle_worker_killing_time_threshold_ms", None)
+    if idle_worker_ms is not None:  # otherwise init_ray's own setting (jobs.ray_utils.LOCAL_CLUSTER_ENV)
+        env["RAY_idle_worker_killing_time_threshold_ms"] = str(idle_worker_ms)
     # The job's own local cluster gets exactly --cpus CPUs (ray.init reads this).
     code = (
         "import sys; from jobs.ray_utils import init_ray; init_ray(num_cpus=%d);"
@@ -180,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None, help="scoring actors (default: --cpus)")
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--shard-rows", type=int, default=1024)
+    ap.add_argument("--idle-worker-ms", type=int, default=None,
+                    help="Ray's idle_worker_killing_time_threshold_ms for the job's cluster (default: the job's "
+                         "own setting, 60000; Ray's default is 1000) — for an A/B of worker reuse")
     ap.add_argument("--workdir", default=None, help="where to write the PNGs and outputs (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     args = ap.parse_args(argv)
@@ -199,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         ref = in_process(c1, weights, args.cpus, args.batch_size)
         print(f"in-process engine : {ref['images']} images in {ref['score_s']:.1f}s = "
               f"{ref['images_per_s']:.1f} images/s ({args.cpus} torch threads)", flush=True)
-        job = run_job(c1, work / "out_1x", weights, args.cpus, workers, args.batch_size, args.shard_rows)
+        job = run_job(c1, work / "out_1x", weights, args.cpus, workers, args.batch_size, args.shard_rows,
+                      idle_worker_ms=args.idle_worker_ms)
         # The engine again after the job, so that load drift on a shared machine hits both sides.
         ref2 = in_process(c1, weights, args.cpus, args.batch_size)
         print(f"in-process engine : {ref2['images']} images in {ref2['score_s']:.1f}s = "
@@ -218,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             # Memory: the job again at 1x and at scale x, with the sampler on (every 1 s: it
             # costs the job a few per cent of the CPU, so these runs are not the throughput figures).
             small = run_job(c1, work / "out_1x_mem", weights, args.cpus, workers, args.batch_size,
-                            args.shard_rows, sample_every=1.0)
+                            args.shard_rows, sample_every=1.0, idle_worker_ms=args.idle_worker_ms)
             print(f"Ray job (1x, memory sampled): peak memory (PSS, whole process tree) "
                   f"{small['peak_rss_mib']:.0f} MiB; exactly once {small['exactly_once']}", flush=True)
             cx = work / f"corpus_{args.scale}x"
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
             write_pngs(images, cx, args.n * args.scale)
             print(f"wrote {args.n * args.scale} PNGs in {time.perf_counter() - t:.1f}s", flush=True)
             big = run_job(cx, work / f"out_{args.scale}x", weights, args.cpus, workers, args.batch_size,
-                          args.shard_rows, sample_every=1.0)
+                          args.shard_rows, sample_every=1.0, idle_worker_ms=args.idle_worker_ms)
             print(f"Ray job ({args.scale}x, memory sampled): {big['images']} images, pipeline {big['pipeline_s']:.1f}s = "
                   f"{big['images_per_s']:.1f} images/s; steady state {big['steady_images_per_s']:.1f} images/s; "
                   f"peak memory (PSS, whole process tree) {big['peak_rss_mib']:.0f} MiB; "
