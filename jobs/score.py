@@ -32,6 +32,8 @@ from odin_engine.images import RESIZE_POLICIES, ImageDecodeError, decode_image
 from odin_engine.scorer import SCORE_COLUMNS
 from odin_engine.tuning import load_tuning, resolve_settings
 
+from jobs.run_lock import LOCK_FILE, RunLock
+
 SCHEMA_VERSION = 1
 JOB_FILE = "_odin_job.json"  # the configuration this output directory belongs to
 CORPUS_DIR = "_corpus"  # the sorted corpus listing, in shards: what Ray Data reads
@@ -437,7 +439,9 @@ def score_corpus(
         "epsilon": epsilon,
     }
     out = OutputDir(str(output))
+    lock = RunLock(out.fs, out.path, display=str(output))
     try:
+        lock.check_free()  # another run writing here: refuse before anything else
         existing = out.read_json(JOB_FILE)
         entries = [posixpath.basename(i.path) for i in out.listdir()] if out.exists() else []
     except (OSError, ValueError) as exc:
@@ -456,145 +460,149 @@ def score_corpus(
                               "drop --run-id to resume it, or use a new --output directory")
         run_id = existing["run_id"]
     else:
-        stray = [e for e in entries if e not in (CORPUS_DIR,)]
+        stray = [e for e in entries if e not in (CORPUS_DIR, LOCK_FILE)]
         if stray:
             raise ConfigError(f"{output!r} is not empty and holds no odin score run ({JOB_FILE} missing); "
                               f"found {sorted(stray)[:10]}. Use a new or empty --output directory.")
         run_id = str(run_id) if run_id else _default_run_id()
 
-    # 2. the output directory is ours: corpus shards, then the job file (its presence = shards complete)
-    if existing is None:
-        n_shards = _write_corpus_shards(out, corpus.table, shard_rows)
-        out.write_json(JOB_FILE, {"run_id": run_id, "config": config, "shard_rows": shard_rows,
-                                  "n_shards": n_shards, "created_at": started_at})
-    repaired = _repair_checkpoint(out)
-    done_before = _committed_ids(out)
+    lock.acquire()  # one writer at a time, released however this call ends
+    try:
+        # 2. the output directory is ours: corpus shards, then the job file (its presence = shards complete)
+        if existing is None:
+            n_shards = _write_corpus_shards(out, corpus.table, shard_rows)
+            out.write_json(JOB_FILE, {"run_id": run_id, "config": config, "shard_rows": shard_rows,
+                                      "n_shards": n_shards, "created_at": started_at})
+        repaired = _repair_checkpoint(out)
+        done_before = _committed_ids(out)
 
-    metadata = {
-        "odin.schema_version": str(SCHEMA_VERSION),
-        "odin.model_id": loaded.model_id,
-        "odin.model_spec": model,
-        "odin.temperature": repr(temperature),
-        "odin.epsilon": repr(epsilon),
-        "odin.normalization": json.dumps({"mean": list(loaded.mean), "std": list(loaded.std),
-                                          "pixel_range": [0, 1]}),
-        "odin.input_size": str(loaded.input_size),
-        "odin.resize": resize,
-        "odin.run_id": run_id,
-        "odin.versions": json.dumps(_versions()),
-    }
-    carried = pa.schema([corpus.table.schema.field(c) for c in corpus.carried_columns])
-    schema = output_schema(carried, metadata)
+        metadata = {
+            "odin.schema_version": str(SCHEMA_VERSION),
+            "odin.model_id": loaded.model_id,
+            "odin.model_spec": model,
+            "odin.temperature": repr(temperature),
+            "odin.epsilon": repr(epsilon),
+            "odin.normalization": json.dumps({"mean": list(loaded.mean), "std": list(loaded.std),
+                                              "pixel_range": [0, 1]}),
+            "odin.input_size": str(loaded.input_size),
+            "odin.resize": resize,
+            "odin.run_id": run_id,
+            "odin.versions": json.dumps(_versions()),
+        }
+        carried = pa.schema([corpus.table.schema.field(c) for c in corpus.carried_columns])
+        schema = output_schema(carried, metadata)
 
-    # 3. run the pipeline unless everything is already committed
-    ray_stats = None
-    ray_init_s = 0.0
-    t_pipeline = time.time()
-    if done_before < len(corpus):
-        import ray
-        from ray.data.checkpoint import CheckpointConfig
-
-        from jobs.ray_utils import cluster_cpus, cluster_gpus, init_ray
-
-        t_init = time.time()
-        init_ray(ray_address)
-        ray_init_s = time.time() - t_init
+        # 3. run the pipeline unless everything is already committed
+        ray_stats = None
+        ray_init_s = 0.0
         t_pipeline = time.time()
-        gpus = cluster_gpus()
-        # default pool: one actor per GPU, else as many CPU actors as the cluster has room for
-        n_workers = workers or (gpus if gpus else max(1, int(cluster_cpus() // cpus_per_worker)))
-        actor_cpus, threads = cpus_per_worker, max(1, int(round(cpus_per_worker)))
-        if done_before and not gpus:
-            # On resume Ray Data adds a CheckpointFilter actor that reserves 1 CPU; leave it one.
-            spare = cluster_cpus() - 1
-            if n_workers * actor_cpus > spare:
-                actor_cpus = max(0.01, spare / n_workers)
-                if verbose:
-                    print(f"odin score: resuming; {n_workers} worker(s) reserve {actor_cpus:.2f} CPU each "
-                          "(one CPU is left to Ray Data's checkpoint filter)", flush=True)
-        ctx = ray.data.DataContext.get_current()
-        ctx.checkpoint_config = CheckpointConfig(
-            id_column="image_id",
-            checkpoint_path=out.uri(CHECKPOINT_DIR),
-            delete_checkpoint_on_success=False,
-            override_filesystem=None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs,
-        )
-        ctx.enable_progress_bars = verbose
-        read_fs = None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs
-        shard_files = sorted(i.path for i in out.listdir(CORPUS_DIR) if i.path.endswith(".parquet"))
-        # Reading a shard is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
-        # two long read tasks stream all the shards (not a short task, and maybe a fresh worker
-        # process, per shard).
-        ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files, read_tasks=2), num_cpus=0, concurrency=2)
-        ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
-                            fn_kwargs={"size": loaded.input_size, "policy": resize})
-        sink = schema.serialize().to_pybytes()
-        ds = ds.map_batches(
-            ScoreBatch,
-            fn_constructor_kwargs=dict(
-                spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
-                input_size=loaded.input_size,
-                temperature=temperature, epsilon=epsilon, batch_size=batch_size, model_id=loaded.model_id,
-                run_id=run_id, threads=None if gpus else threads,
-                unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu",
-            ),
-            batch_size=batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(size=n_workers),
-            num_gpus=1 if gpus else 0,
-            num_cpus=0 if gpus else actor_cpus,
-        )
-        # Encoding a shard's rows is light: like the read, it reserves no CPU (the actors have
-        # them) and runs at most 2 at a time.
-        ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs, ray_remote_args={"num_cpus": 0}, concurrency=2)
-        ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
-                     "cpus_per_worker": 0 if gpus else actor_cpus}
-    t_end = time.time()
+        if done_before < len(corpus):
+            import ray
+            from ray.data.checkpoint import CheckpointConfig
 
-    # 4. verify exactly-once against the corpus and write run.json
-    check = _verify(out, corpus)
-    scored_now = max(0, check["rows"] - done_before)
-    pipeline_s = t_end - t_pipeline
-    previous = out.read_json(RUN_JSON) or {}
-    attempt = {
-        "started_at": started_at,
-        "finished_at": datetime.now(timezone.utc).isoformat(),
-        "already_done": done_before,
-        "scored": scored_now,
-        "ray_init_s": round(ray_init_s, 3),
-        "pipeline_s": round(pipeline_s, 3),
-        "total_s": round(time.time() - t_start, 3),
-        "images_per_s": round(scored_now / pipeline_s, 2) if pipeline_s > 0 and scored_now else 0.0,
-        "repaired_checkpoints": repaired,
-        "execution": ray_stats,
-        "argv": sys.argv,
-    }
-    result = {
-        "run_id": run_id,
-        "config": config,
-        "execution": {"batch_size": batch_size, "workers": workers, "cpus_per_worker": cpus_per_worker,
-                      "decode_cpus": decode_cpus, "shard_rows": shard_rows},
-        "output": {"root": out.root_uri, "scores": out.uri(SCORES_DIR), "files": check["files"]},
-        "counts": {**check["by_status"], "total": check["rows"]},
-        "verification": {k: check[k] for k in ("duplicates", "missing", "unexpected", "exactly_once")},
-        "durations": {"this_attempt_s": attempt["total_s"], "pipeline_s": attempt["pipeline_s"]},
-        "images_per_s": attempt["images_per_s"],
-        "attempts": list(previous.get("attempts", [])) + [attempt],
-        "versions": _versions(),
-        "parquet_metadata": metadata,
-    }
-    out.write_json(RUN_JSON, result)
-    if verbose:
-        c = result["counts"]
-        print(
-            f"odin score: {c['total']} rows ({c['ok']} ok, {c['error']} error) in {out.uri(SCORES_DIR)}; "
-            f"this attempt scored {scored_now} ({done_before} already done) in {pipeline_s:.1f}s "
-            f"= {attempt['images_per_s']} images/s; exactly once: {check['exactly_once']}"
-            + ("" if check["exactly_once"] else
-               f" (duplicates {check['duplicates']}, missing {check['missing']}, unexpected {check['unexpected']})"),
-            flush=True,
-        )
-    return result
+            from jobs.ray_utils import cluster_cpus, cluster_gpus, init_ray
+
+            t_init = time.time()
+            init_ray(ray_address)
+            ray_init_s = time.time() - t_init
+            t_pipeline = time.time()
+            gpus = cluster_gpus()
+            # default pool: one actor per GPU, else as many CPU actors as the cluster has room for
+            n_workers = workers or (gpus if gpus else max(1, int(cluster_cpus() // cpus_per_worker)))
+            actor_cpus, threads = cpus_per_worker, max(1, int(round(cpus_per_worker)))
+            if done_before and not gpus:
+                # On resume Ray Data adds a CheckpointFilter actor that reserves 1 CPU; leave it one.
+                spare = cluster_cpus() - 1
+                if n_workers * actor_cpus > spare:
+                    actor_cpus = max(0.01, spare / n_workers)
+                    if verbose:
+                        print(f"odin score: resuming; {n_workers} worker(s) reserve {actor_cpus:.2f} CPU each "
+                              "(one CPU is left to Ray Data's checkpoint filter)", flush=True)
+            ctx = ray.data.DataContext.get_current()
+            ctx.checkpoint_config = CheckpointConfig(
+                id_column="image_id",
+                checkpoint_path=out.uri(CHECKPOINT_DIR),
+                delete_checkpoint_on_success=False,
+                override_filesystem=None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs,
+            )
+            ctx.enable_progress_bars = verbose
+            read_fs = None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs
+            shard_files = sorted(i.path for i in out.listdir(CORPUS_DIR) if i.path.endswith(".parquet"))
+            # Reading a shard is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
+            # two long read tasks stream all the shards (not a short task, and maybe a fresh worker
+            # process, per shard).
+            ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files, read_tasks=2), num_cpus=0, concurrency=2)
+            ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
+                                fn_kwargs={"size": loaded.input_size, "policy": resize})
+            sink = schema.serialize().to_pybytes()
+            ds = ds.map_batches(
+                ScoreBatch,
+                fn_constructor_kwargs=dict(
+                    spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
+                    input_size=loaded.input_size,
+                    temperature=temperature, epsilon=epsilon, batch_size=batch_size, model_id=loaded.model_id,
+                    run_id=run_id, threads=None if gpus else threads,
+                    unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu",
+                ),
+                batch_size=batch_size,
+                batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=n_workers),
+                num_gpus=1 if gpus else 0,
+                num_cpus=0 if gpus else actor_cpus,
+            )
+            # Encoding a shard's rows is light: like the read, it reserves no CPU (the actors have
+            # them) and runs at most 2 at a time.
+            ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs, ray_remote_args={"num_cpus": 0}, concurrency=2)
+            ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
+                         "cpus_per_worker": 0 if gpus else actor_cpus}
+        t_end = time.time()
+
+        # 4. verify exactly-once against the corpus and write run.json
+        check = _verify(out, corpus)
+        scored_now = max(0, check["rows"] - done_before)
+        pipeline_s = t_end - t_pipeline
+        previous = out.read_json(RUN_JSON) or {}
+        attempt = {
+            "started_at": started_at,
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            "already_done": done_before,
+            "scored": scored_now,
+            "ray_init_s": round(ray_init_s, 3),
+            "pipeline_s": round(pipeline_s, 3),
+            "total_s": round(time.time() - t_start, 3),
+            "images_per_s": round(scored_now / pipeline_s, 2) if pipeline_s > 0 and scored_now else 0.0,
+            "repaired_checkpoints": repaired,
+            "execution": ray_stats,
+            "argv": sys.argv,
+        }
+        result = {
+            "run_id": run_id,
+            "config": config,
+            "execution": {"batch_size": batch_size, "workers": workers, "cpus_per_worker": cpus_per_worker,
+                          "decode_cpus": decode_cpus, "shard_rows": shard_rows},
+            "output": {"root": out.root_uri, "scores": out.uri(SCORES_DIR), "files": check["files"]},
+            "counts": {**check["by_status"], "total": check["rows"]},
+            "verification": {k: check[k] for k in ("duplicates", "missing", "unexpected", "exactly_once")},
+            "durations": {"this_attempt_s": attempt["total_s"], "pipeline_s": attempt["pipeline_s"]},
+            "images_per_s": attempt["images_per_s"],
+            "attempts": list(previous.get("attempts", [])) + [attempt],
+            "versions": _versions(),
+            "parquet_metadata": metadata,
+        }
+        out.write_json(RUN_JSON, result)
+        if verbose:
+            c = result["counts"]
+            print(
+                f"odin score: {c['total']} rows ({c['ok']} ok, {c['error']} error) in {out.uri(SCORES_DIR)}; "
+                f"this attempt scored {scored_now} ({done_before} already done) in {pipeline_s:.1f}s "
+                f"= {attempt['images_per_s']} images/s; exactly once: {check['exactly_once']}"
+                + ("" if check["exactly_once"] else
+                   f" (duplicates {check['duplicates']}, missing {check['missing']}, unexpected {check['unexpected']})"),
+                flush=True,
+            )
+        return result
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------- CLI
