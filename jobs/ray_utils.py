@@ -8,7 +8,7 @@ import os
 log = logging.getLogger(__name__)
 
 # Variables a local cluster's workers need to reach object stores the driver reaches.
-FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_")
+FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "STORAGE_EMULATOR_HOST")
 
 # Worker-pool settings for a cluster this process starts (the same belong in `ray start`'s
 # environment: deploy/dev-ray-head.sh and deploy/Dockerfile set them). Ray kills idle workers

@@ -12,7 +12,9 @@
 
 The result has columns ``image_id``, ``uri`` (``label``, ``split`` when present), sorted by
 ``image_id``. Filesystems come from ``pyarrow.fs.FileSystem.from_uri`` (S3 honours the usual
-``AWS_*`` variables, including ``AWS_ENDPOINT_URL``). Problems the user must fix raise
+``AWS_*`` variables, including ``AWS_ENDPOINT_URL``; GCS uses Google's default credentials, or
+with ``STORAGE_EMULATOR_HOST`` set — the variable Google's own clients read — that emulator,
+anonymously). Problems the user must fix raise
 :class:`~odin_engine.errors.ConfigError`: missing source, empty corpus, duplicate ids (all
 listed, up to 50), a manifest without a ``uri``/``path`` column or with empty cells.
 Files that later turn out unreadable are *not* an error here: they become error rows.
@@ -21,6 +23,7 @@ Files that later turn out unreadable are *not* an error here: they become error 
 from __future__ import annotations
 
 import functools
+import os
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +60,17 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-@functools.lru_cache(maxsize=64)
 def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST") if scheme in ("gs", "gcs") else None
+    return _cached_filesystem(scheme, bucket, emulator)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_filesystem(scheme: str, bucket: str, gcs_emulator: str | None) -> pafs.FileSystem:
+    if gcs_emulator:
+        # pyarrow would still ask the (unreachable) metadata server for credentials: go anonymous
+        emu_scheme, _, host = gcs_emulator.rpartition("://")
+        return pafs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=emu_scheme or "http")
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
 
 

@@ -245,6 +245,40 @@ def s3_bucket(s3_server):
     return name
 
 
+# --------------------------------------------------------------------------- GCS (gcp-storage-emulator)
+@dataclass
+class GcsServer:
+    host: str  # http://127.0.0.1:PORT
+    env: dict = field(repr=False)
+
+    def filesystem(self):
+        from pyarrow import fs
+
+        return fs.GcsFileSystem(anonymous=True, endpoint_override=self.host.split("://", 1)[1], scheme="http",
+                                project_id="odin-test")
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """A real GCS JSON API on loopback: ``gcp-storage-emulator`` (in-memory), reached through
+    ``STORAGE_EMULATOR_HOST`` exactly as a user would point the job at an emulator."""
+    exe = VENV_BIN / "gcp-storage-emulator"
+    if not exe.exists():
+        pytest.skip("gcp-storage-emulator is not installed (pip install gcp-storage-emulator)")
+    port = free_port()
+    proc = subprocess.Popen([str(exe), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    if not _wait_port(port, 30):
+        proc.kill()
+        pytest.skip("gcp-storage-emulator did not start")
+    host = f"http://127.0.0.1:{port}"
+    try:
+        yield GcsServer(host, {"STORAGE_EMULATOR_HOST": host})
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 # --------------------------------------------------------------------------- tiny model
 @dataclass
 class TinyModel:

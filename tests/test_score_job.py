@@ -281,6 +281,37 @@ def test_s3_corpus_and_s3_output(ray_head, s3_server, s3_bucket, tiny_model, tmp
     assert again.returncode == 0 and "this attempt scored 0 (14 already done)" in again.stdout, again.stderr[-2000:]
 
 
+@pytest.mark.slow
+def test_gcs_corpus_and_gcs_output(ray_head, gcs_server, tiny_model, tmp_path, bad_images):
+    """A gs:// directory corpus scored into a gs:// output on a real GCS API (the emulator)."""
+    fs = gcs_server.filesystem()
+    bucket = f"odin-{os.getpid()}-{int(time.time())}"
+    fs.create_dir(bucket)
+    paths = make_images(tmp_path / "imgs", 6)
+    for p in paths:
+        with fs.open_output_stream(f"{bucket}/corpus/a b/{p.name}") as fh:
+            fh.write(p.read_bytes())
+    with fs.open_output_stream(f"{bucket}/corpus/zero_byte.png") as fh:
+        fh.write(bad_images["zero_byte.png"])
+    env = dict(ray_head.env, **gcs_server.env)
+    out = f"gs://{bucket}/runs/r1"
+    proc = run_job(job_cmd(f"gs://{bucket}/corpus", out, tiny_model, "--batch-size", "4", "--shard-rows", "3"), env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    files = [i.path for i in fs.get_file_info(pa.fs.FileSelector(f"{bucket}/runs/r1/scores"))]
+    t = pq.ParquetDataset(files, filesystem=fs).read()
+    rows = {r["image_id"]: r for r in t.to_pylist()}
+    assert len(t) == len(rows) == 7
+    assert rows["zero_byte.png"]["status"] == "error" and "empty file" in rows["zero_byte.png"]["error"]
+    assert rows[f"a b/{paths[0].name}"]["uri"] == f"gs://{bucket}/corpus/a b/{paths[0].name}"
+    assert sum(r["status"] == "ok" for r in rows.values()) == 6
+    with fs.open_input_stream(f"{bucket}/runs/r1/run.json") as fh:
+        run = json.loads(fh.read())
+    assert run["counts"] == {"ok": 6, "error": 1, "total": 7} and run["verification"]["exactly_once"]
+    assert fs.get_file_info(f"{bucket}/runs/r1/_odin_lock.json").type == pa.fs.FileType.NotFound
+    again = run_job(job_cmd(f"gs://{bucket}/corpus", out, tiny_model, "--shard-rows", "3"), env)
+    assert again.returncode == 0 and "this attempt scored 0 (7 already done)" in again.stdout, again.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------- kills
 def _map_worker_pids(head) -> list[int]:
     """Scoring actors of *our* test head only (descendants of its raylet), never anyone else's."""
