@@ -90,11 +90,13 @@ class RunLock:
             return _pid_exists(held["pid"])
         return True
 
-    def check_free(self) -> None:
-        """Raise ``ConfigError`` if another run holds a live lease (writes nothing)."""
+    def check_free(self) -> dict | None:
+        """Raise ``ConfigError`` if another run holds a live lease (writes nothing); else the
+        lease record found (a dead holder's), or None."""
         held = self.read()
         if held is not None and held.get("owner") != self.owner and self.is_live(held):
             raise self._refuse(held)
+        return held
 
     def _refuse(self, held: dict) -> ConfigError:
         age = time.time() - float(held.get("heartbeat", 0))
@@ -107,8 +109,7 @@ class RunLock:
 
     # ------------------------------------------------------------------ acquire / release
     def acquire(self) -> None:
-        self.check_free()
-        held = self.read()
+        held = self.check_free()
         self.fs.create_dir(self.dir, recursive=True)
         if self._local and held is None:
             try:  # atomic on a local disk: exactly one of two racing drivers creates it

@@ -224,6 +224,7 @@ class CorpusShards(Datasource):
         return tasks
 
 
+# --------------------------------------------------------------------------- output directory
 class OutputDir:
     """The output directory on a pyarrow filesystem (local or object store)."""
 
