@@ -13,8 +13,9 @@ FORWARDED_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS_", "STORAGE_EMULATOR_HOST")
 # Worker-pool settings for a cluster this process starts (the same belong in `ray start`'s
 # environment: deploy/dev-ray-head.sh and deploy/Dockerfile set them). Ray kills idle workers
 # beyond the node's CPU count after 1 s; while the scoring actors hold every CPU, each short
-# read or Parquet-write task then starts a fresh Python worker (about 1 CPU-second each, a
-# quarter of a 2-core node's time in benchmarks/job_throughput.py). 60 s keeps them for reuse.
+# read or Parquet-write task then starts a fresh Python worker (about 1 CPU-second each; on a
+# 2-core node, 507 vs 608 images/s in `benchmarks.job_throughput --idle-worker-ms`). 60 s keeps
+# them for reuse.
 LOCAL_CLUSTER_ENV = {"RAY_idle_worker_killing_time_threshold_ms": "60000"}
 
 

@@ -124,7 +124,7 @@ class RunLock:
             time.sleep(self.settle_s)
             now_held = self.read()
             if now_held is None or now_held.get("owner") != self.owner:
-                raise self._refuse(now_held or {})
+                raise self._refuse(now_held or {"host": "?", "pid": "?", "heartbeat": time.time()})
         self._thread = threading.Thread(target=self._beat, name="odin-run-lock", daemon=True)
         self._thread.start()
 
