@@ -4,7 +4,7 @@
 
 1. Writes N PNG files (default 10,000: the CIFAR-10 test set from ``cifar10_test_jpeg_yoongikim.npz``)
    and, for the memory comparison, a corpus ``--scale`` times larger (the same images cycled).
-2. In-process: one Python process reads, decodes (``odin_engine.images.decode_image``) and scores
+2. In-process: one Python process reads, decodes (``odin_engine.io.images.decode_image``) and scores
    (``OdinScorer``, ``torch.set_num_threads(--cpus)``) every file. Reported: images/s, measured
    before and after the job; the ratio uses their mean.
 3. Job: ``score_corpus`` in a fresh process that starts its own local Ray cluster (``init_ray``) with
@@ -56,8 +56,9 @@ def write_pngs(images: np.ndarray, directory: Path, n: int) -> None:
 def in_process(corpus: Path, weights: Path, cpus: int, batch_size: int) -> dict:
     import torch
 
-    from odin_engine.corpus import load_corpus, read_bytes
-    from odin_engine.images import decode_image
+    from odin_engine.io.corpus import load_corpus
+    from odin_engine.io.store import read_bytes
+    from odin_engine.io.images import decode_image
     from odin_engine.loading import load_model
     from odin_engine.scorer import OdinScorer
 

@@ -31,7 +31,7 @@ import torch
 from odin_engine.loading import load_model
 from odin_engine.metrics import all_metrics
 from odin_engine.scorer import OdinScorer
-from odin_engine.tuning import load_source, load_tuning, tune_id_only, tune_paper, tuning_document
+from odin_engine.decide.tuning import load_source, load_tuning, tune_id_only, tune_paper, tuning_document
 
 REPO = Path(__file__).resolve().parents[1]
 ID_FILE = "cifar10_test_jpeg_yoongikim.npz"

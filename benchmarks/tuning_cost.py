@@ -32,7 +32,7 @@ import torch
 
 from odin_engine.loading import load_model
 from odin_engine.scorer import OdinScorer
-from odin_engine.tuning import PAPER_EPSILONS, PAPER_TEMPERATURES
+from odin_engine.decide.tuning import PAPER_EPSILONS, PAPER_TEMPERATURES
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,13 +9,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs._cli import add_config_option, add_normalization_options, run_main
-from odin_engine.calibration import (
-    SCORE_METHODS, calibrate_frames, min_heldout, read_scores, validate_method, validate_tpr, write_json,
-)
+from jobs.options import add_config_option, add_normalization_options, run_main
+from odin_engine.decide.calibration import calibrate_frames, min_heldout, write_json
+from odin_engine.io.scores import SCORE_METHODS, read_scores
+from odin_engine.settings import validate_method, validate_tpr
 from odin_engine.errors import ConfigError
 
-DEFAULT_T, DEFAULT_EPS = 1000.0, 0.0014
+from odin_engine.settings import DEFAULT_EPSILON as DEFAULT_EPS, DEFAULT_TEMPERATURE as DEFAULT_T
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
@@ -75,7 +75,7 @@ def _validate(args: argparse.Namespace) -> tuple[float, float, str, list[tuple[s
     validate_method(args.method)
     if args.gallery < 0:
         raise ConfigError("--gallery must be >= 0")
-    from odin_engine.tuning import resolve_settings
+    from odin_engine.decide.tuning import resolve_settings
 
     t, e, origin = resolve_settings(args.tuning, args.temperature, args.epsilon)
     ood = parse_ood(args.ood)
@@ -85,7 +85,7 @@ def _validate(args: argparse.Namespace) -> tuple[float, float, str, list[tuple[s
 
 def _check_heldout_size(args: argparse.Namespace) -> None:
     """Too few held-out images is a configuration error, found by listing them before anything is scored."""
-    from odin_engine.corpus import load_corpus
+    from odin_engine.io.corpus import load_corpus
 
     need = min_heldout(args.tpr)
     if args.heldout:
@@ -143,8 +143,8 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
         raise ConfigError(f"{int((heldout['status'] == 'ok').sum())} held-out images were scored; a {args.tpr:g} "
                           f"TPR target needs at least {need} (= ceil(5 / (1 - tpr)))")
 
-    from odin_engine.evaluation import evaluate_frames
-    from odin_engine.flagging import flag, summarize, write_flags
+    from odin_engine.decide.evaluation import evaluate_frames
+    from odin_engine.decide.flagging import flag, summarize, write_flags
     from odin_engine.report import render_report, write_report
 
     cal = calibrate_frames(corpus, heldout, tpr=args.tpr, method=args.method)

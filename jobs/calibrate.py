@@ -7,12 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs._cli import add_config_option, run_main
-from odin_engine.calibration import (
-    SCORE_METHODS, calibrate_frames, read_scores, validate_method, validate_tpr, write_json,
-)
+from jobs.options import add_config_option, run_main
+from odin_engine.decide.calibration import calibrate_frames, write_json
+from odin_engine.io.scores import SCORE_METHODS, read_scores
+from odin_engine.settings import validate_method, validate_tpr
 from odin_engine.errors import ConfigError
-from odin_engine.flagging import flag, summarize, write_flags
+from odin_engine.decide.flagging import flag, summarize, write_flags
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"odin-audit: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    from jobs._cli import run_main
+    from jobs.options import run_main
 
     mod = importlib.import_module(COMMANDS[name])
     return run_main(mod.build_parser, mod.run, rest, prog=f"odin-audit {name}", section=name)

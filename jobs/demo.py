@@ -13,10 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs._cli import run_main
+from jobs.options import run_main
 from odin_engine.errors import ConfigError
+from odin_engine.settings import DEFAULT_EPSILON, DEFAULT_TEMPERATURE
 
-MODEL_SPEC = "odin_engine.demo_model:build"
+MODEL_SPEC = "odin_engine.demo.model:build"
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +37,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-ood", type=int, default=100, metavar="N",
                         help="images in each labelled OOD set (photos, noise) for the report's evaluation "
                              "(MSP vs energy vs ODIN: FPR@TPR, AUROC, …); 0 skips the evaluation")
-    parser.add_argument("--temperature", type=float, default=1000.0, help="ODIN temperature T")
-    parser.add_argument("--epsilon", type=float, default=0.0014, help="ODIN perturbation ε (pixel units)")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="ODIN temperature T")
+    parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="ODIN perturbation ε (pixel units)")
     parser.add_argument("--tpr", type=float, default=0.95, help="share of held-out digits kept above δ")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the demo model")
-    from odin_engine.demo_model import Recipe, default_cache_dir
+    from odin_engine.demo.model import Recipe, default_cache_dir
 
     parser.add_argument("--epochs", type=int, default=Recipe().epochs, help="training epochs")
     parser.add_argument("--cache-dir", metavar="DIR", default=str(default_cache_dir()),
@@ -56,14 +57,15 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    from odin_engine.demo_data import N_DIGITS, TRAIN_SIZE
+    from odin_engine.demo.data import N_DIGITS, TRAIN_SIZE
 
     unseen = N_DIGITS - TRAIN_SIZE
     if args.heldout < 1 or args.corpus_id < 0 or args.corpus_ood < 0 or args.eval_ood < 0:
         raise ConfigError("--heldout must be >= 1 and --corpus-id/--corpus-ood/--eval-ood >= 0")
     if args.heldout + args.corpus_id > unseen:
         raise ConfigError(f"--heldout + --corpus-id must be <= {unseen} (the digits kept out of training)")
-    from odin_engine.calibration import min_heldout, validate_tpr
+    from odin_engine.decide.calibration import min_heldout
+    from odin_engine.settings import validate_tpr
 
     validate_tpr(args.tpr)
     if args.heldout < min_heldout(args.tpr):
@@ -78,7 +80,7 @@ def _check(args: argparse.Namespace) -> None:
 def _audit(args: argparse.Namespace, images, ood_sets: dict[str, Path], weights: Path, out: Path) -> dict[str, Any]:
     """The audit stage on a local Ray cluster; returns where its outputs are."""
     from jobs import audit as audit_job
-    from jobs._cli import run_main as _run_main
+    from jobs.options import run_main as _run_main
 
     argv = [
         "--corpus", str(images.corpus_manifest), "--heldout", str(images.heldout_dir),
@@ -100,7 +102,7 @@ def _summarize(audit_out: Path, manifest: Path) -> dict[str, Any]:
     """Flag rates by ground truth (the manifest's label column and the image kind)."""
     import pandas as pd
 
-    from odin_engine.demo_data import image_kind
+    from odin_engine.demo.data import image_kind
 
     flags = pd.read_parquet(audit_out / "flags")
     truth = pd.read_csv(manifest, dtype=str)[["image_id", "label"]]
@@ -153,8 +155,8 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     import shutil
 
-    from odin_engine import demo_model
-    from odin_engine.demo_data import write_demo_images, write_ood_sets
+    from odin_engine.demo import model as demo_model
+    from odin_engine.demo.data import write_demo_images, write_ood_sets
 
     t0 = time.perf_counter()
     root = Path(args.output).resolve()

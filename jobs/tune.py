@@ -6,13 +6,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from jobs._cli import add_config_option, add_normalization_options, run_main
-from odin_engine.calibration import validate_tpr, write_json
+from jobs.options import add_config_option, add_normalization_options, run_main
+from odin_engine.decide.calibration import write_json
+from odin_engine.settings import validate_tpr
 from odin_engine.errors import ConfigError
 from odin_engine.loading import load_model
-from odin_engine.scorer import OdinScorer, validate_temperature
-from odin_engine.tuning import (
-    DEFAULT_TEMPERATURE, MODES, PAPER_EPSILONS, PAPER_TEMPERATURES, load_source, tune_id_only, tune_paper,
+from odin_engine.scorer import OdinScorer
+from odin_engine.settings import DEFAULT_TEMPERATURE, validate_temperature
+from odin_engine.decide.tuning import (
+    MODES, PAPER_EPSILONS, PAPER_TEMPERATURES, load_source, tune_id_only, tune_paper,
     tuning_document,
 )
 

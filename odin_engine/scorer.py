@@ -7,7 +7,6 @@ functions chunk by chunk and returns numpy columns ``pred, msp, max_logit, energ
 from __future__ import annotations
 
 import copy
-import math
 from typing import Iterator
 
 import numpy as np
@@ -18,25 +17,10 @@ from .errors import ConfigError
 from .loading import LoadedModel
 from .odin import odin_scores, perturbation_direction, perturbed_scores, baseline_scores
 from .optimize import optimize_for_inference
+from .settings import validate_epsilon, validate_temperature
 
 SCORE_COLUMNS = ("pred", "msp", "max_logit", "energy", "odin")
 _AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def validate_temperature(temperature: float) -> float:
-    t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
-        raise ConfigError(f"temperature must be a finite number > 0 (the paper uses 1…1000); got {temperature!r}")
-    return t
-
-
-def validate_epsilon(epsilon: float) -> float:
-    e = float(epsilon)
-    if not math.isfinite(e) or not 0.0 <= e <= 1.0:
-        raise ConfigError(
-            f"epsilon must be in [0, 1] pixel units (the paper searches 0…0.004); got {epsilon!r}"
-        )
-    return e
 
 
 def to_unit_tensor(images) -> torch.Tensor:

@@ -11,7 +11,7 @@ from scipy.stats import beta
 
 from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model, write_scores
 from jobs.cli import main as cli
-from odin_engine.calibration import calibrate, calibrate_frames, min_heldout, tpr_interval
+from odin_engine.decide.calibration import calibrate, calibrate_frames, min_heldout, tpr_interval
 from odin_engine.errors import ConfigError
 from odin_engine.metrics import threshold_at_tpr
 

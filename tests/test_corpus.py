@@ -1,4 +1,4 @@
-"""odin_engine.corpus: directory trees and manifests, local and on a real S3 API (moto server)."""
+"""odin_engine.io.corpus: directory trees and manifests, local and on a real S3 API (moto server)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_images
-from odin_engine.corpus import load_corpus, read_bytes
+from odin_engine.io.corpus import load_corpus
+from odin_engine.io.store import read_bytes
 from odin_engine.errors import ConfigError
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from odin_engine import demo_data, demo_model, load_model
+from odin_engine import load_model
+from odin_engine.demo import data as demo_data, model as demo_model
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -51,7 +52,7 @@ def test_training_is_quick_accurate_and_cached(trained):
 
 def test_weights_load_through_the_engine_spec(trained):
     _, weights, info, _ = trained
-    m = load_model("odin_engine.demo_model:build", str(weights))
+    m = load_model("odin_engine.demo.model:build", str(weights))
     assert (m.input_size, m.num_classes, m.mean, m.std) == (32, 10, demo_model.MEAN, demo_model.STD)
     images, targets = demo_data.digits_rgb()
     _, unseen = demo_data.digit_split()

@@ -194,7 +194,7 @@ def test_example_config_is_accepted_by_the_audit_command():
     import argparse
 
     from jobs import audit
-    from jobs._cli import load_config_defaults
+    from jobs.options import load_config_defaults
 
     parser = argparse.ArgumentParser()
     audit.build_parser(parser)

@@ -7,7 +7,7 @@ import pytest
 
 from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model
 from odin_engine.errors import ConfigError
-from odin_engine.evaluation import evaluate_arrays, evaluate_frames
+from odin_engine.decide.evaluation import evaluate_arrays, evaluate_frames
 from odin_engine.metrics import all_metrics
 
 

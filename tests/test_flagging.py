@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model
-from odin_engine.calibration import calibrate_frames
+from odin_engine.decide.calibration import calibrate_frames
 from odin_engine.errors import ConfigError
-from odin_engine.flagging import flag, summarize, write_flags
+from odin_engine.decide.flagging import flag, summarize, write_flags
 
 
 @pytest.fixture(scope="module")

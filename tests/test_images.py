@@ -1,4 +1,4 @@
-"""odin_engine.images.decode_image on every bad or odd input kind."""
+"""odin_engine.io.images.decode_image on every bad or odd input kind."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from conftest import BAD_EXPECT
-from odin_engine.images import BACKGROUND, ImageDecodeError, decode_image
+from odin_engine.io.images import BACKGROUND, ImageDecodeError, decode_image
 
 
 @pytest.mark.parametrize("name", sorted(BAD_EXPECT))

@@ -138,7 +138,7 @@ def test_readme_factory_example_wraps_a_torchscript_model(tmp_path, monkeypatch)
     import torch
 
     from odin_engine import OdinScorer, load_model
-    from odin_engine.demo_model import DemoCNN
+    from odin_engine.demo.model import DemoCNN
 
     code = next(b for b in blocks("python") if "def build():" in b and "torch.jit.load" in b)
     torch.manual_seed(0)

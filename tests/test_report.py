@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model
-from odin_engine.calibration import calibrate_frames
-from odin_engine.evaluation import evaluate_frames
-from odin_engine.flagging import flag, summarize
+from odin_engine.decide.calibration import calibrate_frames
+from odin_engine.decide.evaluation import evaluate_frames
+from odin_engine.decide.flagging import flag, summarize
 from odin_engine.report import render_report, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

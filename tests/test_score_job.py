@@ -105,7 +105,7 @@ def test_output_directory_that_is_not_a_run_is_refused(tmp_path, tiny_model, cap
 
 
 def test_help_and_config_file_are_wired(tmp_path, tiny_model):
-    from jobs._cli import parse_with_config
+    from jobs.options import parse_with_config
     import argparse
 
     from jobs import score
@@ -178,8 +178,8 @@ def test_ray_job_submit_end_to_end_then_resume_and_refuse(ray_head, tiny_model, 
 def _assert_matches_in_process(t: pa.Table, model_fixture, size: int = 32) -> None:
     import numpy as np
 
-    from odin_engine.corpus import read_bytes
-    from odin_engine.images import decode_image
+    from odin_engine.io.store import read_bytes
+    from odin_engine.io.images import decode_image
     from odin_engine.loading import load_model
     from odin_engine.scorer import OdinScorer
 
@@ -388,7 +388,8 @@ def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tin
 
 # --------------------------------------------------------------------------- the pieces of the exactly-once scheme
 def test_repair_drops_pending_checkpoints_whose_commit_happened(tmp_path):
-    from jobs.score import CHECKPOINT_DIR, OutputDir, _committed_ids, _repair_checkpoint
+    from jobs.score import CHECKPOINT_DIR, _committed_ids, _repair_checkpoint
+    from odin_engine.io.store import Store
 
     ck = tmp_path / CHECKPOINT_DIR
     ck.mkdir()
@@ -396,22 +397,23 @@ def test_repair_drops_pending_checkpoints_whose_commit_happened(tmp_path):
     pq.write_table(ids, ck / "w_000001.parquet")  # committed ...
     pq.write_table(ids, ck / "w_000001.pending.parquet")  # ... and its copy-then-delete leftover
     pq.write_table(ids, ck / "w_000002.pending.parquet")  # a genuinely pending one: Ray's recovery handles it
-    out = OutputDir(str(tmp_path))
+    out = Store(str(tmp_path))
     assert _repair_checkpoint(out) == 1
     assert sorted(p.name for p in ck.iterdir()) == ["w_000001.parquet", "w_000002.pending.parquet"]
     assert _committed_ids(out) == 2
 
 
 def test_verification_reports_duplicates_and_gaps(tmp_path):
-    from jobs.score import SCORES_DIR, OutputDir, _verify
-    from odin_engine.corpus import Corpus
+    from jobs.score import SCORES_DIR, _verify
+    from odin_engine.io.store import Store
+    from odin_engine.io.corpus import Corpus
 
     (tmp_path / SCORES_DIR).mkdir()
     rows = lambda ids: pa.table({"image_id": ids, "status": ["ok"] * len(ids)})  # noqa: E731
     pq.write_table(rows(["a", "b"]), tmp_path / SCORES_DIR / "x-0.parquet")
     pq.write_table(rows(["b", "z"]), tmp_path / SCORES_DIR / "y-0.parquet")
     corpus = Corpus(pa.table({"image_id": ["a", "b", "c"], "uri": ["1", "2", "3"]}), "src", "manifest")
-    check = _verify(OutputDir(str(tmp_path)), corpus)
+    check = _verify(Store(str(tmp_path)), corpus)
     assert (check["rows"], check["duplicates"], check["missing"], check["unexpected"]) == (4, 1, 1, 1)
     assert check["exactly_once"] is False
 
@@ -420,7 +422,7 @@ def test_corpus_shards_stream_each_shard_as_its_own_block_from_few_read_tasks(tm
     """The checkpoint unit is a block = one shard, whichever read task streams it."""
     from pyarrow import fs as pafs
 
-    from jobs.score import CorpusShards
+    from jobs.pipeline import CorpusShards
 
     files = []
     for k in range(5):

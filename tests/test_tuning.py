@@ -15,7 +15,7 @@ from jobs.cli import main as cli
 from odin_engine.errors import ConfigError
 from odin_engine.metrics import auroc, fpr_at_tpr
 from odin_engine.scorer import OdinScorer
-from odin_engine.tuning import (
+from odin_engine.decide.tuning import (
     PAPER_EPSILONS, PAPER_TEMPERATURES, load_source, load_tuning, split_source, tune_id_only, tune_paper,
 )
 

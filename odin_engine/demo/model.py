@@ -1,6 +1,6 @@
 """The built-in demo's classifier: a small CNN for 32×32 RGB, trained in seconds on scikit-learn's digits.
 
-Use it as the model spec ``odin_engine.demo_model:build`` with the weights file that
+Use it as the model spec ``odin_engine.demo.model:build`` with the weights file that
 :func:`train` (or :func:`cached_weights`) writes — a plain ``state_dict``, so it loads with
 ``torch.load(weights_only=True)`` like any checkpoint. The module carries its own
 normalization (``mean``, ``std``: pixels in [0, 1] map to [−1, 1]) and ``input_size`` (32),
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import demo_data
+from odin_engine.demo import data as demo_data
 
 ARCH_VERSION = 2
 MEAN = (0.5, 0.5, 0.5)
@@ -64,7 +64,7 @@ class DemoCNN(nn.Module):
 
 
 def build(num_classes: int = 10) -> DemoCNN:
-    """Factory for the spec ``odin_engine.demo_model:build`` (untrained; pass ``--weights``)."""
+    """Factory for the spec ``odin_engine.demo.model:build`` (untrained; pass ``--weights``)."""
     return DemoCNN(num_classes)
 
 

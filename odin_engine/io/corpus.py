@@ -22,17 +22,15 @@ Files that later turn out unreadable are *not* an error here: they become error 
 
 from __future__ import annotations
 
-import functools
-import os
 import posixpath
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import fs as pafs
 
-from .errors import ConfigError
+from odin_engine.errors import ConfigError
+from odin_engine.io.store import is_uri, resolve, to_uri
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MANIFEST_EXTENSIONS = (".parquet", ".pq", ".csv")
@@ -54,63 +52,6 @@ class Corpus:
     @property
     def carried_columns(self) -> list[str]:
         return [c for c in CARRIED_COLUMNS if c in self.table.column_names]
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _filesystem(scheme: str, bucket: str) -> pafs.FileSystem:
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST") if scheme in ("gs", "gcs") else None
-    return _cached_filesystem(scheme, bucket, emulator)
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_filesystem(scheme: str, bucket: str, gcs_emulator: str | None) -> pafs.FileSystem:
-    if gcs_emulator:
-        # pyarrow would still ask the (unreachable) metadata server for credentials: go anonymous
-        emu_scheme, _, host = gcs_emulator.rpartition("://")
-        return pafs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=emu_scheme or "http")
-    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
-
-
-def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path inside it)`` for a local path or a ``scheme://`` URI.
-
-    Only ``scheme://bucket`` goes through ``FileSystem.from_uri`` (which rejects spaces and
-    other characters that are legal in object keys); the key is used verbatim. Filesystems
-    are cached per (scheme, bucket).
-    """
-    if not is_uri(uri):
-        return pafs.LocalFileSystem(), str(Path(uri).expanduser().absolute())
-    scheme, rest = uri.split("://", 1)
-    if scheme == "file":
-        return pafs.LocalFileSystem(), rest
-    bucket = rest.split("/", 1)[0]
-    return _filesystem(scheme, bucket), rest.rstrip("/") if rest != bucket + "/" else bucket
-
-
-def resolve(path: str) -> tuple[pafs.FileSystem, str]:
-    """:func:`split_uri` with failures turned into ``ConfigError``."""
-    try:
-        return split_uri(path)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError, ValueError) as exc:
-        raise ConfigError(f"cannot open {path!r}: {exc}") from exc
-
-
-def to_uri(fs: pafs.FileSystem, path: str, like: str) -> str:
-    """The user-facing form of ``path`` inside ``fs``: keep the scheme of ``like``."""
-    if isinstance(fs, pafs.LocalFileSystem):
-        return path
-    scheme = like.split("://", 1)[0]
-    return f"{scheme}://{path}"
-
-
-def read_bytes(uri: str) -> bytes:
-    """All bytes of one file (local path or URI). Raises ``OSError``/``ValueError`` on failure."""
-    fs, path = split_uri(uri)
-    with fs.open_input_file(path) as fh:
-        return fh.read()
 
 
 def _info(fs: pafs.FileSystem, path: str, source: str) -> pafs.FileInfo:

@@ -3,7 +3,7 @@
 * **In-distribution:** ``sklearn.datasets.load_digits`` (1,797 handwritten digits, 8×8, values
   0…16), scaled to 0…255, upsampled bilinearly to 32×32 and repeated over R, G, B.
   A seeded permutation splits them once: the first :data:`TRAIN_SIZE` train the demo model
-  (:mod:`odin_engine.demo_model`); the rest are never seen in training and feed the held-out
+  (:mod:`odin_engine.demo.model`); the rest are never seen in training and feed the held-out
   calibration set and the corpus.
 * **Out-of-distribution:** random square crops of the two photos bundled with scikit-learn
   (``china.jpg``, ``flower.jpg``, via ``load_sample_images``) resized to 32×32, and noise

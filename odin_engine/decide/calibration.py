@@ -37,20 +37,13 @@ import numpy as np
 import pandas as pd
 from scipy.stats import beta
 
-from .errors import ConfigError
-from .metrics import threshold_at_tpr
+from odin_engine.errors import ConfigError
+from odin_engine.io.scores import check_same_settings, ok_rows, settings_of
+from odin_engine.metrics import threshold_at_tpr
+from odin_engine.settings import validate_method, validate_tpr  # noqa: F401
 
 MIN_BELOW_THRESHOLD = 5
-SETTING_COLUMNS = ("model_id", "temperature", "epsilon")
-SCORE_METHODS = ("odin", "msp", "energy", "max_logit")
 CALIBRATION_VERSION = 1
-
-
-def validate_tpr(tpr: float) -> float:
-    t = float(tpr)
-    if not math.isfinite(t) or not 0.0 < t < 1.0:
-        raise ConfigError(f"--tpr must be a fraction strictly between 0 and 1 (e.g. 0.95); got {tpr!r}")
-    return t
 
 
 def min_heldout(tpr: float) -> int:
@@ -63,78 +56,6 @@ def tpr_interval(n: int, k: int, confidence: float = 0.95) -> tuple[float, float
     """Central ``confidence`` interval of ``C ~ Beta(k, n − k + 1)``, the TPR δ achieves on new ID data."""
     a = (1.0 - confidence) / 2.0
     return float(beta.ppf(a, k, n - k + 1)), float(beta.ppf(1.0 - a, k, n - k + 1))
-
-
-def validate_method(method: str) -> str:
-    if method not in SCORE_METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(SCORE_METHODS)}; got {method!r}")
-    return method
-
-
-def read_scores(path: str | Path) -> pd.DataFrame:
-    """All rows of a score job's output: ``DIR/scores/*.parquet`` (or ``DIR/*.parquet``, or one file)."""
-    p = Path(path)
-    if p.is_dir() and (p / "scores").is_dir():
-        p = p / "scores"
-    if p.is_file():
-        files = [p]
-    elif p.is_dir():
-        files = sorted(f for f in p.glob("*.parquet") if not f.name.startswith((".", "_")))
-    else:
-        raise ConfigError(f"scores not found: {path} (give the score job's --output directory)")
-    if not files:
-        raise ConfigError(f"no Parquet score files in {p} (give the score job's --output directory)")
-    frames = [pd.read_parquet(f) for f in files]
-    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    missing = [c for c in ("image_id", "status", *SETTING_COLUMNS) if c not in df.columns]
-    if missing:
-        raise ConfigError(f"{path} is not score-job output: columns {missing} are missing")
-    dup = df["image_id"].duplicated(keep=False)
-    if dup.any():
-        ids = df.loc[dup, "image_id"].astype(str).unique().tolist()
-        raise ConfigError(
-            f"{path} holds {len(ids)} image_ids more than once (e.g. {ids[:3]}): that score run is not "
-            "exactly-once; rerun the same `odin-audit score` command to repair it"
-        )
-    return df
-
-
-def ok_rows(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["status"] == "ok"]
-
-
-def settings_of(df: pd.DataFrame, method: str, what: str) -> dict[str, Any]:
-    """The one (model_id, temperature, epsilon) of the ok rows; mixed settings are refused."""
-    ok = ok_rows(df)
-    if ok.empty:
-        raise ConfigError(f"the {what} scores have no row with status 'ok'")
-    out: dict[str, Any] = {}
-    for col in SETTING_COLUMNS:
-        values = ok[col].dropna().unique()
-        if len(values) != 1:
-            raise ConfigError(
-                f"the {what} scores mix several values of {col} ({sorted(map(str, values))[:5]}); "
-                "score each setting into its own output directory"
-            )
-        v = values[0]
-        out[col] = float(v) if col != "model_id" else str(v)
-    out["method"] = method
-    return out
-
-
-def check_same_settings(corpus: Mapping[str, Any], heldout: Mapping[str, Any]) -> None:
-    """Refuse held-out scores computed with a different model, T, ε or method than the corpus's."""
-    diffs = []
-    for key in (*SETTING_COLUMNS, "method"):
-        a, b = corpus.get(key), heldout.get(key)
-        same = math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0) if isinstance(a, float) and isinstance(b, float) else a == b
-        if not same:
-            diffs.append(f"{key}: corpus {a!r} vs held-out {b!r}")
-    if diffs:
-        raise ConfigError(
-            "held-out scores were computed with different settings than the corpus's ("
-            + "; ".join(diffs) + "): rescore the held-out set with the same --model/--weights/--temperature/--epsilon"
-        )
 
 
 def calibrate(heldout_scores, tpr: float = 0.95, confidence: float = 0.95) -> dict[str, Any]:

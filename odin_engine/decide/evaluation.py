@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError
-from .metrics import all_metrics, threshold_at_tpr
+from odin_engine.errors import ConfigError
+from odin_engine.metrics import all_metrics, threshold_at_tpr
 
 DEFAULT_METHODS = ("msp", "energy", "odin")
 
@@ -58,7 +58,7 @@ def evaluate_frames(
     tpr: float = 0.95,
 ) -> dict[str, Any]:
     """Evaluate score-job frames; rows with ``status='error'`` are left out and counted."""
-    from .calibration import check_same_settings, settings_of
+    from odin_engine.decide.calibration import check_same_settings, settings_of
 
     if not ood:
         raise ConfigError("evaluation needs at least one labelled OOD set")

@@ -53,8 +53,8 @@ def array_png(arr: np.ndarray) -> str:
 
 def default_image_loader(uri: str) -> np.ndarray:
     """Read and decode ``uri`` (local or object store) the way the score job does, at thumbnail size."""
-    from .corpus import read_bytes
-    from .images import decode_image
+    from odin_engine.io.store import read_bytes
+    from odin_engine.io.images import decode_image
 
     return decode_image(read_bytes(uri), THUMB, "crop")[0]
 

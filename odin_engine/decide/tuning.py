@@ -26,8 +26,8 @@ Image sources (``load_source``)
   ``images`` array is uint8 N×H×W×3 RGB; the optional Python slice picks rows
   (``cifar.npz[0:10000:10]`` = every 10th image). ``path.npz:key[...]`` reads array ``key``.
 * a directory or a ``.csv``/``.parquet`` manifest (local, ``file://``, ``s3://``) — listed and
-  decoded exactly as ``odin-audit score --input`` does (:mod:`odin_engine.corpus`,
-  :mod:`odin_engine.images`, sorted by ``image_id``); an optional ``[start:stop[:step]]`` slice
+  decoded exactly as ``odin-audit score --input`` does (:mod:`odin_engine.io.corpus`,
+  :mod:`odin_engine.io.images`, sorted by ``image_id``); an optional ``[start:stop[:step]]`` slice
   picks rows of that sorted list. Files that cannot be decoded are left out and reported.
 ``.npz`` images not already ``input_size`` square are centre-cropped and resized with Pillow
 BILINEAR (the score job's ``crop`` policy).
@@ -44,13 +44,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .errors import ConfigError
-from .scorer import OdinScorer, validate_epsilon, validate_temperature
+from odin_engine.errors import ConfigError
+from odin_engine.scorer import OdinScorer
+from odin_engine.settings import DEFAULT_EPSILON, DEFAULT_TEMPERATURE, validate_epsilon, validate_temperature
 
 PAPER_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 PAPER_EPSILONS = tuple(float(e) for e in np.round(np.linspace(0.0, 0.004, 21), 6))
-DEFAULT_TEMPERATURE = 1000.0
-DEFAULT_EPSILON = 0.0014
 TUNING_VERSION = 1
 MODES = ("paper", "id-only")
 
@@ -65,7 +64,7 @@ def tune_paper(
     tpr: float = 0.95,
 ) -> dict[str, Any]:
     """Grid-search (T, ε) minimizing the mean FPR@``tpr`` over the OOD sets."""
-    from .metrics import auroc, fpr_at_tpr  # sklearn: imported only where tuning runs
+    from odin_engine.metrics import auroc, fpr_at_tpr  # sklearn: imported only where tuning runs
 
     if not ood_images:
         raise ConfigError("paper-mode tuning needs at least one OOD set (--ood); use --mode id-only without OOD data")
@@ -248,12 +247,13 @@ def _resize_array(arr: np.ndarray, size: int, policy: str) -> np.ndarray:
 def load_source(spec: str, input_size: int, policy: str = "crop") -> tuple[np.ndarray, list[dict[str, str]]]:
     """Images of a tuning source as uint8 N×S×S×3, plus the files that could not be decoded.
 
-    Directories and manifests are listed by :func:`odin_engine.corpus.load_corpus` and decoded by
-    :func:`odin_engine.images.decode_image`, exactly as the score job does; undecodable files are
+    Directories and manifests are listed by :func:`odin_engine.io.corpus.load_corpus` and decoded by
+    :func:`odin_engine.io.images.decode_image`, exactly as the score job does; undecodable files are
     left out and returned as ``[{"image_id", "error"}]`` (the caller reports them).
     """
-    from .corpus import load_corpus, read_bytes
-    from .images import ImageDecodeError, decode_image
+    from odin_engine.io.corpus import load_corpus
+    from odin_engine.io.store import read_bytes
+    from odin_engine.io.images import ImageDecodeError, decode_image
 
     path_s, key, sl = split_source(str(spec))
     if path_s.lower().endswith(".npz"):

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError
+from odin_engine.errors import ConfigError
 
 FLAG_COLUMNS = ("score", "is_outlier", "margin", "rank")
 

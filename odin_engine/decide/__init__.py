@@ -1,0 +1,1 @@
+"""Decisions on scores: calibration of δ, flagging, evaluation against labelled OOD sets, tuning of (T, ε)."""

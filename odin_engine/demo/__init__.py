@@ -1,0 +1,1 @@
+"""The built-in demo: a small digits CNN (``model``) and its images (``data``), from what the dependencies ship."""
