@@ -7,9 +7,12 @@ failures inside the run — network errors, timeouts, throttling, 5xx answers (s
 
     wait before attempt k+1 = min(max_backoff, backoff · 2^(k-1)) · U(0.5, 1.5)
 
-(defaults 4 attempts, 0.25 s: about 1.75 s of waiting at most; pyarrow's S3 client retries a few
-times underneath as well). A missing object, a denied one, or a bad URI is not transient within
-a run and fails at once.
+(defaults 4 attempts, 0.25 s: about 1.75 s of waiting at most; pyarrow's S3 and GCS clients
+retry underneath as well, for a few seconds per attempt). When the store is down for everyone —
+:data:`FAILING_STREAK_LIMIT` objects in a row failed transiently in this process — each object is
+tried once until one succeeds: the run finishes quickly with ``read failed`` rows, which the
+rerun retries. A missing object, a denied one, or a bad URI is not transient within a run and
+fails at once.
 
 The one error it raises is :class:`ReadError`; ``str(exc)`` is the row's error message:
 
@@ -37,6 +40,8 @@ from odin_engine.errors import short_error
 
 RETRYABLE_PREFIXES = ("read failed:", "scoring failed:")
 READ_FAILED = "read failed: "
+FAILING_STREAK_LIMIT = 8  # after this many objects in a row failed transiently, try each once until one succeeds
+_failing_streak = 0  # per process
 
 _NOT_TRANSIENT = re.compile(
     r"ACCESS_DENIED|AccessDenied|NoSuchKey|NoSuchBucket|INVALID_ACCESS_KEY|SIGNATURE_DOES_NOT_MATCH|"
@@ -46,7 +51,7 @@ _TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|SLOW_DOWN|SlowDown|THROTTL|Throttl|TooManyRequests|REQUEST_TIMEOUT|RequestTimeout|"
     r"SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|InternalError|HTTP status (?:429|5\d\d)\b|"
     r"\b(?:UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|INTERNAL)\b|"
-    r"curlCode: (?:[1-9]\d*)|[Cc]onnection (?:reset|refused|aborted|closed)|[Cc]ould(?:n't| not) connect|"
+    r"curlCode: (?:[1-9]\d*)|CURL error|[Cc]onnection (?:reset|refused|aborted|closed)|[Cc]ould(?:n't| not) connect|"
     r"[Tt]imed? ?out|[Tt]emporar(?:y|ily)|[Tt]ry again"
 )
 _TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
@@ -97,11 +102,15 @@ def _check_size(n: int, max_bytes: int | None) -> None:
 def _read_local(path: bytes, max_bytes: int | None) -> bytes:
     # O_NONBLOCK: opening a FIFO must not hang the reader; it is refused below
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    with open(fd, "rb", closefd=True) as fh:
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise ReadError(f"not a regular file: {os.fsdecode(path)!r} is a {_kind(st.st_mode)}")
         _check_size(st.st_size, max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb", closefd=True) as fh:
         return fh.read()
 
 
@@ -125,15 +134,19 @@ def _read_once(uri: str, max_bytes: int | None) -> bytes:
 def read_object(uri: str, max_bytes: int | None = None, *, attempts: int = 4, backoff: float = 0.25,
                 max_backoff: float = 4.0) -> bytes:
     """All bytes of ``uri``, retrying transient failures; raises :class:`ReadError` (see the module docstring)."""
-    attempts = max(1, int(attempts))
+    global _failing_streak
+    attempts = 1 if _failing_streak >= FAILING_STREAK_LIMIT else max(1, int(attempts))
     for attempt in range(1, attempts + 1):
         try:
-            return _read_once(uri, max_bytes)
+            data = _read_once(uri, max_bytes)
+            _failing_streak = 0
+            return data
         except ReadError:
             raise
         except Exception as exc:  # noqa: BLE001 - classified below; every failure becomes one ReadError
             transient = is_transient(exc)
             if not transient or attempt == attempts:
+                _failing_streak = _failing_streak + 1 if transient else _failing_streak
                 after = f" (after {attempt} attempts)" if attempt > 1 else ""
                 raise ReadError(READ_FAILED + short_error(exc, 280) + after, transient, attempt) from None
             time.sleep(min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
