@@ -91,8 +91,11 @@ class RunLock:
         return True
 
     def check_free(self) -> dict | None:
-        """Raise ``ConfigError`` if another run holds a live lease (writes nothing); else the
-        lease record found (a dead holder's), or None."""
+        """Raise ``ConfigError`` if ``directory`` is a file or another run holds a live lease (writes
+        nothing); else the lease record found (a dead holder's), or None."""
+        if self.fs.get_file_info(self.dir).type == pafs.FileType.File:
+            raise ConfigError(f"{self.display!r} is a file, not a directory: --output needs a directory "
+                              "(a new one, or an earlier run's to resume it)")
         held = self.read()
         if held is not None and held.get("owner") != self.owner and self.is_live(held):
             raise self._refuse(held)

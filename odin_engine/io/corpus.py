@@ -95,6 +95,16 @@ def _read_manifest(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
         raise ConfigError(f"cannot read manifest {source!r}: {exc}") from exc
 
 
+def _where(fs: pafs.FileSystem, path: str, rows: list[int]) -> str:
+    """0-based data rows → what a user finds in the file: CSV lines (header = line 1; the empty
+    lines the reader skipped are counted), Parquet rows counted from 1."""
+    if not path.lower().endswith(".csv"):
+        return "rows " + ", ".join(str(i + 1) for i in rows[:_SHOW])
+    with fs.open_input_stream(path) as fh:
+        lines = [n for n, line in enumerate(fh.read().splitlines(), 1) if line][1:]
+    return "lines " + ", ".join(str(lines[i]) if i < len(lines) else f"data row {i + 1}" for i in rows[:_SHOW])
+
+
 def _manifest_table(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
     raw = _read_manifest(fs, path, source)
     col = "uri" if "uri" in raw.column_names else "path" if "path" in raw.column_names else None
@@ -103,7 +113,7 @@ def _manifest_table(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
     values = raw.column(col).cast(pa.string()).to_pylist()
     empty = [i for i, v in enumerate(values) if v is None or not str(v).strip()]
     if empty:
-        raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells (rows {empty[:_SHOW]})")
+        raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells ({_where(fs, path, empty)})")
     base = posixpath.dirname(path)
     manifest_uri_base = source.rsplit("/", 1)[0] if is_uri(source) else None
     uris, default_ids = [], []
