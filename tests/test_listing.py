@@ -224,3 +224,27 @@ def test_score_over_a_hostile_tree(ray_head, tiny_model, tmp_path):
     assert LISTING_ERROR not in t.column_names
     run = json.loads((out / "run.json").read_text())
     assert run["counts"] == {"ok": 51, "error": 4, "total": 55} and run["verification"]["exactly_once"]
+
+
+def test_object_store_listing_retries_transient_failures(s3_server, s3_bucket, tmp_path):
+    """Listing through a real flaky TCP proxy in front of moto: a glitch longer than pyarrow's own
+    retries is ridden out; a store that stays down raises (the caller's error)."""
+    from test_reading import FlakyProxy
+
+    png = make_images(tmp_path / "imgs", 1)[0].read_bytes()
+    s3_server.client().put_object(Bucket=s3_bucket, Key="root/a/x.png", Body=png)
+    port = int(s3_server.endpoint.rsplit(":", 1)[1])
+
+    def fs_via(proxy):
+        return pafs.S3FileSystem(endpoint_override=proxy.endpoint, scheme="http", access_key="testing",
+                                 secret_key="testing", region="us-east-1")
+
+    down = FlakyProxy(port, fail=10**6, mode="503")
+    with pytest.raises(OSError, match="SLOW_DOWN"):
+        list(walk(fs_via(down), f"{s3_bucket}/root", f"s3://{s3_bucket}/root"))
+    per_call = down.seen // 4  # 4 attempts, each spending pyarrow's own retries
+    assert per_call >= 1 and down.seen == 4 * per_call
+    flaky = FlakyProxy(port, fail=per_call + 1, mode="503")
+    (e,) = walk(fs_via(flaky), f"{s3_bucket}/root", f"s3://{s3_bucket}/root")
+    assert e.image_id == "a/x.png" and e.size == len(png)
+    down.close(), flaky.close()

@@ -34,7 +34,8 @@ Rules on a local disk (walked with ``os.scandir`` on raw byte names, never follo
   same directory — gives both the same id, which the listing reports as a duplicate id.
 
 Object stores (``s3://``, ``gs://``) have no symlinks: a prefix is listed with pyarrow's
-``FileSelector`` (recursive below a prefix; non-recursive at the top for :func:`split_points`).
+``FileSelector`` (recursive below a prefix; non-recursive at the top for :func:`split_points`),
+transient failures retried as reads are (:mod:`odin_engine.io.reading`).
 
 Error entries carry ``error`` (a one-line message starting with one of the kinds above, see
 :data:`LISTING_ERROR_KINDS`) and ``size``/``mtime_ns`` ``None``; the scoring job turns them into
@@ -47,6 +48,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 import urllib.parse
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,6 +56,7 @@ from typing import Iterator
 from pyarrow import fs as pafs
 
 from odin_engine.errors import short_error
+from odin_engine.io.reading import backoff_s, is_transient
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LISTING_ERROR_KINDS = ("directory symlink not followed", "dangling symlink", "symlink loop", "not a regular file",
@@ -198,17 +201,26 @@ def _dir_ident(path: bytes) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- object stores
-def _uri(fs: pafs.FileSystem, path: str, source: str) -> str:
-    return f"{source.split('://', 1)[0]}://{path}"
+def _file_infos(fs: pafs.FileSystem, selector: pafs.FileSelector, attempts: int = 4) -> list[pafs.FileInfo]:
+    """``fs.get_file_info(selector)``, transient failures (throttling, network, 5xx) retried with backoff."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return fs.get_file_info(selector)
+        except OSError as exc:
+            if attempt == attempts or not is_transient(exc):
+                raise
+            time.sleep(backoff_s(attempt))
+    raise AssertionError("unreachable")
 
 
 def _list_store(fs: pafs.FileSystem, base: str, prefix: str, source: str, recursive: bool):
-    infos = fs.get_file_info(pafs.FileSelector(f"{base}/{prefix}".rstrip("/"), recursive=recursive))
+    scheme = source.split("://", 1)[0]
+    infos = _file_infos(fs, pafs.FileSelector(f"{base}/{prefix}".rstrip("/"), recursive=recursive))
     entries, dirs = [], []
     for info in infos:
         rel = info.path[len(base) + 1:]
         if info.type == pafs.FileType.File and is_image_name(rel):
-            entries.append(Entry(rel, _uri(fs, info.path, source), info.size, info.mtime_ns, None))
+            entries.append(Entry(rel, f"{scheme}://{info.path}", info.size, info.mtime_ns, None))
         elif info.type == pafs.FileType.Directory and not recursive:
             dirs.append(rel + "/")
     return sorted(entries, key=lambda e: e.image_id), sorted(dirs)
@@ -221,8 +233,9 @@ def walk(fs: pafs.FileSystem, root: str, source: str, start: str = "") -> Iterat
     ``root`` is the path inside ``fs`` (as from :func:`odin_engine.io.store.resolve`), ``source``
     the user's spelling (its scheme is kept in uris); ``start`` is ``""`` or a prefix from
     :func:`split_points` (``"sub/"``). Ids are always relative to ``root``. Raises ``OSError``
-    when ``root`` itself cannot be listed; a ``start`` directory that cannot be listed is one
-    ``unreadable directory`` entry, as the whole walk would give.
+    when ``root`` itself cannot be listed, or an object-store prefix cannot be listed after
+    retries; a local ``start`` directory that cannot be listed is one ``unreadable directory``
+    entry, as the whole walk would give.
     """
     if start and not start.endswith("/"):
         raise ValueError(f"start must be '' or a prefix ending in '/'; got {start!r}")
@@ -251,7 +264,5 @@ def split_points(fs: pafs.FileSystem, root: str, source: str) -> tuple[list[Entr
     """
     if not isinstance(fs, pafs.LocalFileSystem):
         return _list_store(fs, root.rstrip("/"), "", source, recursive=False)
-    entries, prefixes = [], []
-    for _, payload in _children(os.fsencode(root), ""):
-        (entries if isinstance(payload, Entry) else prefixes).append(payload if isinstance(payload, Entry) else payload[1])
-    return entries, prefixes
+    kids = [payload for _, payload in _children(os.fsencode(root), "")]
+    return [k for k in kids if isinstance(k, Entry)], [k[1] for k in kids if not isinstance(k, Entry)]

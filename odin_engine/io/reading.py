@@ -90,6 +90,11 @@ def is_transient(exc: BaseException) -> bool:
     return not _NOT_TRANSIENT.search(text) and bool(_TRANSIENT.search(text))
 
 
+def backoff_s(attempt: int, base: float = 0.25, cap: float = 4.0) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1, 2, …): ``min(cap, base·2^(attempt-1)) · U(0.5, 1.5)``."""
+    return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
 def _kind(mode: int) -> str:
     return "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
 
@@ -149,5 +154,5 @@ def read_object(uri: str, max_bytes: int | None = None, *, attempts: int = 4, ba
                 _failing_streak = _failing_streak + 1 if transient else _failing_streak
                 after = f" (after {attempt} attempts)" if attempt > 1 else ""
                 raise ReadError(READ_FAILED + short_error(exc, 280) + after, transient, attempt) from None
-            time.sleep(min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5))
+            time.sleep(backoff_s(attempt, backoff, max_backoff))
     raise AssertionError("unreachable")
