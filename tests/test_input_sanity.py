@@ -136,6 +136,18 @@ def test_a_file_as_output_is_refused_and_left_alone(tmp_path, tiny_model, capsys
     assert out.read_bytes() == b"precious"
 
 
+def test_audit_output_below_a_file_is_refused(tmp_path, tiny_model, capsys):
+    corpus, heldout, out = tmp_path / "corpus", tmp_path / "heldout", tmp_path / "report.html"
+    make_images(corpus, 3)
+    make_images(heldout, 100)
+    out.write_text("precious")
+    assert cli_main(["audit", "--corpus", str(corpus), "--heldout", str(heldout), "--output", str(out),
+                     *tiny_model.cli]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot be a directory: {str(out)!r} is a file" in err and "pid -1" not in err
+    assert out.read_text() == "precious"
+
+
 def test_an_object_as_output_is_refused_on_s3(s3_server, s3_bucket):
     s3_server.client().put_object(Bucket=s3_bucket, Key="runs/out", Body=b"x")
     lock = RunLock(s3_server.filesystem(), f"{s3_bucket}/runs/out", display=f"s3://{s3_bucket}/runs/out")
