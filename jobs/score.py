@@ -219,6 +219,8 @@ def score_corpus(
         lock.check_free()  # another run writing here: refuse before anything else
         existing = out.read_json(JOB_FILE)
         entries = [posixpath.basename(i.path) for i in out.listdir()] if out.exists() else []
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read output directory {output!r}: {exc}") from exc
     identity = ("schema_version", "corpus_digest", "model_id", "mean", "std", "input_size", "resize",

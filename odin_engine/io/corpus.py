@@ -4,7 +4,11 @@
 
 * a **directory** (local path, ``file://``, ``s3://bucket/prefix``, ``gs://bucket/prefix``):
   every file below it, recursively, whose extension is one of :data:`IMAGE_EXTENSIONS`
-  (case-insensitive); ``image_id`` is the path relative to the directory, with ``/``;
+  (case-insensitive), listed by :func:`odin_engine.io.listing.walk` (its rules: directory
+  symlinks are not followed, names that are not UTF-8 are escaped); ``image_id`` is the path
+  relative to the directory, with ``/``. Entries the walk cannot use (dangling or looping
+  symlinks, directory symlinks, unreadable entries) are listed too, with their reason in a
+  ``listing_error`` column (present only when some entry has one): the job makes them error rows;
 * a **manifest**, a ``.parquet`` or ``.csv`` file with a ``uri`` or ``path`` column and
   optional ``image_id``, ``label`` and ``split`` columns (carried to the output). Relative
   paths are resolved against the manifest's own directory; ``image_id`` defaults to the path
@@ -30,9 +34,10 @@ import pyarrow.compute as pc
 from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
-from odin_engine.io.store import is_uri, resolve, to_uri
+from odin_engine.io.listing import IMAGE_EXTENSIONS, walk
+from odin_engine.io.store import is_uri, resolve
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+LISTING_ERROR = "listing_error"  # directory corpora only: why a listed entry cannot be read (else null)
 MANIFEST_EXTENSIONS = (".parquet", ".pq", ".csv")
 CARRIED_COLUMNS = ("label", "split")
 _SHOW = 50
@@ -63,18 +68,14 @@ def _info(fs: pafs.FileSystem, path: str, source: str) -> pafs.FileInfo:
 
 def _list_directory(fs: pafs.FileSystem, root: str, source: str) -> pa.Table:
     try:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+        entries = list(walk(fs, root, source))
     except OSError as exc:
         raise ConfigError(f"cannot list corpus directory {source!r}: {exc}") from exc
-    base = root.rstrip("/")
-    ids, uris = [], []
-    for info in infos:
-        if info.type != pafs.FileType.File or not info.path.lower().endswith(IMAGE_EXTENSIONS):
-            continue
-        rel = posixpath.relpath(info.path, base) if isinstance(fs, pafs.LocalFileSystem) else info.path[len(base) + 1:]
-        ids.append(rel.replace("\\", "/"))
-        uris.append(to_uri(fs, info.path, source))
-    return pa.table({"image_id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())})
+    table = pa.table({"image_id": pa.array([e.image_id for e in entries], pa.string()),
+                      "uri": pa.array([e.uri for e in entries], pa.string())})
+    if any(e.error for e in entries):  # only then: a clean corpus keeps its listing (and digest) as before
+        table = table.append_column(LISTING_ERROR, pa.array([e.error for e in entries], pa.string()))
+    return table
 
 
 def _read_manifest(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
@@ -94,6 +95,16 @@ def _read_manifest(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
         raise ConfigError(f"cannot read manifest {source!r}: {exc}") from exc
 
 
+def _where(fs: pafs.FileSystem, path: str, rows: list[int]) -> str:
+    """0-based data rows → what a user finds in the file: CSV lines (header = line 1; the empty
+    lines the reader skipped are counted), Parquet rows counted from 1."""
+    if not path.lower().endswith(".csv"):
+        return "rows " + ", ".join(str(i + 1) for i in rows[:_SHOW])
+    with fs.open_input_stream(path) as fh:
+        lines = [n for n, line in enumerate(fh.read().splitlines(), 1) if line][1:]
+    return "lines " + ", ".join(str(lines[i]) if i < len(lines) else f"data row {i + 1}" for i in rows[:_SHOW])
+
+
 def _manifest_table(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
     raw = _read_manifest(fs, path, source)
     col = "uri" if "uri" in raw.column_names else "path" if "path" in raw.column_names else None
@@ -102,7 +113,7 @@ def _manifest_table(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
     values = raw.column(col).cast(pa.string()).to_pylist()
     empty = [i for i, v in enumerate(values) if v is None or not str(v).strip()]
     if empty:
-        raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells (rows {empty[:_SHOW]})")
+        raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells ({_where(fs, path, empty)})")
     base = posixpath.dirname(path)
     manifest_uri_base = source.rsplit("/", 1)[0] if is_uri(source) else None
     uris, default_ids = [], []
