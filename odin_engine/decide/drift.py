@@ -212,13 +212,17 @@ def simulate_id_nights(n: int, m: int, tpr: float, sims: int, nights: int = 1, s
         s = rng.standard_normal(shape)
         return np.round(s / discrete) * discrete if discrete else s
 
-    heldout = draw(sims, n)
-    a, b = beta_binomial_params(calibrate(heldout[0], tpr))
-    deltas = np.partition(heldout, n - b, axis=1)[:, n - b]  # the k-th largest, k = b
-    for i in range(min(sims, check_calibrate)):
-        if calibrate(heldout[i], tpr)["delta"] != deltas[i]:
-            raise RuntimeError(f"simulated δ differs from calibrate()'s for held-out set {i}")
-    del heldout
+    a = b = 0
+    deltas = np.empty(sims)
+    chunk = max(1, 4_000_000 // n)
+    for lo in range(0, sims, chunk):
+        heldout = draw(min(sims, lo + chunk) - lo, n)
+        if lo == 0:
+            a, b = beta_binomial_params(calibrate(heldout[0], tpr))
+            for i in range(min(len(heldout), check_calibrate)):
+                if calibrate(heldout[i], tpr)["delta"] != np.partition(heldout[i], n - b)[n - b]:
+                    raise RuntimeError(f"simulated δ differs from calibrate()'s for held-out set {i}")
+        deltas[lo:lo + len(heldout)] = np.partition(heldout, n - b, axis=1)[:, n - b]  # the k-th largest, k = b
     flagged = np.empty((sims, nights), dtype=np.int64)
     chunk = max(1, 4_000_000 // max(1, m * nights))
     for lo in range(0, sims, chunk):
