@@ -262,3 +262,21 @@ def test_dev_ray_head_token_auth(tmp_path):
     finally:
         stop = subprocess.run([script, "--stop"], env=env, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0 and "stopped" in stop.stdout, stop.stdout + stop.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("code", [0, 3])
+def test_cronjob_pod_exits_with_the_audits_exit_code(ray_head, tmp_path, code):
+    """The CronJob's pod script against a real token-auth head, the audit replaced by a driver exiting ``code``:
+    the pod exits ``code`` too, so a drift alarm (3) fails the Kubernetes Job (deploy/README.md)."""
+    (cron,) = [d for d in _docs(DEPLOY / "cronjob-audit.yaml") if d["kind"] == "CronJob"]
+    script = "\n".join(cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "audit.toml").write_text("")
+    script = script.replace("/config/", f"{tmp_path}/config/").replace("/tmp/job", f"{tmp_path}/job")
+    script, n = re.subn(r"-- python -m jobs\.audit .*", f"-- python -c 'import sys; sys.exit({code})'", script)
+    assert n == 1, script
+    p = subprocess.run(["bash", "-c", script], env=dict(ray_head.env, RAY_ADDRESS=ray_head.dashboard_url),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode == code, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"driver exit code {code}" in p.stderr
