@@ -32,11 +32,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-from scipy.stats import beta
 
 from odin_engine.errors import ConfigError
 from odin_engine.io.scores import OK, NOT_OK, ScoreTable, check_same_settings
-from odin_engine.metrics import threshold_at_tpr
 from odin_engine.settings import CalibrationSettings, check_heldout_size, min_heldout  # noqa: F401 (re-exported)
 
 CALIBRATION_VERSION = 1
@@ -44,6 +42,8 @@ CALIBRATION_VERSION = 1
 
 def tpr_interval(n: int, k: int, confidence: float = 0.95) -> tuple[float, float]:
     """Central ``confidence`` interval of ``C ~ Beta(k, n − k + 1)``, the TPR δ achieves on new ID data."""
+    from scipy.stats import beta  # scipy and scikit-learn load on use: the command starts faster
+
     a = (1.0 - confidence) / 2.0
     return float(beta.ppf(a, k, n - k + 1)), float(beta.ppf(1.0 - a, k, n - k + 1))
 
@@ -53,6 +53,8 @@ def calibrate(heldout_scores, settings: CalibrationSettings | float = Calibratio
 
     ``settings``: a :class:`CalibrationSettings` (or just the target TPR).
     """
+    from odin_engine.metrics import threshold_at_tpr
+
     if not isinstance(settings, CalibrationSettings):
         settings = CalibrationSettings(tpr=settings)
     tpr = settings.tpr

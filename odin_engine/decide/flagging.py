@@ -42,11 +42,13 @@ import pyarrow.compute as pc
 
 from odin_engine.errors import ConfigError
 from odin_engine.io.scores import NOT_OK, OK, ScoreTable
+from odin_engine.methods import TABLE_METHODS
 
 FLAG_COLUMNS = ("score", "is_outlier", "margin", "rank")
 RANK_BUDGET = 1 << 22
 ROWS_PER_FILE = 1 << 20
 HISTOGRAM_BINS = 4096
+HIGH_CARDINALITY = frozenset({"image_id", "uri", "scored_at", *TABLE_METHODS, "score", "margin", "rank"})
 GALLERY_COLUMNS = ("image_id", "uri", "pred", "score", "margin", "rank", "is_outlier")
 
 
@@ -205,7 +207,10 @@ def flag_batch(batch: pa.RecordBatch, delta: float, method: str, sorted_scores: 
     if sorted_scores is None:
         rank = np.full(len(s), below + 1, np.int64)
     else:
-        rank = below + 1 + np.searchsorted(sorted_scores, np.where(ok, s, 0.0), side="left").astype(np.int64)
+        q = np.where(ok, s, 0.0)
+        order = np.argsort(q)  # sorted needles: searchsorted walks the range's scores in order (2-3x faster)
+        rank = np.empty(len(q), np.int64)
+        rank[order] = below + 1 + np.searchsorted(sorted_scores, q[order], side="left")
     cols = {name: batch.column(name) for name in batch.schema.names if name not in FLAG_COLUMNS}
     cols["score"] = pa.array(s, pa.float64(), mask=mask)
     cols["is_outlier"] = pa.array(s < delta, pa.bool_(), mask=mask)
@@ -248,6 +253,9 @@ def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gall
     folder) as ``part-RRR-KKKKK.parquet`` files; see the module docstring."""
     table, method, delta = plan.table, plan.method, plan.delta
     schema = flag_schema(table.schema)
+    # dictionary encoding only where values repeat (status, error, model_id, …): trying it on ids and
+    # scores costs half the write time for nothing
+    dict_cols = [c for c in schema.names if c not in HIGH_CARDINALITY]
     edges = None if hist_edges is None else np.asarray(hist_edges, np.float64)
     hist = None if edges is None else np.zeros(len(edges) - 1, np.int64)
     files: list[str] = []
@@ -280,7 +288,7 @@ def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gall
                     if writer is None or rows_in_file >= rows_per_file:
                         stack.close()  # publishes the previous part
                         name = f"part-{r:03d}-{part:05d}.parquet"
-                        writer = stack.enter_context(out.parquet_writer(name, schema))
+                        writer = stack.enter_context(out.parquet_writer(name, schema, use_dictionary=dict_cols))
                         files.append(out.uri(name))
                         part, rows_in_file = part + 1, 0
                     take = min(flagged.num_rows, rows_per_file - rows_in_file)
