@@ -162,6 +162,8 @@ def _split(table: ScoreTable, method: str, lo: float, hi: float, below: int, cou
         return
     edges = np.unique(np.linspace(lo, hi, bins + 1))
     edges[0], edges[-1] = lo, hi
+    if len(edges) < 3:  # lo and hi a few ulps apart: split off lo's own value, so that the recursion ends
+        edges = np.array([lo, float(np.nextafter(lo, np.inf)), hi])
     counts = np.zeros(len(edges) - 1, np.int64)
     for batch in table.batches([method], RankRange(lo, hi, 0, 0).expr(method)):
         idx = np.searchsorted(edges, _np(batch.column(0)), side="right") - 1
