@@ -169,11 +169,16 @@ class ScoreTable:
                 batch_size: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
         """Record batches of ``columns`` (all when None) of the rows matching the filters.
 
-        Read-ahead is kept small (2 files, 4 batches) so that memory stays bounded.
+        Read-ahead is kept small (one file, two batches) and decoding stays on this thread: the
+        threaded scanner reads row groups ahead of a slower consumer (the flag writer, the id
+        hashing) until hundreds of MB are in flight — peak memory then grew with the table
+        (1.8× from 1 M to 8 M rows) — and on 2 cores it was not faster
+        (``python -m benchmarks.decision_scale``).
         """
-        kw = dict(batch_readahead=4, fragment_readahead=2) if isinstance(self.dataset, ds.FileSystemDataset) else {}
+        kw = dict(batch_readahead=2, fragment_readahead=1) if isinstance(self.dataset, ds.FileSystemDataset) else {}
         scanner = self.dataset.scanner(columns=list(columns) if columns is not None else None,
-                                       filter=self._filter(where), batch_size=batch_size, **kw)
+                                       filter=self._filter(where), batch_size=batch_size,
+                                       use_threads=False, **kw)
         for batch in scanner.to_batches():
             if batch.num_rows:
                 yield batch
@@ -225,8 +230,9 @@ class ScoreTable:
             for batch in self.batches(["image_id"]):
                 h = hash_strings(batch.column(0))
                 kept.append(h[h % np.uint64(passes) == p] if passes > 1 else h)
-            hs = np.sort(np.concatenate(kept)) if kept else np.empty(0, np.uint64)
+            hs = np.concatenate(kept) if kept else np.empty(0, np.uint64)
             del kept
+            hs.sort()  # in place: the partition's hashes are held once
             repeat = hs[1:] == hs[:-1]
             if repeat.any():
                 candidates.append(np.unique(hs[1:][repeat]))
