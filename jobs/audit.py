@@ -2,8 +2,9 @@
 
 Stages (each a function below, so that a frozen δ or a history append can slot in):
 ``_check`` (everything that can be checked before anything is written) → ``_score`` →
-``_open_tables`` → ``_calibrate`` → ``_flag_plan`` → ``_evaluate`` → ``_write`` (flags,
-summaries, calibration.json, report.html, audit.json last).
+``_open_tables`` → ``_calibrate`` → ``flagging.prepare`` (the flag pass's checks and rank
+plan) → ``_evaluate`` → ``_write`` (flags, summaries, calibration.json, report.html,
+audit.json last). Nothing after scoring writes until every check of the decision stage passed.
 
 Exit codes: 0 done; 1 a score run did not verify exactly-once; 2 bad configuration, nothing
 written; 3 scoring finished (its outputs are kept, a rerun resumes them) but the decision stage
@@ -35,6 +36,7 @@ _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-
 
 class DecisionError(Exception):
     """The decision stage failed after scoring wrote its outputs (exit 3, not 2)."""
+
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", metavar="SRC", help="images to audit: directory or manifest (as `score --input`)")
