@@ -4,43 +4,69 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from jobs.options import add_config_option, run_main
-from odin_engine.decide.calibration import calibrate_frames, write_json
-from odin_engine.io.scores import SCORE_METHODS, read_scores
-from odin_engine.settings import validate_method, validate_tpr
 from odin_engine.errors import ConfigError
-from odin_engine.decide.flagging import flag, summarize, write_flags
+from odin_engine.io.scores import SCORE_METHODS
+from odin_engine.settings import DEFAULT_TPR, CalibrationSettings
+
+# the decision stage's outputs, relative to --output (shared with `odin-audit audit`)
+CALIBRATION_JSON = "calibration.json"
+FLAGS_DIR = "flags"
+FLAG_SUMMARY_JSON = "flag_summary.json"
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--scores", metavar="DIR", help="the corpus scores: an `odin-audit score` --output directory")
+    parser.add_argument("--scores", metavar="DIR",
+                        help="the corpus scores: an `odin-audit score` --output, or any Parquet dataset in the "
+                             "score-table schema (local, s3://, gs://)")
     parser.add_argument("--heldout-scores", metavar="DIR",
                         help="held-out in-distribution scores, made with the same model and settings")
-    parser.add_argument("--tpr", type=float, default=0.95,
+    parser.add_argument("--tpr", type=float, default=DEFAULT_TPR,
                         help="share of in-distribution images that must stay at or above δ")
     parser.add_argument("--method", default="odin", choices=SCORE_METHODS, help="score column to threshold")
-    parser.add_argument("--output", metavar="DIR", help="writes calibration.json, flags/flags.parquet, flag_summary.json")
+    parser.add_argument("--output", metavar="DIR",
+                        help="writes calibration.json, flags/part-*.parquet, flag_summary.json (local, s3://, gs://)")
     add_config_option(parser)
 
 
+def publish_flags(plan, out, **kwargs):
+    """Replace ``<out>/flags/`` with the flags of ``plan`` (see :func:`odin_engine.decide.flagging.write_flags`)."""
+    from odin_engine.decide.flagging import write_flags
+
+    flags = out.join(FLAGS_DIR)
+    flags.delete()  # a rerun replaces the flags: no part of an earlier run may stay in the dataset
+    return write_flags(plan, flags, **kwargs)
+
+
 def calibrate_and_flag(
-    scores: str | Path, heldout_scores: str | Path, output: str | Path, tpr: float = 0.95, method: str = "odin",
+    scores: str, heldout_scores: str, output: str, settings: CalibrationSettings = CalibrationSettings(),
 ) -> dict[str, Any]:
-    """Read both score sets, calibrate δ, flag the corpus; write nothing until all checks pass."""
-    corpus = read_scores(scores)
-    heldout = read_scores(heldout_scores)
-    cal = calibrate_frames(corpus, heldout, tpr=tpr, method=method)
+    """Read both score tables, calibrate δ, flag the corpus; every check runs before anything is written.
+
+    Memory: the held-out method column, plus the bounded buffers of the streaming flag pass.
+    """
+    from odin_engine.decide.calibration import calibrate_tables
+    from odin_engine.decide.flagging import prepare, summarize
+    from odin_engine.io.scores import ScoreTable
+    from odin_engine.io.store import Store
+
+    out = Store(output)
+    if out.is_file():
+        raise ConfigError(f"--output {output} is a file; give a directory")
+    corpus = ScoreTable.open(scores, "corpus scores")
+    heldout = ScoreTable.open(heldout_scores, "held-out scores")
+    cal = calibrate_tables(corpus, heldout, settings)
+    plan = prepare(corpus, cal["delta"], settings.method)
+    # ---- all checks passed: write (flags, then the summary, calibration.json last)
+    result = publish_flags(plan, out, gallery=0, errors_listed=0)
+    summary = summarize(plan.stats)
     cal["sources"] = {"scores": str(scores), "heldout_scores": str(heldout_scores)}
-    flags = flag(corpus, cal["delta"], method)
-    summary = summarize(flags)
     cal["summary"] = summary["overall"]
-    out = Path(output)
-    write_flags(flags, out)
-    write_json(out / "flag_summary.json", {"delta": cal["delta"], "method": method, **summary})
-    write_json(out / "calibration.json", cal)
+    cal["flags"] = {"path": FLAGS_DIR, "files": len(result.files), "rank_ranges": len(plan.ranges)}
+    out.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": settings.method, **summary})
+    out.write_json(CALIBRATION_JSON, cal)
     return cal
 
 
@@ -48,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
     for flag_name in ("scores", "heldout_scores", "output"):
         if not getattr(args, flag_name):
             raise ConfigError(f"--{flag_name.replace('_', '-')} is required")
-    validate_tpr(args.tpr)
-    validate_method(args.method)
-    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, args.tpr, args.method)
+    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, CalibrationSettings(args.tpr, args.method))
     s = cal["summary"]
     lo, hi = cal["tpr_ci"]
     print(
@@ -62,5 +86,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(build_parser, run, argv, prog="python -m jobs.calibrate", section="calibrate")
+
+
 if __name__ == "__main__":
-    sys.exit(run_main(build_parser, run, prog="python -m jobs.calibrate", section="calibrate"))
+    sys.exit(main())

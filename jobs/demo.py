@@ -7,7 +7,6 @@ import time
 _T_START = time.time()  # before the heavy imports: the demo's wall time counts them
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -64,13 +63,10 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--heldout must be >= 1 and --corpus-id/--corpus-ood/--eval-ood >= 0")
     if args.heldout + args.corpus_id > unseen:
         raise ConfigError(f"--heldout + --corpus-id must be <= {unseen} (the digits kept out of training)")
-    from odin_engine.decide.calibration import min_heldout
-    from odin_engine.settings import validate_tpr
+    from odin_engine.settings import CalibrationSettings, OdinSettings, check_heldout_size
 
-    validate_tpr(args.tpr)
-    if args.heldout < min_heldout(args.tpr):
-        raise ConfigError(f"--heldout {args.heldout} is too few for --tpr {args.tpr:g}: calibration needs at least "
-                          f"{min_heldout(args.tpr)} held-out digits")
+    OdinSettings(args.temperature, args.epsilon)
+    check_heldout_size(args.heldout, CalibrationSettings(args.tpr).tpr, "held-out digits (--heldout)")
     if args.corpus_id + args.corpus_ood < 1:
         raise ConfigError("the corpus is empty: give --corpus-id or --corpus-ood > 0")
     if args.epochs < 1:
@@ -103,10 +99,13 @@ def _summarize(audit_out: Path, manifest: Path) -> dict[str, Any]:
     import pandas as pd
 
     from odin_engine.demo.data import image_kind
+    from odin_engine.io.scores import ScoreTable
+    from odin_engine.io.store import Store
 
-    flags = pd.read_parquet(audit_out / "flags")
+    out = Store(str(audit_out))
+    flags = ScoreTable.open(out.uri("flags"), "flags").read(["image_id", "is_outlier"]).to_pandas()
     truth = pd.read_csv(manifest, dtype=str)[["image_id", "label"]]
-    df = flags.drop(columns=[c for c in ("label",) if c in flags.columns]).merge(truth, on="image_id", how="right")
+    df = flags.merge(truth, on="image_id", how="right")
     if df["is_outlier"].isna().any():
         missing = df.loc[df["is_outlier"].isna(), "image_id"].head(5).tolist()
         raise RuntimeError(f"some corpus images have no flag (errors or missing rows), e.g. {missing}")
@@ -122,10 +121,10 @@ def _summarize(audit_out: Path, manifest: Path) -> dict[str, Any]:
     add("ood_photos", df[df["kind"] == "photo"])
     add("ood_noise", df[df["kind"] == "noise"])
     add("ood_all", df[df["label"] == "ood"])
-    cal = json.loads((audit_out / "calibration.json").read_text())
+    cal = out.read_json("calibration.json") or {}
     evaluation = None
-    if (audit_out / "evaluation.json").is_file():
-        ev = json.loads((audit_out / "evaluation.json").read_text())
+    ev = out.read_json("evaluation.json")
+    if ev is not None:
         evaluation = {name: {m: {k: e["metrics"][m][k] for k in ("fpr_at_tpr", "auroc")} for m in e["metrics"]}
                       for name, e in ev.get("sets", {}).items()}
     return {"groups": groups, "evaluation": evaluation, "delta": cal.get("delta"), "n_heldout": cal.get("n_heldout"),
@@ -213,7 +212,9 @@ def run(args: argparse.Namespace) -> int:
     if ray.is_initialized():  # stop the local cluster now, so that the time below includes it
         ray.shutdown()
     summary["seconds"]["command"] = round(time.time() - _process_start(), 2)
-    (root / "demo-summary.json").write_text(json.dumps(summary, indent=2))
+    from odin_engine.io.store import Store
+
+    Store(str(root)).write_json("demo-summary.json", summary)
     lo_hi = s.get("tpr_ci") or [float("nan"), float("nan")]
     print()
     print(f"ODIN demo: T={args.temperature:g}, ε={args.epsilon:g}; threshold δ={s['delta']:.6g} keeps "

@@ -12,6 +12,25 @@ from odin_engine.errors import ConfigError
 
 EXIT_CONFIG = 2
 
+#: engine parameter names (``SettingError.parameter``) -> the flag that sets them
+PARAMETER_FLAGS = {
+    "temperature": "--temperature", "epsilon": "--epsilon", "tuning": "--tuning", "tpr": "--tpr",
+    "method": "--method", "heldout": "--heldout", "confidence": "--confidence",
+}
+
+
+def describe(exc: ConfigError) -> str:
+    """The error message in the command line's words: an engine parameter name becomes its flag."""
+    from odin_engine.errors import SettingError
+
+    msg = str(exc)
+    flag = PARAMETER_FLAGS.get(exc.parameter) if isinstance(exc, SettingError) else None
+    if not flag:
+        return msg
+    if msg.startswith(exc.parameter + " "):
+        return flag + msg[len(exc.parameter):]
+    return f"{flag}: {msg}"
+
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="TOML", help="read options from a TOML file; flags override it")
@@ -82,5 +101,5 @@ def run_main(
         args = parse_with_config(parser, argv, section)
         return int(run(args) or 0)
     except ConfigError as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {describe(exc)}", file=sys.stderr)
         return EXIT_CONFIG

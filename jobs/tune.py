@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import posixpath
 import sys
 from pathlib import Path
 
 from jobs.options import add_config_option, add_normalization_options, run_main
-from odin_engine.decide.calibration import write_json
-from odin_engine.settings import validate_tpr
 from odin_engine.errors import ConfigError
+from odin_engine.io.store import Store
+from odin_engine.settings import validate_tpr
 from odin_engine.loading import load_model
 from odin_engine.scorer import OdinScorer
 from odin_engine.settings import DEFAULT_TEMPERATURE, validate_temperature
@@ -74,8 +75,7 @@ def run(args: argparse.Namespace) -> int:
     for name in ("heldout", "model", "output"):
         if not getattr(args, name):
             raise ConfigError(f"--{name} is required")
-    out = Path(args.output)
-    if out.suffix.lower() != ".json":
+    if not str(args.output).lower().endswith(".json"):
         raise ConfigError(f"--output must name a .json file (e.g. tuning.json); got {args.output}")
     validate_tpr(args.tpr)
     temps = [validate_temperature(t) for t in _floats(args.temperatures, "temperatures")]
@@ -107,9 +107,10 @@ def run(args: argparse.Namespace) -> int:
                "resize": args.resize}
     doc = tuning_document(result, model.model_id, sources)
     doc["model_spec"] = args.model
-    write_json(out, doc)
+    folder, name = posixpath.split(str(args.output).rstrip("/"))
+    written = Store(folder or ".").write_json(name, doc)
     print(f"{args.mode}: T={doc['temperature']:g} ε={doc['epsilon']:g} (objective {doc['objective']:.4f}, "
-          f"{doc['scoring_seconds']:.1f}s of scoring); wrote {out}")
+          f"{doc['scoring_seconds']:.1f}s of scoring); wrote {written}")
     return 0
 
 

@@ -20,3 +20,12 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     """``Type: message`` on one line, memory addresses removed (they change every run), at most ``limit`` characters."""
     text = _ADDRESS.sub("", f"{type(exc).__name__}: {exc}".replace("\n", " ")).strip()
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+class SettingError(ConfigError):
+    """A setting out of range. ``parameter`` names it as the engine knows it (``tpr``,
+    ``temperature``, …); the command line maps that name to its flag."""
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(message)
+        self.parameter = parameter

@@ -14,12 +14,13 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
+from .methods import TABLE_METHODS
 from .loading import LoadedModel
 from .odin import odin_scores, perturbation_direction, perturbed_scores, baseline_scores
 from .optimize import optimize_for_inference
 from .settings import validate_epsilon, validate_temperature
 
-SCORE_COLUMNS = ("pred", "msp", "max_logit", "energy", "odin")
+SCORE_COLUMNS = ("pred", *TABLE_METHODS)  # one column per score-table method
 _AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -79,6 +79,9 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
     assert report.count("data:image/png;base64,") >= 4 and "c0" in report
     doc = json.loads((out / "audit.json").read_text())
     assert doc["score_runs"]["corpus"]["scored_this_run"] == 31
+    ranks = ok.sort_values("odin")["rank"].to_numpy()
+    assert ranks[0] == 1 and (ranks == ok["odin"].rank(method="min").sort_values().to_numpy()).all()
+    assert sorted(p.name for p in (out / "flags").iterdir())[0].startswith("part-")
 
     # rerun the same command (as a plain driver on the same cluster): resumes, rescores nothing
     before = {k: (out / k / "run.json").read_text() for k in ("heldout", "corpus")}
@@ -87,6 +90,8 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
     assert again.returncode == 0, again.stderr[-3000:]
     doc2 = json.loads((out / "audit.json").read_text())
     assert all(r["scored_this_run"] == 0 for r in doc2["score_runs"].values())
+    report2 = (out / "report.html").read_text()  # the resumed run's report says what it reused
+    assert "151 images were scored by an earlier run" in report2 and ">31<" in report2
     for k in ("heldout", "corpus"):
         run = json.loads((out / k / "run.json").read_text())
         assert run["attempts"][-1]["scored"] == 0 and len(run["attempts"]) == 2
@@ -144,6 +149,9 @@ def test_bad_configuration_exits_2_and_writes_nothing(data, tmp_path, capsys):
         ([*base, "--heldout", str(root / "held"), "--epsilon", "3"], "epsilon"),
         ([*base, "--heldout-split", "heldout"], "split"),
         (["audit", "--corpus", str(root / "corpus"), "--heldout", str(root / "held"), "--model", "nope"], "model"),
+        # every source is listed before the first is scored: a missing corpus or OOD set writes nothing
+        (["audit", "--corpus", str(root / "missing"), "--heldout", str(root / "held"), *_model_args(w)], "corpus"),
+        ([*base, "--heldout", str(root / "held"), "--ood", f"x={root / 'missing'}"], "ood/x"),
     ]
     for i, (argv, msg) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -151,3 +159,91 @@ def test_bad_configuration_exits_2_and_writes_nothing(data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err, (msg, err)
         assert not out.exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert cli([*base, "--heldout", str(root / "held"), "--output", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err and a_file.read_text() == "x"
+
+
+@pytest.mark.slow
+def test_failure_after_scoring_is_not_a_configuration_error(ray_head, data, tmp_path):
+    """100 held-out files are listed (enough for 95%), but 10 do not decode: after scoring only 90 are
+    usable. That is exit 4 with a message saying scoring's outputs are kept — not exit 2."""
+    root, w = data
+    held = tmp_path / "held"
+    _write(held, smooth_images(90, 11))
+    for i in range(10):
+        (held / f"bad{i}.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(root / "corpus"), "--heldout",
+                           str(held), "--output", str(out), *_model_args(w), "--quiet"],
+                          cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 4, proc.stderr[-3000:]
+    assert "scoring finished" in proc.stderr and "90 held-out" in proc.stderr and "at least 100" in proc.stderr
+    assert json.loads((out / "heldout" / "run.json").read_text())["counts"] == {"ok": 90, "error": 10, "total": 100}
+    assert not (out / "calibration.json").exists() and not (out / "flags").exists()
+
+
+def _bucket_audit(root: Path, w: Path, env: dict, put, uri: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    for name in ("held", "corpus"):
+        for p in sorted((root / name).iterdir()):
+            put(f"in/{name}/{p.name}", p.read_bytes())
+    cwd = tmp_path / "cwd"  # the command runs here: it must create nothing local
+    cwd.mkdir(exist_ok=True)
+    env = dict(env, PYTHONPATH=f"{REPO}:{env.get('PYTHONPATH', '')}")
+    args = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", f"{uri}/in/corpus", "--heldout", f"{uri}/in/held",
+            "--output", f"{uri}/audit", *_model_args(w), "--quiet"]
+    first = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert list(cwd.iterdir()) == []
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _check_bucket_outputs(fs, prefix: str, again: subprocess.CompletedProcess) -> None:
+    import pyarrow.dataset as ds
+    from pyarrow import fs as pafs
+
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    def read(name: str) -> bytes:
+        with fs.open_input_stream(f"{prefix}/audit/{name}") as fh:
+            return fh.read()
+
+    cal = json.loads(read("calibration.json"))
+    doc = json.loads(read("audit.json"))
+    assert all(r["scored_this_run"] == 0 for r in doc["score_runs"].values())  # the rerun resumed
+    assert doc["score_runs"]["corpus"]["already_done"] == 31
+    parts = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/audit/flags")) if i.path.endswith(".parquet")]
+    flags = ds.dataset(parts, filesystem=fs).to_table().to_pandas()
+    assert len(flags) == 31 and cal["n_heldout"] == 100
+    ok = flags[flags["status"] == "ok"]
+    assert (ok["is_outlier"].astype(bool) == (ok["odin"] < cal["delta"])).all()
+    assert b"data:image/png;base64," in read("report.html") and b"scored by an earlier run" in read("report.html")
+
+
+@pytest.mark.slow
+def test_audit_s3_to_s3_creates_nothing_local_and_resumes(ray_head, s3_server, s3_bucket, data, tmp_path):
+    root, w = data
+    client = s3_server.client()
+    again = _bucket_audit(root, w, dict(ray_head.env, **s3_server.env),
+                          lambda key, body: client.put_object(Bucket=s3_bucket, Key=key, Body=body),
+                          f"s3://{s3_bucket}", tmp_path)
+    _check_bucket_outputs(s3_server.filesystem(), s3_bucket, again)
+
+
+@pytest.mark.slow
+def test_audit_gcs_to_gcs_creates_nothing_local_and_resumes(ray_head, gcs_server, data, tmp_path):
+    import os
+    import time
+
+    root, w = data
+    fs = gcs_server.filesystem()
+    bucket = f"odin-audit-{os.getpid()}-{int(time.time())}"
+    fs.create_dir(bucket)
+
+    def put(key: str, body: bytes) -> None:
+        with fs.open_output_stream(f"{bucket}/{key}") as fh:
+            fh.write(body)
+
+    again = _bucket_audit(root, w, dict(ray_head.env, **gcs_server.env), put, f"gs://{bucket}", tmp_path)
+    _check_bucket_outputs(fs, bucket, again)

@@ -11,9 +11,15 @@ from scipy.stats import beta
 
 from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model, write_scores
 from jobs.cli import main as cli
-from odin_engine.decide.calibration import calibrate, calibrate_frames, min_heldout, tpr_interval
+from odin_engine.decide.calibration import calibrate, calibrate_tables, min_heldout, tpr_interval
+from odin_engine.io.scores import ScoreTable
+from odin_engine.settings import CalibrationSettings
 from odin_engine.errors import ConfigError
 from odin_engine.metrics import threshold_at_tpr
+
+
+def calibrate_frames(corpus, heldout, tpr=0.95, method="odin"):
+    return calibrate_tables(ScoreTable.from_table(corpus), ScoreTable.from_table(heldout), CalibrationSettings(tpr, method))
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +68,10 @@ def test_minimum_heldout_size_is_derived_and_enforced():
     with pytest.raises(ConfigError, match="at least 100"):
         calibrate(s, 0.95)
     assert calibrate(np.linspace(0, 1, 100), 0.95)["n_heldout"] == 100
-    for bad in (0.0, 1.0, 1.5, float("nan")):
-        with pytest.raises(ConfigError, match="tpr"):
+    for bad in (0.0, 1.0, 1.5, float("nan"), "x", None):
+        with pytest.raises(ConfigError, match="tpr") as err:
             calibrate(np.linspace(0, 1, 1000), bad)
+        assert err.value.parameter == "tpr" and "--" not in str(err.value)  # the engine names the parameter
 
 
 def test_calibrate_frames_uses_ok_heldout_rows_and_records_settings(frames):
@@ -123,13 +130,15 @@ def test_cli_bad_configuration_exits_2_and_writes_nothing(frames, tmp_path, caps
         (["--scores", str(corpus_dir), "--heldout-scores", str(few)], "at least 100"),
         (["--scores", str(corpus_dir), "--heldout-scores", str(mism)], "temperature"),
         (["--scores", str(corpus_dir), "--heldout-scores", str(tmp_path / "nope")], "not found"),
-        (["--scores", str(corpus_dir), "--heldout-scores", str(few), "--tpr", "95"], "tpr"),
+        (["--scores", str(corpus_dir), "--heldout-scores", str(few), "--tpr", "95"], "--tpr must be"),
+        (["--scores", str(corpus_dir), "--heldout-scores", str(held), "--output", str(corpus_dir / "scores" /
+                                                                                    "part-000.parquet")], "is a file"),
         (["--heldout-scores", str(few)], "--scores"),
         (["--scores", str(dup), "--heldout-scores", str(held)], "more than once"),
     ]
     for i, (argv, msg) in enumerate(cases):
         out = tmp_path / f"out{i}"
-        assert cli(["calibrate", *argv, "--output", str(out)]) == 2
+        assert cli(["calibrate", "--output", str(out), *argv]) == 2
         assert msg in capsys.readouterr().err
         assert not out.exists()
 

@@ -99,7 +99,8 @@ def test_demo_rejects_impossible_sizes(tmp_path):
     assert "--heldout + --corpus-id must be <= 797" in p.stderr
     p = subprocess.run([str(VENV_BIN / "odin-audit"), "demo", "--heldout", "50", "--output", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "needs at least 100 held-out digits" in p.stderr, p.stderr
+    assert p.returncode == 2 and "50 held-out digits (--heldout) are too few" in p.stderr, p.stderr
+    assert "need at least 100" in p.stderr
     assert not (tmp_path / "o").exists()
 
 

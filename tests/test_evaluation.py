@@ -7,7 +7,8 @@ import pytest
 
 from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model
 from odin_engine.errors import ConfigError
-from odin_engine.decide.evaluation import evaluate_arrays, evaluate_frames
+from odin_engine.decide.evaluation import evaluate_arrays, evaluate_tables
+from odin_engine.io.scores import ScoreTable
 from odin_engine.metrics import all_metrics
 
 
@@ -20,6 +21,11 @@ def test_arrays_hand_case():
     assert m["threshold"] == 2.0
     assert m["fpr_at_tpr"] == 0.5
     assert out["n_id"] == 20 and out["sets"]["a"]["n"] == 4
+
+
+def evaluate_frames(held, ood, tpr=0.95):
+    return evaluate_tables(ScoreTable.from_table(held), {k: ScoreTable.from_table(v) for k, v in ood.items()},
+                           tpr=tpr)[0]
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +62,11 @@ def test_mismatched_settings_are_refused(frames):
         evaluate_frames(held, other)
     with pytest.raises(ConfigError, match="at least one"):
         evaluate_frames(held, {})
+
+
+def test_only_the_method_columns_are_read(frames):
+    """A labelled set without the corpus-only columns (uri, pred, …) evaluates the same."""
+    held, ood = frames
+    keep = ["image_id", "status", "model_id", "temperature", "epsilon", "msp", "energy", "odin"]
+    slim = evaluate_frames(held[keep], {k: v[keep] for k, v in ood.items()})
+    assert slim["sets"] == evaluate_frames(held, ood)["sets"]

@@ -5,16 +5,20 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model
-from odin_engine.decide.calibration import calibrate_frames
-from odin_engine.decide.evaluation import evaluate_frames
-from odin_engine.decide.flagging import flag, summarize
-from odin_engine.report import render_report, write_report
+from odin_engine.decide.calibration import calibrate_tables
+from odin_engine.decide.evaluation import evaluate_tables
+from odin_engine.decide.flagging import prepare, summarize, write_flags
+from odin_engine.io.scores import ScoreTable
+from odin_engine.io.store import Store
+from odin_engine.report import display_scale, histogram_edges, render_report
+from odin_engine.settings import CalibrationSettings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 
@@ -40,17 +44,51 @@ def report(tmp_path_factory):
         p = img_dir / f"corp-{i:05d}.png"
         Image.fromarray(imgs[i]).save(p)
         corpus.loc[i, "uri"] = str(p)
-    corpus.loc[0, "uri"] = str(img_dir / "gone.png")  # a thumbnail that cannot be read
-    ood = {"noise": score_frame(model, noise_images(30, 4), prefix="n")}
-    cal = calibrate_frames(corpus, held, 0.95, "odin")
-    flags = flag(corpus, cal["delta"], "odin")
-    summary = summarize(flags, class_names=[f"class{i}" for i in range(10)])
-    ev = evaluate_frames(held, ood, tpr=0.95)
-    text = render_report(calibration=cal, heldout=held, flags=flags, summary=summary, evaluation=ev, ood=ood,
-                         metadata={"run_id": "test-run", "versions": {"odin": "x"}}, gallery_size=12,
-                         title="test <audit> & report")
-    path = write_report(tmp / "report.html", text)
-    return {"path": path, "text": text, "cal": cal, "flags": flags, "tmp": tmp}
+    ood = {"noise": ScoreTable.from_table(score_frame(model, noise_images(30, 4), prefix="n"))}
+    h_table, c_table = ScoreTable.from_table(held), ScoreTable.from_table(corpus)
+    cal = calibrate_tables(c_table, h_table, CalibrationSettings(0.95, "odin"))
+    plan = prepare(c_table, cal["delta"], "odin")
+    # the lowest-scoring image's file is gone: its thumbnail must show as unreadable
+    lowest = corpus[corpus["status"] == "ok"].sort_values("odin").index[0]
+    Path(corpus.loc[lowest, "uri"]).unlink()
+    gone_id = corpus.loc[lowest, "image_id"]
+    scale = display_scale("odin", cal["delta"], cal["temperature"])
+    h_scores = held["odin"].to_numpy()
+    edges = histogram_edges(scale, h_scores, plan.stats.lo, plan.stats.hi)
+    flags = write_flags(plan, Store(str(tmp / "flags")), gallery=12, hist_edges=edges)
+    summary = summarize(plan.stats, class_names=[f"class{i}" for i in range(10)])
+    ev, roc = evaluate_tables(h_table, ood, tpr=0.95)
+    runs = {"heldout": {"counts": {"total": 100, "ok": 100, "error": 0}, "scored_this_run": 0, "already_done": 100,
+                        "exactly_once": True},
+            "corpus": {"counts": {"total": 30, "ok": 28, "error": 2}, "scored_this_run": 5, "already_done": 25,
+                       "exactly_once": True}}
+    text = render_report(calibration=cal, summary=summary, evaluation=ev, roc_scores=roc, runs=runs,
+                         histogram={"edges": edges, "heldout": np.histogram(h_scores, edges)[0],
+                                    "corpus": flags.histogram},
+                         gallery=flags.gallery, errors=flags.errors,
+                         metadata={"run_id": "test-run", "versions": {"odin": "x"}}, title="test <audit> & report")
+    path = tmp / "report.html"
+    Store(str(tmp)).write_text("report.html", text)
+    return {"path": path, "text": text, "cal": cal, "gone_id": gone_id, "edges": edges, "scale": scale,
+            "corpus_hist": flags.histogram, "n_ok": plan.stats.n_ok, "tmp": tmp}
+
+
+def test_histogram_scale_is_readable_and_counts_every_image(report):
+    scale, edges = report["scale"], report["edges"]
+    x = scale.forward(edges)
+    assert x[0] < 0 < x[-1] or x[0] <= 0 <= x[-1]  # δ (at 0) is inside the plotted range
+    np.testing.assert_allclose(np.diff(x), np.diff(x)[0], rtol=1e-6)  # equal-width bins on the shown axis
+    # at T = 1000 the raw scores span ~1e-4; on the shown axis (T·ln(score/δ)) they span logit units
+    assert np.ptp(edges) < 0.01 and np.ptp(x) > 0.01
+    assert report["corpus_hist"].sum() == report["n_ok"]
+    assert "T = 1000" in report["text"] and "ln(score/δ)" in report["text"]
+    np.testing.assert_allclose(scale.inverse(scale.forward(edges)), edges, rtol=1e-12)
+
+
+def test_resumed_runs_are_reported_as_reused_not_as_nothing(report):
+    text = report["text"]
+    assert "reused from earlier runs" in text and "scored by this run" in text
+    assert "125 images were scored by an earlier run" in text
 
 
 def test_report_is_self_contained_and_complete(report):
@@ -61,8 +99,10 @@ def test_report_is_self_contained_and_complete(report):
     assert "<script" not in text
     # histogram, ROC, per-class bars, and thumbnails for the readable gallery images
     assert len([s for s in re.findall(r'<img class="plot"', text)]) == 3
-    assert len(re.findall(r'<img class="thumb"', text)) >= 10
-    assert "unreadable" in text or "corp-00000" not in text  # the deleted file is shown as such if in the gallery
+    assert len(re.findall(r'<img class="thumb"', text)) == 11  # 12 in the gallery, one unreadable
+    # the lowest-scoring image (first in the gallery) lost its file: shown as unreadable, not dropped
+    first_card = text.split("class='card", 1)[1].split("</div></div>", 1)[0]
+    assert report["gone_id"] in first_card and "unreadable" in first_card
     assert f"{report['cal']['delta']:.6g}" in text
     assert "test &lt;audit&gt; &amp; report" in text
     assert "cannot identify image file" in text  # error rows listed

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 from odin_engine.errors import ConfigError
+from odin_engine.io.scores import NOT_OK, OK, ScoreTable, check_same_settings
 from odin_engine.metrics import all_metrics, threshold_at_tpr
 
 DEFAULT_METHODS = ("msp", "energy", "odin")
@@ -41,36 +41,43 @@ def evaluate_arrays(
     }
 
 
-def _columns(df: pd.DataFrame, methods: Sequence[str], what: str) -> tuple[dict[str, np.ndarray], int]:
-    ok = df[df["status"] == "ok"]
-    if ok.empty:
-        raise ConfigError(f"the {what} scores have no row with status 'ok'")
-    missing = [m for m in methods if m not in ok.columns]
-    if missing:
-        raise ConfigError(f"the {what} scores have no column(s) {missing}")
-    return {m: ok[m].to_numpy(dtype=np.float64) for m in methods}, int(len(df) - len(ok))
+def method_scores(table: ScoreTable, methods: Sequence[str], what: str) -> tuple[dict[str, np.ndarray], int]:
+    """The ok rows' ``methods`` columns (only those and ``status`` are read) and the error count."""
+    table.require(methods, what)
+    ok = table.read(list(methods), OK)
+    if ok.num_rows == 0:
+        raise ConfigError(f"the {what} have no row with status 'ok'")
+    return ({m: ok.column(m).to_numpy(zero_copy_only=False).astype(np.float64) for m in methods},
+            table.count(NOT_OK))
 
 
-def evaluate_frames(
-    heldout: pd.DataFrame,
-    ood: Mapping[str, pd.DataFrame],
+def evaluate_tables(
+    heldout: ScoreTable,
+    ood: Mapping[str, ScoreTable],
     methods: Sequence[str] = DEFAULT_METHODS,
     tpr: float = 0.95,
-) -> dict[str, Any]:
-    """Evaluate score-job frames; rows with ``status='error'`` are left out and counted."""
-    from odin_engine.decide.calibration import check_same_settings, settings_of
+    heldout_cols: tuple[dict[str, np.ndarray], int] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate score tables; rows with ``status='error'`` are left out and counted.
 
+    Returns ``(evaluation, scores)``: the evaluation document and the score arrays it used
+    (``{"heldout": {method: array}, "ood": {set: {method: array}}}``, for the report's ROC
+    curves). Labelled sets are held in memory (their method columns only); the corpus is not read.
+    """
     if not ood:
         raise ConfigError("evaluation needs at least one labelled OOD set")
-    h_set = settings_of(heldout, "odin", "held-out")
-    id_cols, id_err = _columns(heldout, methods, "held-out")
+    h_set = heldout.settings("held-out scores")
+    if h_set is None:
+        raise ConfigError("the held-out scores have no row with status 'ok'")
+    id_cols, id_err = heldout_cols or method_scores(heldout, methods, "held-out scores")
     ood_cols, errors = {}, {}
-    for name, df in ood.items():
-        check_same_settings(h_set, settings_of(df, "odin", f"OOD set {name!r}"))
-        ood_cols[name], errors[name] = _columns(df, methods, f"OOD set {name!r}")
+    for name, table in ood.items():
+        what = f"OOD set {name!r}"
+        check_same_settings(h_set, table.settings(f"{what} scores") or h_set, what)
+        ood_cols[name], errors[name] = method_scores(table, methods, f"{what} scores")
     out = evaluate_arrays(id_cols, ood_cols, methods, tpr)
     out["n_id_errors"] = id_err
     for name in out["sets"]:
         out["sets"][name]["n_errors"] = errors[name]
     out.update({k: h_set[k] for k in ("model_id", "temperature", "epsilon")})
-    return out
+    return out, {"heldout": id_cols, "ood": ood_cols}

@@ -35,7 +35,6 @@ BILINEAR (the score job's ``crop`` policy).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from datetime import datetime, timezone
@@ -46,7 +45,7 @@ import numpy as np
 
 from odin_engine.errors import ConfigError
 from odin_engine.scorer import OdinScorer
-from odin_engine.settings import DEFAULT_EPSILON, DEFAULT_TEMPERATURE, validate_epsilon, validate_temperature
+from odin_engine.settings import DEFAULT_TEMPERATURE, OdinSettings, validate_epsilon, validate_temperature
 
 PAPER_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 PAPER_EPSILONS = tuple(float(e) for e in np.round(np.linspace(0.0, 0.004, 21), 6))
@@ -157,46 +156,16 @@ def tuning_document(result: Mapping[str, Any], model_id: str, sources: Mapping[s
 
 
 def load_tuning(path: str | Path, *, expect_model_id: str | None = None) -> tuple[float, float]:
-    """``(T, ε)`` from a ``tuning.json`` written by ``odin-audit tune``.
-
-    With ``expect_model_id``, a file tuned for another model is refused.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"tuning file not found: {p} (write one with `odin-audit tune`)")
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"tuning file {p} is not valid JSON: {exc}") from exc
-    if not isinstance(doc, dict) or "temperature" not in doc or "epsilon" not in doc:
-        raise ConfigError(f"tuning file {p} needs numeric 'temperature' and 'epsilon' fields")
-    try:
-        t = validate_temperature(doc["temperature"])
-        e = validate_epsilon(doc["epsilon"])
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"tuning file {p}: {exc}") from exc
-    if expect_model_id and doc.get("model_id") and doc["model_id"] != expect_model_id:
-        raise ConfigError(
-            f"tuning file {p} was tuned for model {doc['model_id']}, not {expect_model_id}: re-run `odin-audit tune`"
-        )
-    return t, e
+    """``(T, ε)`` from a ``tuning.json`` (:meth:`odin_engine.settings.OdinSettings.from_tuning`)."""
+    s = OdinSettings.from_tuning(path, expect_model_id=expect_model_id)
+    return s.temperature, s.epsilon
 
 
 def resolve_settings(tuning: str | Path | None, temperature: float | None,
                      epsilon: float | None) -> tuple[float, float, str]:
-    """(T, ε, where they came from) for the score and audit commands.
-
-    ``tuning`` (a tuning.json) and explicit ``temperature``/``epsilon`` exclude each other;
-    with neither, the paper's defaults T=1000, ε=0.0014 apply.
-    """
-    if tuning and (temperature is not None or epsilon is not None):
-        raise ConfigError("give either --tuning or --temperature/--epsilon, not both")
-    if tuning:
-        t, e = load_tuning(tuning)
-        return t, e, f"tuning file {tuning}"
-    t = validate_temperature(DEFAULT_TEMPERATURE if temperature is None else temperature)
-    e = validate_epsilon(DEFAULT_EPSILON if epsilon is None else epsilon)
-    return t, e, "flags" if (temperature is not None or epsilon is not None) else "defaults"
+    """(T, ε, where they came from): a thin adapter over :meth:`OdinSettings.resolve`."""
+    s = OdinSettings.resolve(tuning, temperature, epsilon)
+    return s.temperature, s.epsilon, s.origin
 
 
 # --------------------------------------------------------------------------- image sources

@@ -10,6 +10,7 @@ anonymously).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -82,42 +83,142 @@ def read_bytes(uri: str) -> bytes:
 
 
 class Store:
-    """One output location (local path, ``file://``, ``s3://``, ``gs://``) over ``pyarrow.fs``."""
+    """One output location (local path, ``file://``, ``s3://``, ``gs://``) over ``pyarrow.fs``.
+
+    ``p(*parts)`` is a path inside ``fs``, ``uri(*parts)`` its user-facing form, ``join(*parts)``
+    a Store for a sub-folder. Writes are atomic per file: write-then-rename on local disks; a
+    single PUT (or a multipart upload, which becomes visible only when complete) on object stores.
+    Nothing is created locally for an object-store root.
+    """
 
     def __init__(self, root: str):
+        root = str(root)
         self.root_uri = root.rstrip("/") if root != "/" else root
         self.fs, self.path = resolve(self.root_uri)
+
+    def __repr__(self) -> str:
+        return f"Store({self.root_uri!r})"
+
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.fs, pafs.LocalFileSystem)
 
     def p(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
 
     def uri(self, *parts: str) -> str:
-        if isinstance(self.fs, pafs.LocalFileSystem):
+        if self.is_local:
             return self.p(*parts)
         return f"{self.root_uri.split('://', 1)[0]}://{self.p(*parts)}"
 
+    def join(self, *parts: str) -> "Store":
+        """A Store for ``<root>/<parts…>`` on the same filesystem."""
+        child = object.__new__(Store)
+        child.root_uri, child.fs, child.path = self.uri(*parts), self.fs, self.p(*parts)
+        return child
+
+    # ---------------------------------------------------------------- look
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.p(*parts)).type != pafs.FileType.NotFound
+
+    def is_file(self, *parts: str) -> bool:
+        return self.fs.get_file_info(self.p(*parts)).type == pafs.FileType.File
 
     def listdir(self, *parts: str, recursive: bool = False) -> list[pafs.FileInfo]:
         sel = pafs.FileSelector(self.p(*parts), recursive=recursive, allow_not_found=True)
         return [i for i in self.fs.get_file_info(sel)]
 
+    # ---------------------------------------------------------------- read
+    def read_bytes(self, name: str) -> bytes:
+        with self.fs.open_input_stream(self.p(name)) as fh:
+            return fh.read()
+
+    def read_text(self, name: str) -> str | None:
+        return self.read_bytes(name).decode("utf-8") if self.is_file(name) else None
+
     def read_json(self, name: str) -> dict | None:
         if not self.exists(name):
             return None
-        with self.fs.open_input_stream(self.p(name)) as fh:
-            return json.loads(fh.read().decode())
+        return json.loads(self.read_bytes(name).decode())
 
-    def write_json(self, name: str, obj: dict) -> None:
-        """Write-then-rename (atomic on local disks; a single PUT on object stores)."""
-        data = (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode()
-        self.fs.create_dir(self.path, recursive=True)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = self.p(f".{name}.{uuid.uuid4().hex}.tmp")
-            with self.fs.open_output_stream(tmp) as fh:
-                fh.write(data)
-            os.replace(tmp, self.p(name))
+    # ---------------------------------------------------------------- write (atomic per file)
+    def write_bytes(self, name: str, data: bytes) -> str:
+        """Write ``data`` to ``<root>/<name>`` atomically; returns its URI."""
+        target = self.p(name)
+        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        if self.is_local:
+            tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
+            try:
+                with self.fs.open_output_stream(tmp) as fh:
+                    fh.write(data)
+                os.replace(tmp, target)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         else:
-            with self.fs.open_output_stream(self.p(name)) as fh:
+            with self.fs.open_output_stream(target) as fh:
                 fh.write(data)
+        return self.uri(name)
+
+    def write_text(self, name: str, text: str) -> str:
+        return self.write_bytes(name, text.encode("utf-8"))
+
+    def write_json(self, name: str, obj: dict) -> str:
+        return self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n").encode())
+
+    def write_parquet(self, name: str, table: pa.Table, **kwargs) -> str:
+        """One Parquet file, atomically (``kwargs`` go to ``pyarrow.parquet.write_table``)."""
+        import pyarrow.parquet as pq
+
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf, **kwargs)
+        return self.write_bytes(name, buf.getvalue().to_pybytes())
+
+    @contextlib.contextmanager
+    def parquet_writer(self, name: str, schema: pa.Schema, **kwargs):
+        """A ``pyarrow.parquet.ParquetWriter`` for ``<root>/<name>``, streamed batch by batch and
+        published atomically when the block ends without error (local: temp file + rename; object
+        stores: the upload completes on close). On error the partial file is removed."""
+        import pyarrow.parquet as pq
+
+        target = self.p(name)
+        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        tmp = (posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
+               if self.is_local else target)
+        sink = self.fs.open_output_stream(tmp)
+        writer = pq.ParquetWriter(sink, schema, **kwargs)
+        try:
+            yield writer
+        except BaseException:
+            writer.close()
+            sink.close()
+            with contextlib.suppress(OSError):
+                self.fs.delete_file(tmp)
+            raise
+        writer.close()
+        sink.close()
+        if self.is_local:
+            os.replace(tmp, target)
+
+    def delete(self, *parts: str) -> None:
+        """Remove a file or a folder (recursively); a missing one is fine."""
+        info = self.fs.get_file_info(self.p(*parts))
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(info.path)
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(info.path)
+
+
+def _json_default(o):
+    """numpy scalars and arrays as plain JSON; anything else as its ``str``."""
+    import numpy as np
+
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.bool_):
+        return bool(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)

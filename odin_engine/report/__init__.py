@@ -1,5 +1,5 @@
 """The self-contained HTML audit report."""
 
-from .report import render_report, write_report
+from .report import display_scale, histogram_edges, render_report
 
-__all__ = ["render_report", "write_report"]
+__all__ = ["display_scale", "histogram_edges", "render_report"]

@@ -1,10 +1,15 @@
 """A self-contained HTML audit report: every plot and thumbnail is embedded as a base64 PNG.
 
-Sections: run metadata and the calibrated threshold; score histograms of the held-out
-in-distribution set vs the corpus with δ marked; ROC curves per labelled OOD set (MSP, energy,
-ODIN) with the evaluation table; per-class outlier rates; a gallery of the most anomalous corpus
-images with their scores; the images that could not be scored. Plots use matplotlib's Agg
-backend (no display needed); the page has no script and loads nothing from the network.
+Sections: the calibrated threshold and the decision; the score runs (how many images each
+holds, how many were scored by this run and how many reused from an earlier one); score
+histograms of the held-out in-distribution set vs the corpus with δ marked, on a readable scale
+(:func:`display_scale`); ROC curves per labelled OOD set (MSP, energy, ODIN) with the evaluation
+table; per-class outlier rates; a gallery of the most anomalous corpus images with their scores;
+the images that could not be scored. Plots use matplotlib's Agg backend (no display needed); the
+page has no script and loads nothing from the network.
+
+The report is drawn from aggregates only — histogram counts in fixed bins, per-class counts, a
+bounded top-k gallery, the first error rows — so its cost does not grow with the corpus.
 """
 
 from __future__ import annotations
@@ -12,11 +17,10 @@ from __future__ import annotations
 import base64
 import html
 import io
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
-import pandas as pd
 
 ImageLoader = Callable[[str], np.ndarray]
 THUMB = 96
@@ -71,17 +75,74 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def histogram_png(heldout: np.ndarray, corpus: np.ndarray, delta: float, method: str) -> str:
+@dataclass(frozen=True)
+class DisplayScale:
+    """How scores are drawn: ``x = forward(score)``, monotone, with δ at 0."""
+
+    label: str
+    note: str
+    forward: Callable[[np.ndarray], np.ndarray]
+    inverse: Callable[[np.ndarray], np.ndarray]
+
+
+def display_scale(method: str, delta: float, temperature: float = 1.0) -> DisplayScale:
+    """A readable axis for ``method``'s scores, with δ at 0.
+
+    ODIN and MSP are softmax probabilities; at temperature T they squeeze towards ``1/C`` (at
+    T = 1000 every ODIN score lies in about 0.1000–0.1020 for 10 classes). Plotted as
+    ``T·ln(score/δ)`` they are in the model's logit units again (``T·ln softmax`` is a logit minus
+    ``T·logsumexp(f/T)``). Energy and max-logit already are in logit units: ``score − δ``.
+    Every transform is increasing, so order, threshold and flags are unchanged.
+    """
+    d = float(delta)
+    if method in ("odin", "msp") and d > 0:
+        t = float(temperature) if method == "odin" else 1.0
+        tl = f"{t:g}·" if t != 1.0 else ""
+        return DisplayScale(
+            f"{tl}ln({method} score / δ)   (0 = δ; higher = more in-distribution)",
+            (f"{method} scores are softmax probabilities" + (f" at temperature T = {t:g}" if t != 1.0 else "")
+             + f"; they squeeze into a narrow band near 1/(number of classes) (here δ = {d:.6g}). The axis shows "
+             f"{tl}ln(score/δ), which is in the model's logit units: 0 is the threshold, −1 means one logit unit "
+             "below it. The transform is increasing, so the order of images, the threshold and the flags are "
+             "those of the raw scores."),
+            lambda s: t * np.log(np.asarray(s, np.float64) / d),
+            lambda x: d * np.exp(np.asarray(x, np.float64) / t))
+    return DisplayScale(
+        f"{method} score − δ   (0 = δ; higher = more in-distribution)",
+        f"{method} scores are in logit units; the axis shows score − δ (δ = {d:.6g}), so 0 is the threshold.",
+        lambda s: np.asarray(s, np.float64) - d,
+        lambda x: np.asarray(x, np.float64) + d)
+
+
+def histogram_edges(scale: DisplayScale, heldout: np.ndarray, lo: float, hi: float, bins: int = 60) -> np.ndarray:
+    """Raw-score bin edges that are equally wide on ``scale``, covering the held-out scores and the
+    corpus range ``[lo, hi]`` (the corpus side is counted while flagging, in these fixed bins)."""
+    h = np.asarray(heldout, np.float64)
+    lows = [v for v in ((float(h.min()) if h.size else np.inf), lo) if np.isfinite(v)]
+    highs = [v for v in ((float(h.max()) if h.size else -np.inf), hi) if np.isfinite(v)]
+    raw_lo, raw_hi = (min(lows), max(highs)) if lows else (0.0, 1.0)
+    x_lo, x_hi = float(scale.forward(np.array([raw_lo]))[0]), float(scale.forward(np.array([raw_hi]))[0])
+    if not x_hi > x_lo:
+        x_hi = x_lo + 1e-9
+    edges = scale.inverse(np.linspace(x_lo, x_hi, bins + 1))
+    edges[0], edges[-1] = raw_lo, max(raw_hi, edges[-2])
+    return np.maximum.accumulate(edges)
+
+
+def histogram_png(edges: np.ndarray, heldout: np.ndarray, corpus: np.ndarray, scale: DisplayScale) -> str:
+    """Both count vectors (in bins ``edges`` of raw scores) as densities on ``scale``'s axis."""
     plt = _mpl()
     fig, ax = plt.subplots(figsize=(7, 3.6))
-    both = np.concatenate([heldout, corpus]) if len(corpus) else heldout
-    lo, hi = float(np.min(both)), float(np.max(both))
-    bins = np.linspace(lo, hi if hi > lo else lo + 1e-9, 50)
-    ax.hist(heldout, bins=bins, alpha=0.55, density=True, label=f"held-out in-distribution (n={len(heldout)})")
-    if len(corpus):
-        ax.hist(corpus, bins=bins, alpha=0.55, density=True, label=f"corpus (n={len(corpus)})")
-    ax.axvline(delta, color="crimson", lw=2, label=f"δ = {delta:.6g}")
-    ax.set_xlabel(f"{method} score (higher = more in-distribution)")
+    x = scale.forward(np.asarray(edges, np.float64))
+    for counts, label in ((heldout, "held-out in-distribution"), (corpus, "corpus")):
+        counts = np.asarray(counts, np.float64)
+        n = counts.sum()
+        if n:
+            widths = np.diff(x)
+            dens = np.divide(counts, n * widths, out=np.zeros_like(counts), where=widths > 0)
+            ax.stairs(dens, x, fill=True, alpha=0.5, label=f"{label} (n={int(n)})")
+    ax.axvline(0.0, color="crimson", lw=2, label="δ")
+    ax.set_xlabel(scale.label)
     ax.set_ylabel("density")
     ax.legend(fontsize=8)
     return _png(fig)
@@ -128,25 +189,43 @@ background:#eee;display:flex;align-items:center;justify-content:center;color:#88
 """
 
 
+def _runs_table(runs: Mapping[str, Mapping[str, Any]]) -> str:
+    rows = []
+    for name, r in runs.items():
+        c = r.get("counts", {})
+        scored, reused = r.get("scored_this_run"), r.get("already_done")
+        rows.append([name, c.get("total", ""), c.get("ok", ""), c.get("error", ""), scored, reused,
+                     "yes" if r.get("exactly_once") else "NO"])
+    return _table(rows, ["set", "images", "ok", "errors", "scored by this run", "reused from earlier runs",
+                         "exactly once"])
+
+
 def render_report(
     *,
     calibration: Mapping[str, Any],
-    heldout: pd.DataFrame,
-    flags: pd.DataFrame,
     summary: Mapping[str, Any],
+    histogram: Mapping[str, Any],
+    gallery: Any,
+    errors: Sequence[tuple[str, str]] = (),
     evaluation: Mapping[str, Any] | None = None,
-    ood: Mapping[str, pd.DataFrame] | None = None,
+    roc_scores: Mapping[str, Any] | None = None,
+    runs: Mapping[str, Mapping[str, Any]] | None = None,
     metadata: Mapping[str, Any] | None = None,
-    gallery_size: int = 24,
     image_loader: ImageLoader | None = default_image_loader,
     title: str = "odin-audit report",
 ) -> str:
-    """The report as one HTML string (see the module docstring)."""
+    """The report as one HTML string (see the module docstring).
+
+    ``histogram``: ``{"edges": raw-score bin edges, "heldout": counts, "corpus": counts}``;
+    ``gallery``: the lowest-scoring ok corpus rows (a ``pyarrow.Table`` or DataFrame with
+    ``image_id, uri, score, margin, rank, is_outlier[, pred]``), ascending; ``errors``: the first
+    error rows as ``(image_id, message)``; ``roc_scores``: as returned by
+    :func:`odin_engine.decide.evaluation.evaluate_tables`; ``runs``: the score runs
+    (``counts``, ``scored_this_run``, ``already_done``, ``exactly_once``).
+    """
     method = calibration["method"]
     delta = float(calibration["delta"])
-    h_ok = heldout[heldout["status"] == "ok"][method].to_numpy(np.float64)
-    ok = flags[flags["status"] == "ok"]
-    c_scores = ok["score"].to_numpy(np.float64)
+    scale = display_scale(method, delta, float(calibration.get("temperature") or 1.0))
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_esc(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"]
 
@@ -164,20 +243,27 @@ def render_report(
         ["outliers (score < δ)", f"{s['n_outliers']} ({100 * (s['outlier_rate'] or 0):.2f}% of scored)"],
     ], ["field", "value"]))
 
-    parts.append("<h2>Score distributions</h2>")
-    parts.append(_img_tag(histogram_png(h_ok, c_scores, delta, method), "score histograms"))
-    parts.append("<p class='note'>Images left of the red line (score &lt; δ) are flagged as outliers.</p>")
+    if runs:
+        resumed = sum(int(r.get("already_done") or 0) for r in runs.values())
+        parts.append("<h2>Score runs</h2>")
+        parts.append(_runs_table(runs))
+        parts.append("<p class='note'>Every image of each set is audited, whichever run scored it"
+                     + (f": {resumed} images were scored by an earlier run of this audit and reused "
+                        "(resumed), not scored again." if resumed else ".") + "</p>")
 
-    if evaluation and ood:
+    parts.append("<h2>Score distributions</h2>")
+    edges = np.asarray(histogram["edges"], np.float64)
+    parts.append(_img_tag(histogram_png(edges, histogram["heldout"], histogram["corpus"], scale), "score histograms"))
+    parts.append(f"<p class='note'>Images left of the red line (score &lt; δ) are flagged as outliers. "
+                 f"{_esc(scale.note)}</p>")
+
+    if evaluation and roc_scores:
         parts.append("<h2>Labelled OOD sets</h2><div class='rocs'>")
         methods = list(evaluation["methods"])
-        h_all = heldout[heldout["status"] == "ok"]
-        for name, df in ood.items():
-            d_ok = df[df["status"] == "ok"]
-            parts.append(_img_tag(
-                roc_png({m: h_all[m].to_numpy(np.float64) for m in methods},
-                        {m: d_ok[m].to_numpy(np.float64) for m in methods}, f"ROC: held-out ID vs {name}"),
-                f"ROC curve {name}"))
+        for name, per_method in roc_scores["ood"].items():
+            parts.append(_img_tag(roc_png({m: roc_scores["heldout"][m] for m in methods},
+                                          {m: per_method[m] for m in methods}, f"ROC: held-out ID vs {name}"),
+                                  f"ROC curve {name}"))
         parts.append("</div>")
         rows = []
         for name, entry in evaluation["sets"].items():
@@ -196,30 +282,31 @@ def render_report(
         parts.append(_table([[c.get("class_name", c["pred"]), c["n"], c["n_outliers"], f"{100 * c['outlier_rate']:.2f}"]
                              for c in per_class], ["predicted class", "images", "outliers", "outlier %"]))
 
-    worst = ok.sort_values(["score", "image_id"]).head(gallery_size)
+    worst = gallery.to_pylist() if hasattr(gallery, "to_pylist") else gallery.to_dict("records")
     parts.append(f"<h2>Most anomalous images ({len(worst)} lowest scores)</h2>"
                  "<p class='note'>Red frame: flagged (score &lt; δ); green: kept.</p><div class='gallery'>")
-    for _, r in worst.iterrows():
+    for r in worst:
+        pred = r.get("pred")
         cap = (f"#{int(r['rank'])} {_esc(r['image_id'])}<br>{method}={float(r['score']):.5g}"
-               f"<br>margin={float(r['margin']):.3g}" + (f"<br>pred={int(r['pred'])}" if "pred" in r and pd.notna(r["pred"]) else ""))
+               f"<br>margin={float(r['margin']):.3g}" + (f"<br>pred={int(pred)}" if pred is not None and pred == pred else ""))
         thumb = "<div class='missing'>no image</div>"
         if image_loader is not None:
             try:
                 thumb = _img_tag(array_png(image_loader(str(r["uri"]))), str(r["image_id"]), cls="thumb")
             except Exception as exc:  # noqa: BLE001 - a thumbnail that cannot be read is shown as such
                 thumb = f"<div class='missing' title='{_esc(exc)}'>unreadable</div>"
-        is_out = bool(r["is_outlier"]) if pd.notna(r["is_outlier"]) else False
+        is_out = bool(r["is_outlier"])
         cap += "<br><b>outlier</b>" if is_out else "<br>kept (score ≥ δ)"
         parts.append(f"<div class='card{' outlier' if is_out else ''}'>{thumb}<div>{cap}</div></div>")
     parts.append("</div>")
 
-    err = flags[flags["status"] != "ok"]
-    parts.append(f"<h2>Images that could not be scored ({len(err)})</h2>")
-    if len(err):
-        parts.append(_table([[r["image_id"], r.get("error", "")] for _, r in err.head(200).iterrows()],
-                            ["image_id", "error"]))
-        if len(err) > 200:
-            parts.append(f"<p class='note'>… and {len(err) - 200} more (see flags/flags.parquet).</p>")
+    n_err = int(s["n_error"])
+    parts.append(f"<h2>Images that could not be scored ({n_err})</h2>")
+    if n_err:
+        parts.append(_table([[i, e] for i, e in errors], ["image_id", "error"]))
+        if n_err > len(errors):
+            parts.append(f"<p class='note'>… and {n_err - len(errors)} more (the rows of flags/ with "
+                         "status = 'error').</p>")
     else:
         parts.append("<p class='note'>none</p>")
 
@@ -235,12 +322,3 @@ def _compact(v: Any) -> str:
     import json
 
     return json.dumps(v, default=str)[:2000]
-
-
-def write_report(path: str | Path, html_text: str) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(html_text, encoding="utf-8")
-    tmp.replace(p)
-    return p

@@ -1,0 +1,227 @@
+"""Decision stage at scale: peak memory and rows/s of `odin-audit calibrate` on 1M and 8M score rows.
+
+    python -m benchmarks.decision_scale                    # 1M and 8M rows, this code and the baseline
+    python -m benchmarks.decision_scale --sizes 1000000,8000000 --baseline-rev 3a50659
+    python -m benchmarks.decision_scale --audit 300        # also: `audit` peak memory at 300 vs 3000 images
+
+For each size it writes a synthetic score table in the documented schema (files of 131,072 rows,
+random ODIN/MSP/energy scores, 1% error rows, a 10,000-row held-out table), then runs
+``odin-audit calibrate`` on it **as a subprocess** and samples the resident memory (RSS) of that
+process and all its children every 0.05 s. Printed: peak RSS, wall time and rows/s per size, and
+the ratios 8M/1M. The baseline is the in-memory decision stage as of ``--baseline-rev`` (the
+commit before the streaming one), extracted with ``git archive`` into a temporary folder and run
+the same way in the same process, so both are measured under the same machine load.
+
+``--audit N`` measures the whole ``odin-audit audit`` (local Ray cluster, scoring included) on N
+and 10·N generated 32×32 images with a random ResNet-20 and 200 held-out images: the ratio of the
+peak RSS of the process tree (driver + Ray processes it started) is the figure to compare with 1.3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+FILE_ROWS = 131_072
+
+
+def synthetic_scores(n: int, out: Path, seed: int, prefix: str, error_rate: float = 0.01) -> Path:
+    """``n`` rows in the score schema under ``out/scores/part-*.parquet``, written chunk by chunk."""
+    sys.path.insert(0, str(REPO))
+    from odin_engine.io.scores import output_schema
+
+    schema = output_schema()
+    d = out / "scores"
+    d.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for k, start in enumerate(range(0, n, FILE_ROWS)):
+        m = min(FILE_ROWS, n - start)
+        err = rng.uniform(size=m) < error_rate
+        ok = ~err
+        odin = 0.1 + rng.gamma(2.0, 2e-4, m)
+        cols = {
+            "image_id": pa.array([f"{prefix}/{i // 1000:06d}/img-{i:09d}.jpg" for i in range(start, start + m)]),
+            "uri": pa.array([f"s3://bucket/{prefix}/{i:09d}.jpg" for i in range(start, start + m)]),
+            "status": pa.array(np.where(ok, "ok", "error")),
+            "error": pa.array(np.where(ok, None, "cannot identify image file")),
+            "width": pa.array(np.where(ok, 32, 0).astype(np.int32), mask=err),
+            "height": pa.array(np.where(ok, 32, 0).astype(np.int32), mask=err),
+            "pred": pa.array(rng.integers(0, 10, m), mask=err),
+            "msp": pa.array(rng.uniform(0.1, 1.0, m), mask=err),
+            "max_logit": pa.array(rng.normal(5, 2, m), mask=err),
+            "energy": pa.array(rng.normal(6, 2, m), mask=err),
+            "odin": pa.array(odin, mask=err),
+            "temperature": pa.array(np.full(m, 1000.0)),
+            "epsilon": pa.array(np.full(m, 0.0014)),
+            "model_id": pa.array(["cifar_resnet20@sha256:0123456789ab"] * m),
+            "run_id": pa.array(["bench"] * m),
+            "scored_at": pa.array(np.full(m, np.datetime64("2026-01-01T00:00:00", "us")), pa.timestamp("us", tz="UTC")),
+        }
+        pq.write_table(pa.Table.from_pydict(cols, schema=schema), d / f"part-{k:05d}.parquet")
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                pass
+    return kids
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants (from /proc)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            continue
+        todo += _children(p)
+    return total
+
+
+def measure(cmd: list[str], env: dict, cwd: Path, interval: float = 0.05) -> dict:
+    """Run ``cmd``; its wall time and the peak RSS of its process tree."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+
+    def sample() -> None:
+        while proc.poll() is None:
+            peak[0] = max(peak[0], tree_rss(proc.pid))
+            time.sleep(interval)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    th.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:6])} … exited {proc.returncode}: {err[-2000:]}")
+    return {"wall_s": wall, "peak_rss": peak[0], "stdout": out}
+
+
+def baseline_tree(rev: str, dest: Path) -> Path | None:
+    """The code of ``rev`` (odin_engine/ and jobs/) extracted into ``dest``; None without git/rev."""
+    try:
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", rev, "odin_engine", "jobs"],
+                                 capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"baseline: cannot extract {rev} ({exc}); measuring this code only", flush=True)
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
+
+
+def calibrate_cmd(scores: Path, heldout: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "calibrate", "--scores", str(scores), "--heldout-scores", str(heldout),
+            "--output", str(out)]
+
+
+def run_calibrate(sizes: list[int], rev: str | None, work: Path) -> None:
+    heldout = synthetic_scores(10_000, work / "heldout", 1, "held")
+    trees = {"streaming (this code)": REPO}
+    if rev:
+        old = baseline_tree(rev, work / "baseline")
+        if old is not None:
+            trees[f"in-memory ({rev})"] = old
+    results: dict[str, dict[int, dict]] = {name: {} for name in trees}
+    for n in sizes:
+        t0 = time.perf_counter()
+        corpus = synthetic_scores(n, work / f"corpus-{n}", 2, "corpus")
+        print(f"built {n:,} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+        for name, tree in trees.items():
+            env = dict(os.environ, PYTHONPATH=str(tree))
+            r = measure(calibrate_cmd(corpus, heldout, work / f"out-{n}-{abs(hash(name))}"), env, work)
+            results[name][n] = r
+            print(f"  {name:<28} {n:>10,} rows: peak RSS {r['peak_rss'] / 2**20:8.0f} MiB, "
+                  f"{r['wall_s']:6.1f} s, {n / r['wall_s']:>10,.0f} rows/s", flush=True)
+        subprocess.run(["rm", "-rf", str(corpus)], check=False)
+    print()
+    lo, hi = min(sizes), max(sizes)
+    for name, per in results.items():
+        if lo in per and hi in per and lo != hi:
+            print(f"{name}: peak RSS {hi:,} / {lo:,} rows = {per[hi]['peak_rss'] / per[lo]['peak_rss']:.2f}x "
+                  f"(target <= 1.5x); rows/s at {hi:,} = {hi / per[hi]['wall_s']:,.0f}")
+    names = list(results)
+    if len(names) == 2:
+        new, old = results[names[0]], results[names[1]]
+        for n in sizes:
+            if n in new and n in old:
+                print(f"{n:>10,} rows: streaming / in-memory rows/s = {old[n]['wall_s'] / new[n]['wall_s']:.2f}x, "
+                      f"peak RSS = {new[n]['peak_rss'] / old[n]['peak_rss']:.2f}x")
+
+
+def run_audit(n: int, work: Path) -> None:
+    """Whole `odin-audit audit` (local Ray, scoring included) on n and 10·n images."""
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from _odin_helpers import noise_images, random_weights, smooth_images
+
+    weights = random_weights(work / "w.pt")
+
+    def write(d: Path, imgs: np.ndarray) -> Path:
+        d.mkdir(parents=True, exist_ok=True)
+        for i, a in enumerate(imgs):
+            Image.fromarray(a).save(d / f"{i:06d}.png")
+        return d
+
+    held = write(work / "held", smooth_images(200, 1))
+    peaks = {}
+    for size in (n, 10 * n):
+        corpus = write(work / f"corpus-{size}", np.concatenate([smooth_images(size - size // 10, 2),
+                                                                 noise_images(size // 10, 3)]))
+        cmd = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(corpus), "--heldout", str(held),
+               "--output", str(work / f"audit-{size}"), "--model", "cifar_resnet20", "--weights", str(weights),
+               "--workers", "1", "--quiet"]
+        r = measure(cmd, dict(os.environ, PYTHONPATH=str(REPO)), work, interval=0.2)
+        peaks[size] = r["peak_rss"]
+        print(f"  audit {size:>7,} images: peak RSS of the process tree {r['peak_rss'] / 2**20:8.0f} MiB, "
+              f"{r['wall_s']:6.1f} s", flush=True)
+    print(f"audit: peak RSS {10 * n:,} / {n:,} images = {peaks[10 * n] / peaks[n]:.2f}x (target <= 1.3x)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="1000000,8000000", help="corpus rows, comma-separated")
+    ap.add_argument("--baseline-rev", default="3a50659",
+                    help="git revision of the in-memory baseline ('' to skip it)")
+    ap.add_argument("--audit", type=int, default=0, metavar="N", help="also measure `audit` on N and 10·N images")
+    ap.add_argument("--skip-calibrate", action="store_true", help="only the --audit measurement")
+    args = ap.parse_args(argv)
+    print(f"load: {os.getloadavg()}; cpus: {os.cpu_count()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="odin-decision-scale-") as tmp:
+        work = Path(tmp)
+        if not args.skip_calibrate:
+            run_calibrate([int(s) for s in args.sizes.split(",") if s], args.baseline_rev or None, work)
+        if args.audit:
+            run_audit(args.audit, work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
