@@ -5,6 +5,7 @@ every bad configuration of the new flags exits 2 with nothing written."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,13 @@ def test_nightly_audits_with_a_frozen_calibration_history_and_drift_alarm(ray_he
     assert rows["n_flagged"].iloc[1] == doc3["summary"]["n_outliers"]
     report = (out3 / "report.html").read_text()
     assert "<h2>History</h2>" in report and "2 audit(s); 1 drift alarm(s)" in report
+
+
+def test_readme_scheduled_audits_lists_every_exit_code():
+    from jobs.audit import EXIT_CODES
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Scheduled audits"):]
+    section = section[:section.index("\n## ", 1)]
+    assert sorted(int(c) for c in re.findall(r"^\| (\d) \|", section, re.M)) == sorted(EXIT_CODES)
+    assert "--calibration" in section and "--history" in section and "--fail-on-drift" in section
