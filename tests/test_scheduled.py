@@ -111,12 +111,44 @@ def _audit(argv: list[str], env: dict) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_nightly_audits_with_a_frozen_calibration_history_and_drift_alarm(ray_head, demo, tmp_path):
+    """The demo's digits: held-out 100, an in-distribution night of 60, a night of 40 digits + 20 noise/photos."""
     root, weights = demo
-    model = ["--model", "odin_engine.demo.model:build", "--weights", str(weights), "--quiet"]
+    _three_nights(ray_head.env, tmp_path, root, ["--model", "odin_engine.demo.model:build", "--weights", str(weights)],
+                  n_night=60, is_ood=lambda ids: ids.str.startswith(("noise", "photo")))
+
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.testbed
+@pytest.mark.skipif(not (SHARED / "ood" / "mnist_test_pad.npz").is_file(),
+                    reason="../shared/data (CIFAR-10 test set, MNIST, ResNet-20 weights) is not present")
+def test_nightly_audits_cifar10_resnet20_a_third_mnist(ray_head, tmp_path):
+    """Issue #10's words: with a frozen calibration an in-distribution night exits 0 and a night with a
+    third of it MNIST exits 3 under --fail-on-drift 0.01 (ResNet-20 on the CIFAR-10 test set)."""
+    cifar = np.load(SHARED / "cifar10_test_jpeg_yoongikim.npz", allow_pickle=False)["images"]
+    mnist = np.load(SHARED / "ood" / "mnist_test_pad.npz", allow_pickle=False)["images"]
+    order = np.random.default_rng(0).permutation(len(cifar))
+    root = tmp_path / "data"
+    _write(root / "heldout", cifar[order[:200]], "cifar")
+    _write(root / "night2", cifar[order[200:350]], "cifar")
+    _write(root / "night3", cifar[order[350:450]], "cifar")
+    _write(root / "night3", mnist[np.random.default_rng(1).permutation(len(mnist))[:50]], "mnist")
+    weights = SHARED / "weights" / "resnet20-12fca82f.th"
+    _three_nights(ray_head.env, tmp_path, root, ["--model", "cifar_resnet20", "--weights", str(weights)],
+                  n_night=150, is_ood=lambda ids: ids.str.startswith("mnist"))
+
+
+def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_night: int, is_ood) -> None:
+    """Night 1 calibrates on root/heldout (its corpus: root/night2); night 2 (root/night2, in
+    distribution) and night 3 (root/night3, a third OOD) reuse that calibration, append to one history
+    and test for drift at 0.01."""
+    model = [*model, "--quiet"]
     # night 1 (the calibrating audit): δ from a held-out set
     cal_dir = tmp_path / "calibrations"
     first = _audit(["--corpus", str(root / "night2"), "--heldout", str(root / "heldout"), "--output", str(cal_dir),
-                    *model], ray_head.env)
+                    *model], env)
     assert first.returncode == 0, first.stderr[-3000:]
     cal = json.loads((cal_dir / "calibration.json").read_text())
     assert cal["n_heldout"] == 100 and (cal["temperature"], cal["epsilon"]) == (1000.0, 0.0014)
@@ -134,7 +166,7 @@ def test_nightly_audits_with_a_frozen_calibration_history_and_drift_alarm(ray_he
     toml.write_text(f'[audit]\ncorpus = "{root / "night2"}"\nheldout = "{root / "heldout"}"\n'
                     f'calibration = "{cal_dir}"\nhistory = "{history}"\nfail-on-drift = 0.01\n'
                     f'temperature = 1000.0\nepsilon = 0.0014\ntpr = 0.95\n')
-    second = _audit(["--config", str(toml), "--output", str(out2), *model], ray_head.env)
+    second = _audit(["--config", str(toml), "--output", str(out2), *model], env)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "--heldout" in second.stderr and "ignored" in second.stderr
     doc2 = json.loads((out2 / "audit.json").read_text())
@@ -144,22 +176,22 @@ def test_nightly_audits_with_a_frozen_calibration_history_and_drift_alarm(ray_he
     assert cal2["frozen_from"] == str(cal_dir) and cal2["created_at"] == cal["created_at"]
     assert doc2["drift"]["alarm"] is False and doc2["drift"]["p_value"] >= 0.01
     rows = read_history(Store(str(history)))
-    assert len(rows) == 1 and rows["n_ok"].iloc[0] == 60 and not rows["alarm"].iloc[0]
+    assert len(rows) == 1 and rows["n_ok"].iloc[0] == n_night and not rows["alarm"].iloc[0]
     assert rows["calibration_from"].iloc[0] == str(cal_dir) and rows["delta"].iloc[0] == cal["delta"]
     assert "<h2>History</h2>" in (out2 / "report.html").read_text()
 
     # night 3, a third of it OOD: the deploy recipe's flags; exit 3 after every output is written
     third = _audit(["--config", str(toml), "--corpus", str(root / "night3"), "--output", str(out3),
                     "--calibration", str(cal_dir / "calibration.json"), "--history", str(history),
-                    "--fail-on-drift", "0.01", *model], ray_head.env)
+                    "--fail-on-drift", "0.01", *model], env)
     assert third.returncode == 3, third.stderr[-3000:]
     assert "DRIFT ALARM: flagged" in third.stderr and "p = " in third.stderr
     for name in ("calibration.json", "flag_summary.json", "report.html", "audit.json"):
         assert (out3 / name).is_file(), name
     assert not (out3 / "heldout").exists()
     flags = pd.read_parquet(out3 / "flags")
-    assert len(flags) == 60
-    ood = flags["image_id"].str.startswith(("noise", "photo"))
+    assert len(flags) == n_night
+    ood = is_ood(flags["image_id"])
     assert flags.loc[ood, "is_outlier"].astype(bool).mean() > 0.5  # the OOD third is what is flagged
     doc3 = json.loads((out3 / "audit.json").read_text())
     assert doc3["drift"]["alarm"] is True and doc3["drift"]["p_value"] < 0.01
