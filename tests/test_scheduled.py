@@ -114,7 +114,7 @@ def test_nightly_audits_with_a_frozen_calibration_history_and_drift_alarm(ray_he
     """The demo's digits: held-out 100, an in-distribution night of 60, a night of 40 digits + 20 noise/photos."""
     root, weights = demo
     _three_nights(ray_head.env, tmp_path, root, ["--model", "odin_engine.demo.model:build", "--weights", str(weights)],
-                  n_night=60, is_ood=lambda ids: ids.str.startswith(("noise", "photo")))
+                  n_heldout=100, n_night=60, is_ood=lambda ids: ids.str.startswith(("noise", "photo")))
 
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
@@ -137,10 +137,11 @@ def test_nightly_audits_cifar10_resnet20_a_third_mnist(ray_head, tmp_path):
     _write(root / "night3", mnist[np.random.default_rng(1).permutation(len(mnist))[:50]], "mnist")
     weights = SHARED / "weights" / "resnet20-12fca82f.th"
     _three_nights(ray_head.env, tmp_path, root, ["--model", "cifar_resnet20", "--weights", str(weights)],
-                  n_night=150, is_ood=lambda ids: ids.str.startswith("mnist"))
+                  n_heldout=200, n_night=150, is_ood=lambda ids: ids.str.startswith("mnist"))
 
 
-def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_night: int, is_ood) -> None:
+def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_heldout: int, n_night: int,
+                  is_ood) -> None:
     """Night 1 calibrates on root/heldout (its corpus: root/night2); night 2 (root/night2, in
     distribution) and night 3 (root/night3, a third OOD) reuse that calibration, append to one history
     and test for drift at 0.01."""
@@ -151,7 +152,7 @@ def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_nig
                     *model], env)
     assert first.returncode == 0, first.stderr[-3000:]
     cal = json.loads((cal_dir / "calibration.json").read_text())
-    assert cal["n_heldout"] == 100 and (cal["temperature"], cal["epsilon"]) == (1000.0, 0.0014)
+    assert cal["n_heldout"] == n_heldout and (cal["temperature"], cal["epsilon"]) == (1000.0, 0.0014)
     assert (cal["input_size"], cal["resize"], len(cal["mean"])) == (32, "crop", 3)  # the scoring settings
     assert "frozen_from" not in cal
     assert json.loads((cal_dir / "audit.json").read_text())["drift"]["p_value"] is not None
@@ -186,6 +187,7 @@ def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_nig
                     "--fail-on-drift", "0.01", *model], env)
     assert third.returncode == 3, third.stderr[-3000:]
     assert "DRIFT ALARM: flagged" in third.stderr and "p = " in third.stderr
+    print(third.stderr.strip().splitlines()[-1])  # the alarm line (README quotes the test bed's)
     for name in ("calibration.json", "flag_summary.json", "report.html", "audit.json"):
         assert (out3 / name).is_file(), name
     assert not (out3 / "heldout").exists()
