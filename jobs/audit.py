@@ -9,14 +9,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
-from jobs.options import add_config_option, add_normalization_options, run_main
+from jobs import options
+from jobs.options import run_main
 from odin_engine.decide.calibration import calibrate_frames, min_heldout, write_json
-from odin_engine.io.scores import SCORE_METHODS, read_scores
+from odin_engine.io.scores import read_scores
 from odin_engine.settings import validate_method, validate_tpr
 from odin_engine.errors import ConfigError
-
-from odin_engine.settings import DEFAULT_EPSILON as DEFAULT_EPS, DEFAULT_TEMPERATURE as DEFAULT_T
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
 def build_parser(parser: argparse.ArgumentParser) -> None:
@@ -27,42 +25,24 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="instead of --heldout: the corpus manifest rows whose `split` column equals NAME "
                              "are the held-out set (and are not flagged)")
     parser.add_argument("--output", metavar="DIR", help="audit output directory; rerun the same command to resume")
-    parser.add_argument("--model", metavar="SPEC", help="cifar_resnet20|32|44|56, torchvision:<name>, …")
-    parser.add_argument("--weights", metavar="W", help="checkpoint file")
-    add_normalization_options(parser)
-    parser.add_argument("--tuning", metavar="JSON", help="tuning.json from `odin-audit tune` (sets T and ε)")
-    parser.add_argument("--temperature", type=float, default=None, help=f"ODIN T; {DEFAULT_T:g} when neither this nor --tuning is given")
-    parser.add_argument("--epsilon", type=float, default=None, help=f"ODIN ε; {DEFAULT_EPS:g} when neither this nor --tuning is given")
-    parser.add_argument("--tpr", type=float, default=0.95, help="share of in-distribution images kept at or above δ")
-    parser.add_argument("--method", default="odin", choices=SCORE_METHODS, help="score that δ thresholds")
+    options.add_model_options(parser)
+    options.add_odin_options(parser)
+    options.add_tpr_option(parser)
+    options.add_method_option(parser)
     parser.add_argument("--ood", metavar="NAME=SRC", action="append", default=None,
                         help="labelled OOD set for evaluation (repeatable)")
     parser.add_argument("--class-names", default=None, help="comma-separated class names for the report")
     parser.add_argument("--gallery", type=int, default=24, help="anomalous images shown in the report")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
-    parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
-    parser.add_argument("--resize", default="crop", choices=("crop", "stretch"),
-                        help="crop: centred square then resize; stretch: resize the whole image")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="allow checkpoints that need arbitrary pickles (can execute code: trusted files only)")
-    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_option(parser)
+    options.add_batch_size_option(parser)
+    options.add_workers_option(parser)
+    options.add_resize_option(parser)
+    options.add_ray_options(parser)
+    options.add_quiet_option(parser)
+    options.add_config_option(parser)
 
 
 def parse_ood(specs: Sequence[str] | None) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for spec in specs or []:
-        name, sep, src = str(spec).partition("=")
-        if not sep or not name or not src:
-            raise ConfigError(f"--ood must be NAME=SRC (e.g. --ood svhn=/data/svhn); got {spec!r}")
-        if not set(name) <= _NAME_OK or name in ("heldout", "corpus"):
-            raise ConfigError(f"--ood name {name!r} must use letters, digits, _ - . and not be heldout/corpus")
-        out.append((name, src))
-    names = [n for n, _ in out]
-    if len(names) != len(set(names)):
-        raise ConfigError(f"--ood names must differ; got {names}")
-    return out
+    return options.parse_named_sources(specs, "--ood", reserved=("heldout", "corpus"), require_name=True)
 
 
 def _validate(args: argparse.Namespace) -> tuple[float, float, str, list[tuple[str, str]]]:

@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jobs.options import add_config_option, run_main
+from jobs import options
+from jobs.options import run_main
 from odin_engine.decide.calibration import calibrate_frames, write_json
-from odin_engine.io.scores import SCORE_METHODS, read_scores
+from odin_engine.io.scores import read_scores
 from odin_engine.settings import validate_method, validate_tpr
 from odin_engine.errors import ConfigError
 from odin_engine.decide.flagging import flag, summarize, write_flags
@@ -19,11 +20,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scores", metavar="DIR", help="the corpus scores: an `odin-audit score` --output directory")
     parser.add_argument("--heldout-scores", metavar="DIR",
                         help="held-out in-distribution scores, made with the same model and settings")
-    parser.add_argument("--tpr", type=float, default=0.95,
-                        help="share of in-distribution images that must stay at or above δ")
-    parser.add_argument("--method", default="odin", choices=SCORE_METHODS, help="score column to threshold")
+    options.add_tpr_option(parser)
+    options.add_method_option(parser)
     parser.add_argument("--output", metavar="DIR", help="writes calibration.json, flags/flags.parquet, flag_summary.json")
-    add_config_option(parser)
+    options.add_config_option(parser)
 
 
 def calibrate_and_flag(

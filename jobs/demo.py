@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from jobs import options
 from jobs.options import run_main
 from odin_engine.errors import ConfigError
 from odin_engine.settings import DEFAULT_EPSILON, DEFAULT_TEMPERATURE
@@ -39,18 +40,16 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                              "(MSP vs energy vs ODIN: FPR@TPR, AUROC, …); 0 skips the evaluation")
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="ODIN temperature T")
     parser.add_argument("--epsilon", type=float, default=DEFAULT_EPSILON, help="ODIN perturbation ε (pixel units)")
-    parser.add_argument("--tpr", type=float, default=0.95, help="share of held-out digits kept above δ")
+    options.add_tpr_option(parser, help="share of held-out digits kept above δ")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the demo model")
-    from odin_engine.demo.model import Recipe, default_cache_dir
-
-    parser.add_argument("--epochs", type=int, default=Recipe().epochs, help="training epochs")
-    parser.add_argument("--cache-dir", metavar="DIR", default=str(default_cache_dir()),
+    # defaults resolved in run(): reading them here would import the model code (torch) for --help
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the demo recipe's)")
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
                         help="trained-model cache, keyed by a hash of the training recipe "
-                             "($ODIN_AUDIT_CACHE, else $XDG_CACHE_HOME/odin-audit, else ~/.cache/odin-audit)")
+                             "(default: $ODIN_AUDIT_CACHE, else $XDG_CACHE_HOME/odin-audit, else ~/.cache/odin-audit)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the cache has the model")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress output from the scoring runs (Ray Data's bars or log lines); "
-                             "the demo's own lines and summary are still printed")
+    options.add_quiet_option(parser, help="no progress output from the scoring runs (Ray Data's bars or log lines); "
+                                          "the demo's own lines and summary are still printed")
     parser.add_argument("--fresh", action="store_true",
                         help="delete an earlier demo's audit outputs under --output first (else the audit resumes "
                              "them, and refuses them if the sizes or settings changed)")
@@ -73,7 +72,7 @@ def _check(args: argparse.Namespace) -> None:
                           f"{min_heldout(args.tpr)} held-out digits")
     if args.corpus_id + args.corpus_ood < 1:
         raise ConfigError("the corpus is empty: give --corpus-id or --corpus-ood > 0")
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         raise ConfigError("--epochs must be >= 1")
 
 
@@ -165,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(audit_out)
     resuming = audit_out.exists()
     # 1. the model: trained once per recipe, then read from the cache
-    recipe = demo_model.Recipe(seed=args.seed, epochs=args.epochs)
+    recipe = demo_model.Recipe(seed=args.seed, **({} if args.epochs is None else {"epochs": args.epochs}))
     weights, info = demo_model.cached_weights(recipe, args.cache_dir, retrain=args.retrain)
     how = "cached" if info.get("cached") else f"trained in {info['train_seconds']:.1f} s"
     print(f"[demo] model {MODEL_SPEC} ({how}; accuracy on the {info['n_unseen']} digits kept out of "
