@@ -37,7 +37,9 @@ def report(tmp_path_factory):
         p = img_dir / f"corp-{i:05d}.png"
         Image.fromarray(imgs[i]).save(p)
         corpus.loc[i, "uri"] = str(p)
-    corpus.loc[0, "uri"] = str(img_dir / "gone.png")  # a thumbnail that cannot be read
+    # the most anomalous scored image (first in the gallery) points at a file that is gone
+    gone = corpus[corpus["status"] == "ok"]["odin"].idxmin()
+    corpus.loc[gone, "uri"] = str(img_dir / "gone.png")
     ood = {"noise": score_frame(model, noise_images(30, 4), prefix="n")}
     cal = calibrate_frames(corpus, held, 0.95, "odin")
     flags = flag(corpus, cal["delta"], "odin")
@@ -47,7 +49,7 @@ def report(tmp_path_factory):
                          metadata={"run_id": "test-run", "versions": {"odin": "x"}}, gallery_size=12,
                          title="test <audit> & report")
     path = write_report(tmp / "report.html", text)
-    return {"path": path, "text": text, "cal": cal, "flags": flags, "tmp": tmp}
+    return {"path": path, "text": text, "cal": cal, "flags": flags, "tmp": tmp, "gone": corpus.loc[gone, "image_id"]}
 
 
 def test_report_is_self_contained_and_complete(report):
@@ -59,7 +61,11 @@ def test_report_is_self_contained_and_complete(report):
     # histogram, ROC, per-class bars, and thumbnails for the readable gallery images
     assert len([s for s in re.findall(r'<img class="plot"', text)]) == 3
     assert len(re.findall(r'<img class="thumb"', text)) >= 10
-    assert "unreadable" in text or "corp-00000" not in text  # the deleted file is shown as such if in the gallery
+    # the deleted file reached the gallery (it has the lowest score) and its card says it is unreadable
+    cards = text.split("<div class='card")[1:]
+    gone = [c for c in cards if f"{report['gone']}<br>" in c]
+    assert len(gone) == 1 and "unreadable" in gone[0] and "<img" not in gone[0], gone
+    assert sum("unreadable" in c for c in cards) == 1
     assert f"{report['cal']['delta']:.6g}" in text
     assert "test &lt;audit&gt; &amp; report" in text
     assert "cannot identify image file" in text  # error rows listed
