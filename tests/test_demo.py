@@ -138,8 +138,16 @@ def test_demo_end_to_end(demo_run):
     for key in ("id_digits", "ood_photos", "ood_noise", "ood_all"):
         assert f"{100 * g[key]['rate']:6.1f}%" in stdout, key
     assert f"report:  {out / 'audit' / 'report.html'}" in stdout
-    m = re.search(r"wall time: ([0-9.]+) s", stdout)
-    assert m and float(m.group(1)) > 0
+    # the wall-time line names every part, and the parts add up to the whole command
+    m = re.search(r"wall time: ([0-9.]+) s since the command started \(start-up and imports ([0-9.]+) s, "
+                  r"model ([0-9.]+) s, images ([0-9.]+) s, audit ([0-9.]+) s, summary and Ray shutdown ([0-9.]+) s\)",
+                  stdout)
+    assert m, stdout[-2000:]
+    total, *parts = map(float, m.groups())
+    assert sum(parts) == pytest.approx(total, abs=0.3) and min(parts) >= 0 and parts[0] > 0.5
+    sec = s["seconds"]
+    assert [sec[k] for k in ("command", "startup", "model", "images", "audit", "finish")] == pytest.approx(
+        [total, *parts], abs=0.051)
     # the report is real: an HTML page with embedded images, and the evaluation ran
     html = (out / "audit" / "report.html").read_text()
     assert html.lstrip().lower().startswith("<!doctype html") and "data:image/png;base64," in html
