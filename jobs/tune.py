@@ -52,21 +52,24 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
 
 class _Progress:
-    """Progress lines on stderr for stages longer than a few seconds; nothing with ``--quiet``."""
+    """Progress lines (stderr by default) for stages longer than a few seconds; nothing if ``quiet``."""
 
-    def __init__(self, quiet: bool, every_s: float = 5.0):
+    def __init__(self, quiet: bool, every_s: float = 5.0, emit=None):
         self.quiet, self.every_s, self.t0 = quiet, every_s, time.perf_counter()
+        self.emit = emit or (lambda line: print(line, file=sys.stderr, flush=True))
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(f"[tune {time.perf_counter() - self.t0:6.1f}s] {message}", file=sys.stderr, flush=True)
+            self.emit(f"[tune {time.perf_counter() - self.t0:6.1f}s] {message}")
 
 
 class _GridWithProgress:
-    """The scorer, scoring each set in ``batch_size`` chunks so that progress can be reported.
+    """The scorer's ``score_grid``, run one batch and one temperature at a time so that progress
+    can be reported (at most one line every ``every_s`` seconds, plus one per set).
 
-    ``score_grid`` works batch by batch with no state across batches, so chunking changes
-    nothing but the progress lines (at most one every ``every_s`` seconds, plus one per set).
+    Nothing else changes: ``score_grid`` already works batch by batch and, within a batch, T by T
+    (one gradient per T, reused for every ε); its ``msp`` and ``pred`` come from the clean logits,
+    which do not depend on T.
     """
 
     def __init__(self, scorer, names: dict[int, str], progress: _Progress):
@@ -76,22 +79,27 @@ class _GridWithProgress:
         import numpy as np
 
         name, n, step = self.names.get(id(images), "images"), len(images), self.scorer.batch_size
-        nt, ne = len(temperatures), len(epsilons)
+        temps, nt, ne = list(temperatures), len(temperatures), len(epsilons)
         self.progress(f"scoring {name}: {n} images × {nt} T × {ne} ε "
                       f"({nt} gradients and {nt * ne} perturbed forwards per image)")
         t0 = last = time.perf_counter()
-        parts = []
+        odin, msp, pred = [], [], []
         for start in range(0, max(n, 1), step):
-            parts.append(self.scorer.score_grid(images[start:start + step], temperatures, epsilons))
-            now, done = time.perf_counter(), min(start + step, n)
-            if done < n and now - last >= self.progress.every_s:
-                last = now
-                eta = (now - t0) / done * (n - done)
-                self.progress(f"  {name}: {done}/{n} images ({(now - t0):.0f} s, about {eta:.0f} s left)")
+            chunk = images[start:start + step]
+            per_t = []
+            for k, t in enumerate(temps):
+                per_t.append(self.scorer.score_grid(chunk, [t], epsilons))
+                now = time.perf_counter()
+                if now - last >= self.progress.every_s:
+                    last = now
+                    done = start + len(chunk) * (k + 1) / nt
+                    self.progress(f"  {name}: images {start + 1}–{start + len(chunk)} of {n}, T={t:g} ({k + 1}/{nt}); "
+                                  f"{now - t0:.0f} s, about {(now - t0) / done * (n - done):.0f} s left")
+            odin.append(np.concatenate([g["odin"] for g in per_t], axis=0))
+            msp.append(per_t[0]["msp"])
+            pred.append(per_t[0]["pred"])
         self.progress(f"  {name}: {n}/{n} images in {time.perf_counter() - t0:.1f} s")
-        return {"odin": np.concatenate([p["odin"] for p in parts], axis=2),
-                "msp": np.concatenate([p["msp"] for p in parts]),
-                "pred": np.concatenate([p["pred"] for p in parts])}
+        return {"odin": np.concatenate(odin, axis=2), "msp": np.concatenate(msp), "pred": np.concatenate(pred)}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -151,3 +151,24 @@ def test_tune_reports_progress_unless_quiet(tune_files, quiet, capsys):
                       "scoring held-out: 24 images × 2 T × 2 ε", "held-out: 24/24 images",
                       "scoring OOD noise: 16 images", "OOD noise: 16/16 images"):
             assert stage in text, text
+
+
+def test_tune_progress_scoring_equals_the_scorers_own_grid(tune_files):
+    """tune reports progress by scoring one batch and one T at a time: the grid must be the same."""
+    from jobs.tune import _GridWithProgress, _Progress
+    from odin_engine.loading import load_model
+    from odin_engine.scorer import OdinScorer
+
+    tmp, weights = tune_files
+    imgs = np.load(tmp / "id.npz")["images"]
+    scorer = OdinScorer(load_model("cifar_resnet20", weights), device="cpu", batch_size=10)
+    temps, eps = [1.0, 20.0, 1000.0], [0.0, 0.002]
+    lines = []
+    progress = _Progress(quiet=False, every_s=0.0, emit=lines.append)  # a line at every step
+    got = _GridWithProgress(scorer, {id(imgs): "held-out"}, progress).score_grid(imgs, temps, eps)
+    want = scorer.score_grid(imgs, temps, eps)
+    np.testing.assert_array_equal(got["pred"], want["pred"])
+    np.testing.assert_allclose(got["odin"], want["odin"], rtol=1e-6)
+    np.testing.assert_allclose(got["msp"], want["msp"], rtol=1e-6)
+    assert len(lines) == 2 + 3 * 3  # start, one per (batch of 10, T) over 24 images, end
+    assert "held-out: images 21–24 of 24, T=1000 (3/3)" in lines[-2] and "held-out: 24/24 images in " in lines[-1]
