@@ -19,6 +19,8 @@ _EXPORTS = {
     "baseline_scores": "odin", "odin_scores": "odin", "perturbation_direction": "odin", "perturbed_scores": "odin",
     "SCORE_COLUMNS": "scorer", "OdinScorer": "scorer",
 }
+_SUBMODULES = ("errors", "settings", "loading", "methods", "odin", "optimize", "scorer", "metrics", "models", "io",
+               "decide", "report", "demo")
 
 
 def __getattr__(name: str):
@@ -26,7 +28,7 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
         globals()[name] = value
         return value
-    if name in ("metrics", "loading", "scorer", "odin", "methods", "optimize"):
+    if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
