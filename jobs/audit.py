@@ -20,18 +20,14 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from jobs import options
 from jobs.calibrate import CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, publish_flags
-from jobs.options import add_config_option, add_normalization_options, describe, run_main
+from jobs.options import describe, run_main
 from odin_engine.errors import ConfigError
-from odin_engine.io.scores import SCORE_METHODS
-from odin_engine.settings import (
-    DEFAULT_EPSILON as DEFAULT_EPS, DEFAULT_TEMPERATURE as DEFAULT_T, DEFAULT_TPR, CalibrationSettings,
-    OdinSettings, check_heldout_size,
-)
+from odin_engine.settings import CalibrationSettings, OdinSettings, check_heldout_size
 
 EXIT_AFTER_SCORING = 4
 EVALUATION_JSON, REPORT_HTML, AUDIT_JSON = "evaluation.json", "report.html", "audit.json"
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
 class DecisionError(Exception):
@@ -46,42 +42,24 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="instead of --heldout: the corpus manifest rows whose `split` column equals NAME "
                              "are the held-out set (and are not flagged)")
     parser.add_argument("--output", metavar="DIR", help="audit output directory (local, s3://, gs://); rerun the same command to resume")
-    parser.add_argument("--model", metavar="SPEC", help="cifar_resnet20|32|44|56, torchvision:<name>, …")
-    parser.add_argument("--weights", metavar="W", help="checkpoint file")
-    add_normalization_options(parser)
-    parser.add_argument("--tuning", metavar="JSON", help="tuning.json from `odin-audit tune` (sets T and ε)")
-    parser.add_argument("--temperature", type=float, default=None, help=f"ODIN T; {DEFAULT_T:g} when neither this nor --tuning is given")
-    parser.add_argument("--epsilon", type=float, default=None, help=f"ODIN ε; {DEFAULT_EPS:g} when neither this nor --tuning is given")
-    parser.add_argument("--tpr", type=float, default=DEFAULT_TPR, help="share of in-distribution images kept at or above δ")
-    parser.add_argument("--method", default="odin", choices=SCORE_METHODS, help="score that δ thresholds")
+    options.add_model_options(parser)
+    options.add_odin_options(parser)
+    options.add_tpr_option(parser)
+    options.add_method_option(parser)
     parser.add_argument("--ood", metavar="NAME=SRC", action="append", default=None,
                         help="labelled OOD set for evaluation (repeatable)")
     parser.add_argument("--class-names", default=None, help="comma-separated class names for the report")
     parser.add_argument("--gallery", type=int, default=24, help="anomalous images shown in the report")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
-    parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
-    parser.add_argument("--resize", default="crop", choices=("crop", "stretch"),
-                        help="crop: centred square then resize; stretch: resize the whole image")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="allow checkpoints that need arbitrary pickles (can execute code: trusted files only)")
-    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_option(parser)
+    options.add_batch_size_option(parser)
+    options.add_workers_option(parser)
+    options.add_resize_option(parser)
+    options.add_ray_options(parser)
+    options.add_quiet_option(parser)
+    options.add_config_option(parser)
 
 
 def parse_ood(specs: Sequence[str] | None) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for spec in specs or []:
-        name, sep, src = str(spec).partition("=")
-        if not sep or not name or not src:
-            raise ConfigError(f"--ood must be NAME=SRC (e.g. --ood svhn=/data/svhn); got {spec!r}")
-        if not set(name) <= _NAME_OK or name in ("heldout", "corpus"):
-            raise ConfigError(f"--ood name {name!r} must use letters, digits, _ - . and not be heldout/corpus")
-        out.append((name, src))
-    names = [n for n, _ in out]
-    if len(names) != len(set(names)):
-        raise ConfigError(f"--ood names must differ; got {names}")
-    return out
+    return options.parse_named_sources(specs, "--ood", reserved=("heldout", "corpus"), require_name=True)
 
 
 @dataclass
