@@ -20,14 +20,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
+from jobs import options
 from jobs.calibrate import CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, publish_flags
-from jobs.options import EXIT_CONFIG, add_config_option, add_normalization_options, describe, run_main
+from jobs.options import EXIT_CONFIG, describe, run_main
 from odin_engine.errors import ConfigError
-from odin_engine.io.scores import SCORE_METHODS
-from odin_engine.settings import (
-    DEFAULT_EPSILON as DEFAULT_EPS, DEFAULT_METHOD, DEFAULT_TEMPERATURE as DEFAULT_T, DEFAULT_TPR, CalibrationSettings,
-    OdinSettings, check_heldout_size,
-)
+from odin_engine.settings import DEFAULT_METHOD, DEFAULT_TPR, CalibrationSettings, OdinSettings, check_heldout_size
 
 EXIT_OK, EXIT_EXACTLY_ONCE, EXIT_DRIFT, EXIT_AFTER_SCORING = 0, 1, 3, 4
 #: every exit code of `odin-audit audit` (README "Scheduled audits" lists them for users)
@@ -40,7 +37,6 @@ EXIT_CODES = {
                         "could not run on what was scored, e.g. too few held-out images decoded",
 }
 EVALUATION_JSON, REPORT_HTML, AUDIT_JSON = "evaluation.json", "report.html", "audit.json"
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 
 
 class DecisionError(Exception):
@@ -56,9 +52,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="instead of --heldout: the corpus manifest rows whose `split` column equals NAME "
                              "are the held-out set (and are not flagged)")
     parser.add_argument("--output", metavar="DIR", help="audit output directory (local, s3://, gs://); rerun the same command to resume")
-    parser.add_argument("--model", metavar="SPEC", help="cifar_resnet20|32|44|56, torchvision:<name>, …")
-    parser.add_argument("--weights", metavar="W", help="checkpoint file")
-    add_normalization_options(parser)
+    options.add_model_options(parser)
     parser.add_argument("--calibration", metavar="PATH",
                         help="reuse δ, T, ε and the score method of an earlier audit's calibration.json (or the "
                              "directory holding it; local, s3://, gs://) instead of scoring a held-out set; "
@@ -68,42 +62,26 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                              "the report plots it")
     parser.add_argument("--fail-on-drift", metavar="ALPHA", type=float, default=None,
                         help="exit 3 (after writing every output) when the drift test's p-value < ALPHA, e.g. 0.01")
-    parser.add_argument("--tuning", metavar="JSON", help="tuning.json from `odin-audit tune` (sets T and ε)")
-    parser.add_argument("--temperature", type=float, default=None, help=f"ODIN T; {DEFAULT_T:g} when neither this nor --tuning is given")
-    parser.add_argument("--epsilon", type=float, default=None, help=f"ODIN ε; {DEFAULT_EPS:g} when neither this nor --tuning is given")
-    parser.add_argument("--tpr", type=float, default=None,
-                        help=f"share of in-distribution images kept at or above δ; {DEFAULT_TPR:g} unless "
-                             "--calibration sets it")
-    parser.add_argument("--method", default=None, choices=SCORE_METHODS,
-                        help=f"score that δ thresholds; {DEFAULT_METHOD} unless --calibration sets it")
+    options.add_odin_options(parser)
+    options.add_tpr_option(parser, help=f"share of held-out in-distribution images kept at or above δ; "
+                                        f"{DEFAULT_TPR:g} unless --calibration sets it")
+    options.add_method_option(parser)
+    # with --calibration, the TPR and method come from the file: None here means "not given"
+    parser.set_defaults(tpr=None, method=None)
     parser.add_argument("--ood", metavar="NAME=SRC", action="append", default=None,
                         help="labelled OOD set for evaluation (repeatable)")
     parser.add_argument("--class-names", default=None, help="comma-separated class names for the report")
     parser.add_argument("--gallery", type=int, default=24, help="anomalous images shown in the report")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
-    parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else 1)")
-    parser.add_argument("--resize", default="crop", choices=("crop", "stretch"),
-                        help="crop: centred square then resize; stretch: resize the whole image")
-    parser.add_argument("--unsafe-pickle", action="store_true",
-                        help="allow checkpoints that need arbitrary pickles (can execute code: trusted files only)")
-    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    add_config_option(parser)
+    options.add_batch_size_option(parser)
+    options.add_workers_option(parser)
+    options.add_resize_option(parser)
+    options.add_ray_options(parser)
+    options.add_quiet_option(parser)
+    options.add_config_option(parser)
 
 
 def parse_ood(specs: Sequence[str] | None) -> list[tuple[str, str]]:
-    out: list[tuple[str, str]] = []
-    for spec in specs or []:
-        name, sep, src = str(spec).partition("=")
-        if not sep or not name or not src:
-            raise ConfigError(f"--ood must be NAME=SRC (e.g. --ood svhn=/data/svhn); got {spec!r}")
-        if not set(name) <= _NAME_OK or name in ("heldout", "corpus"):
-            raise ConfigError(f"--ood name {name!r} must use letters, digits, _ - . and not be heldout/corpus")
-        out.append((name, src))
-    names = [n for n, _ in out]
-    if len(names) != len(set(names)):
-        raise ConfigError(f"--ood names must differ; got {names}")
-    return out
+    return options.parse_named_sources(specs, "--ood", reserved=("heldout", "corpus"), require_name=True)
 
 
 @dataclass

@@ -6,10 +6,10 @@ import argparse
 import sys
 from typing import Any, Sequence
 
-from jobs.options import add_config_option, run_main
+from jobs import options
+from jobs.options import run_main
 from odin_engine.errors import ConfigError
-from odin_engine.io.scores import SCORE_METHODS
-from odin_engine.settings import DEFAULT_TPR, CalibrationSettings
+from odin_engine.settings import CalibrationSettings
 
 # the decision stage's outputs, relative to --output (shared with `odin-audit audit`)
 CALIBRATION_JSON = "calibration.json"
@@ -23,12 +23,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                              "score-table schema (local, s3://, gs://)")
     parser.add_argument("--heldout-scores", metavar="DIR",
                         help="held-out in-distribution scores, made with the same model and settings")
-    parser.add_argument("--tpr", type=float, default=DEFAULT_TPR,
-                        help="share of in-distribution images that must stay at or above δ")
-    parser.add_argument("--method", default="odin", choices=SCORE_METHODS, help="score column to threshold")
+    options.add_tpr_option(parser)
+    options.add_method_option(parser)
     parser.add_argument("--output", metavar="DIR",
                         help="writes calibration.json, flags/part-*.parquet, flag_summary.json (local, s3://, gs://)")
-    add_config_option(parser)
+    options.add_config_option(parser)
 
 
 def publish_flags(plan, out, **kwargs):

@@ -1,8 +1,20 @@
-"""Shared command-line plumbing: TOML config files under flags, and exit code 2 for bad configuration."""
+"""Shared command-line options and plumbing for every ``odin-audit`` command.
+
+Each option that more than one command takes is defined once here (flag, type, default, help), so
+that the commands cannot drift apart: model and weights (``add_model_options``), ODIN settings
+(``add_odin_options``), calibration (``add_tpr_option``, ``add_method_option``), execution
+(``add_batch_size_option``, ``add_workers_option``, ``add_resize_option``, ``add_ray_options``,
+``add_quiet_option``), ``NAME=SRC`` sources (``parse_named_sources``), TOML config files under
+the flags, ``--version``, and exit code 2 for bad configuration (``run_main``).
+
+Importing this module must stay cheap (no torch, no Ray): ``--help`` and ``--version`` build the
+parser and exit.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -32,8 +44,23 @@ def describe(exc: ConfigError) -> str:
     return f"{flag}: {msg}"
 
 
+# --------------------------------------------------------------------------- options
+
+
 def add_config_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="TOML", help="read options from a TOML file; flags override it")
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--weights``, ``--mean``/``--std``/``--input-size`` and ``--unsafe-pickle``."""
+    parser.add_argument("--model", metavar="SPEC",
+                        help="cifar_resnet20|32|44|56, torchvision:<name>, torchscript:<path> or module:factory")
+    parser.add_argument("--weights", metavar="W",
+                        help="checkpoint file (a state_dict; DEFAULT for torchvision's own weights)")
+    add_normalization_options(parser)
+    parser.add_argument("--unsafe-pickle", action="store_true",
+                        help="allow checkpoints that need arbitrary pickled objects "
+                             "(loading them can execute code: trusted files only)")
 
 
 def add_normalization_options(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +69,103 @@ def add_normalization_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--std", help="input std r,g,b in [0,1] pixel units (default: the model's)")
     parser.add_argument("--input-size", type=int, default=None,
                         help="square input side in pixels (default: the model's; needed for torchscript: specs)")
+
+
+def add_odin_options(parser: argparse.ArgumentParser, *, tuning: bool = True) -> None:
+    """``--temperature``/``--epsilon`` (default: ``--tuning``'s values, else the paper's), and ``--tuning``."""
+    from odin_engine.settings import DEFAULT_EPSILON, DEFAULT_TEMPERATURE
+
+    fallback = "when neither this nor --tuning is given" if tuning else "by default"
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"ODIN temperature T > 0; {DEFAULT_TEMPERATURE:g} {fallback}")
+    parser.add_argument("--epsilon", type=float, default=None,
+                        help=f"ODIN perturbation ε in [0, 1] pixel units; {DEFAULT_EPSILON:g} {fallback}")
+    if tuning:
+        parser.add_argument("--tuning", metavar="JSON", default=None,
+                            help="tuning.json from `odin-audit tune` (sets T and ε; excludes --temperature/--epsilon)")
+
+
+def add_tpr_option(parser: argparse.ArgumentParser,
+                   help: str = "share of held-out in-distribution images kept at or above δ") -> None:
+    from odin_engine.settings import DEFAULT_TPR
+
+    parser.add_argument("--tpr", type=float, default=DEFAULT_TPR, help=help)
+
+
+def add_method_option(parser: argparse.ArgumentParser) -> None:
+    from odin_engine.io.scores import SCORE_METHODS
+
+    parser.add_argument("--method", default="odin", choices=SCORE_METHODS, help="score column that δ thresholds")
+
+
+def add_batch_size_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
+
+
+def add_workers_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workers", type=int, default=None,
+                        help="scoring actors (default: one per GPU, else the cluster's CPUs ÷ CPUs per worker, "
+                             "which is 1 unless score's --cpus-per-worker says otherwise)")
+
+
+def add_resize_option(parser: argparse.ArgumentParser) -> None:
+    from odin_engine.io.images import RESIZE_POLICIES
+
+    parser.add_argument("--resize", choices=RESIZE_POLICIES, default="crop",
+                        help="how images not at the model's input size are resized: crop = centred square, "
+                             "then resize; stretch = resize the whole image")
+
+
+def add_ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+
+
+def add_quiet_option(parser: argparse.ArgumentParser,
+                     help: str = "no progress output; only the one-line result (and errors)") -> None:
+    parser.add_argument("--quiet", action="store_true", help=help)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def parse_named_sources(specs: Sequence[str] | None, flag: str = "--ood", *, reserved: Sequence[str] = (),
+                        require_name: bool = False) -> list[tuple[str, str]]:
+    """``NAME=SRC`` specs → ``[(name, src)]``; names are letters, digits, ``_ - .``, unique, not ``reserved``.
+
+    Without ``require_name`` a bare ``SRC`` is accepted and named after its file or folder
+    (``/data/svhn.npz[0:500]`` → ``svhn``). A ``=`` inside a path (``s3://b/k=v``) is not a name.
+    """
+    out: list[tuple[str, str]] = []
+    for i, spec in enumerate(specs or []):
+        spec = str(spec)
+        name, sep, src = spec.partition("=")
+        if sep and _NAME.fullmatch(name) and not name.lower().endswith(".npz") and src:
+            out.append((name, src))
+            continue
+        if require_name:
+            raise ConfigError(f"{flag} must be NAME=SRC (e.g. {flag} svhn=/data/svhn); got {spec!r}")
+        stem = Path(spec.split("[")[0].rstrip("/")).stem
+        out.append(("_".join(_NAME.findall(stem)) or f"set{i}", spec))
+    names = [n for n, _ in out]
+    bad = sorted(set(names) & set(reserved))
+    if bad:
+        raise ConfigError(f"{flag} name(s) {bad} are reserved ({', '.join(reserved)}); pick another NAME=SRC")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{flag} names must differ; got {names} (name the sets with {flag} NAME=SRC)")
+    return out
+
+
+def version_string() -> str:
+    from odin_engine import __version__
+
+    return f"odin-audit {__version__}"
+
+
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=version_string())
+
+
+# --------------------------------------------------------------------------- config files and exit codes
 
 
 def load_config_defaults(parser: argparse.ArgumentParser, path: str, section: str | None = None) -> None:
@@ -64,8 +188,9 @@ def load_config_defaults(parser: argparse.ArgumentParser, path: str, section: st
         if isinstance(value, dict):
             continue  # another sub-command's table
         dest = key.replace("-", "_")
-        if dest not in known or dest in ("help", "config"):
-            raise ConfigError(f"unknown option {key!r} in {p}; known: {sorted(k for k in known if k != 'help')}")
+        if dest not in known or dest in ("help", "config", "version"):
+            raise ConfigError(f"unknown option {key!r} in {p}; "
+                              f"known: {sorted(k for k in known if k not in ('help', 'config', 'version'))}")
         values[dest] = value
     parser.set_defaults(**values)
 
@@ -97,6 +222,7 @@ def run_main(
     """Parse (config file, then flags), run, and map ``ConfigError`` to exit code 2."""
     parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter)
     build_parser(parser)
+    add_version_option(parser)
     try:
         args = parse_with_config(parser, argv, section)
         return int(run(args) or 0)

@@ -30,7 +30,6 @@ from odin_engine.errors import ConfigError
 from odin_engine.io.images import RESIZE_POLICIES
 from odin_engine.decide.tuning import load_tuning, resolve_settings
 
-from jobs.pipeline import CorpusShards, ScoreBatch, read_and_decode
 from jobs.run_lock import LOCK_FILE, RunLock
 
 JOB_FILE = "_odin_job.json"  # the configuration this output directory belongs to
@@ -277,6 +276,7 @@ def score_corpus(
             import ray
             from ray.data.checkpoint import CheckpointConfig
 
+            from jobs.pipeline import CorpusShards, ScoreBatch, read_and_decode  # Ray Data: not needed for --help
             from jobs.ray_utils import cluster_cpus, cluster_gpus, init_ray
 
             t_init = time.time()
@@ -384,31 +384,23 @@ def score_corpus(
 
 # --------------------------------------------------------------------------- CLI
 def build_parser(parser: argparse.ArgumentParser) -> None:
-    from jobs.options import add_config_option, add_normalization_options
+    from jobs import options
 
-    add_config_option(parser)
+    options.add_config_option(parser)
     parser.add_argument("--input", help="directory (recursive) or .parquet/.csv manifest; local, s3://, gs://, file://")
     parser.add_argument("--output", help="output directory (local or object store); rerun the same command to resume")
-    parser.add_argument("--model", help="cifar_resnet20|32|44|56, torchvision:<name>, torchscript:<path>, module:factory")
-    parser.add_argument("--weights", help="checkpoint file (state_dict)")
-    add_normalization_options(parser)
-    parser.add_argument("--temperature", type=float, default=None, help="ODIN temperature T > 0; 1000 when neither this nor --tuning is given")
-    parser.add_argument("--epsilon", type=float, default=None,
-                        help="ODIN perturbation ε in [0, 1] pixel units; 0.0014 when neither this nor --tuning is given")
-    parser.add_argument("--tuning", metavar="JSON", default=None,
-                        help="tuning.json from `odin-audit tune` (sets T and ε; excludes --temperature/--epsilon)")
-    parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
-    parser.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, else cluster CPUs / --cpus-per-worker)")
+    options.add_model_options(parser)
+    options.add_odin_options(parser)
+    options.add_batch_size_option(parser)
+    options.add_workers_option(parser)
     parser.add_argument("--run-id", default=None, help="id stored in every row (default: generated; kept on resume)")
-    parser.add_argument("--resize", choices=RESIZE_POLICIES, default="crop",
-                        help="crop: centred square then resize; stretch: resize the whole image")
+    options.add_resize_option(parser)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per CPU actor")
     parser.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs reserved per read/decode task")
     parser.add_argument("--shard-rows", type=int, default=1024,
                         help="corpus rows per input shard (the unit of checkpointing)")
-    parser.add_argument("--unsafe-pickle", action="store_true", help="allow checkpoints that need arbitrary pickles")
-    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
+    options.add_ray_options(parser)
+    options.add_quiet_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:

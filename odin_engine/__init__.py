@@ -1,35 +1,40 @@
 """odin_engine: ODIN out-of-distribution scoring as pure functions plus thin classes.
 
-No Ray here: the distributed job in ``jobs/`` calls this library. Names that need torch
-(``load_model``, ``OdinScorer``, ``odin_scores``, …) and scikit-learn (``metrics``) are imported
-on first use, so that the decision stage (score table, calibration, flagging, report) and
-``--help`` start without them.
+No Ray here: the distributed job in ``jobs/`` calls this library. The public names below are
+imported on first use (PEP 562), so that ``import odin_engine.errors`` or ``odin-audit --help``
+does not pay for torch (~2 s), and a scoring worker does not pay for scikit-learn (``metrics``).
 """
 
-from .errors import CheckpointError, ConfigError
-from .methods import REGISTRY, ScoreMethod, get_method, register
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "IMAGENET_MEAN": ".loading", "IMAGENET_STD": ".loading", "LoadedModel": ".loading", "load_model": ".loading",
-    "baseline_scores": ".odin", "odin_scores": ".odin", "perturbation_direction": ".odin",
-    "perturbed_scores": ".odin", "SCORE_COLUMNS": ".scorer", "OdinScorer": ".scorer",
+# public name -> submodule that defines it
+_EXPORTS = {
+    "CheckpointError": "errors", "ConfigError": "errors",
+    "IMAGENET_MEAN": "loading", "IMAGENET_STD": "loading", "LoadedModel": "loading", "load_model": "loading",
+    "REGISTRY": "methods", "ScoreMethod": "methods", "get_method": "methods", "register": "methods",
+    "baseline_scores": "odin", "odin_scores": "odin", "perturbation_direction": "odin", "perturbed_scores": "odin",
+    "SCORE_COLUMNS": "scorer", "OdinScorer": "scorer",
 }
+_SUBMODULES = ("errors", "settings", "loading", "methods", "odin", "optimize", "scorer", "metrics", "models", "io",
+               "decide", "report", "demo")
 
 
 def __getattr__(name: str):
-    import importlib
-
-    if name == "metrics":
-        return importlib.import_module(".metrics", __name__)
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "CheckpointError", "ConfigError", "IMAGENET_MEAN", "IMAGENET_STD", "LoadedModel", "OdinScorer",
-    "REGISTRY", "SCORE_COLUMNS", "ScoreMethod", "baseline_scores", "get_method", "load_model", "metrics",
-    "odin_scores", "perturbation_direction", "perturbed_scores", "register",
-]
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [*_EXPORTS, "metrics"]

@@ -13,7 +13,7 @@ Fixtures
     (``ray job submit``, ``python -m jobs.X``) so they reach this cluster. The head was started
     with that ``PATH``, so ``python`` inside a submitted job is the project's interpreter.
     ``ray_head.submit(args, cwd, timeout)`` runs ``ray job submit --address … -- <args>``.
-    Skipped (with the reason) if the head cannot start.
+    If the head cannot start: see *Real parts* below.
 
 ``s3_server`` (session)
     ``moto_server`` (moto's real S3 HTTP API) on a free loopback port. Yields an
@@ -22,6 +22,15 @@ Fixtures
     ``s3://`` URIs in child processes and Ray workers reach it),
     ``client()`` (a boto3 S3 client) and ``filesystem()`` (a ``pyarrow.fs.S3FileSystem``
     with ``endpoint_override``). ``s3_bucket`` (function) creates a fresh bucket and yields its name.
+
+``chromium`` (session)
+    Path of a headless-capable Chromium (``chromium``, ``chromium-browser`` or ``google-chrome``).
+
+Real parts (``ray_head``, ``s3_server``, ``gcs_server``, ``chromium``)
+    A fixture that cannot start its real part calls :func:`real_part_missing`: under ``CI=true``
+    (any of ``1``/``true``/``yes``) the tests that need it **fail** with the reason, so CI can
+    never go green on skips; on a developer machine they skip, and the end of the run lists
+    every missing part and why ("real parts not available").
 
 ``tiny_model`` (session)
     ``cifar_resnet20`` with seeded random weights saved by ``torch.save(model.state_dict())``
@@ -66,6 +75,41 @@ SHARED_DATA = REPO / ".." / "shared" / "data"
 VENV_BIN = Path(sys.executable).parent
 
 
+# --------------------------------------------------------------------------- real parts: fail under CI
+_MISSING_PARTS: dict[str, str] = {}
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def real_part_missing(part: str, reason: str):
+    """A real part (Ray head, S3 server, GCS emulator, Chromium) could not be started.
+
+    Under ``CI=true`` the test fails with the reason; elsewhere it skips, and
+    :func:`pytest_terminal_summary` lists the part at the end of the run.
+    """
+    _MISSING_PARTS.setdefault(part, reason)
+    if in_ci():
+        pytest.fail(f"{part} is required under CI=true and could not be started: {reason}", pytrace=False)
+    pytest.skip(f"{part} not available on this machine: {reason}")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not _MISSING_PARTS:
+        return
+    verdict = "their tests FAILED (CI=true)" if in_ci() else "their tests were skipped"
+    terminalreporter.section(f"real parts not available: {verdict}", sep="=", yellow=True, bold=True)
+    for part, reason in _MISSING_PARTS.items():
+        terminalreporter.write_line(f"{part}: {reason.strip().splitlines()[-1][:300] if reason.strip() else '?'}")
+
+
+def _executable(name: str) -> str | None:
+    """``name`` from this interpreter's bin directory (the project's virtualenv), else from ``PATH``."""
+    exe = VENV_BIN / name
+    return str(exe) if exe.exists() else shutil.which(name)
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -95,7 +139,7 @@ class RayHead:
     def submit(self, args: list[str], cwd: str | Path, timeout: float = 600, extra_env: dict | None = None):
         """``ray job submit --address <dashboard> --working-dir <cwd> -- <args>``; returns CompletedProcess."""
         env = dict(self.env, **(extra_env or {}))
-        cmd = [str(VENV_BIN / "ray"), "job", "submit", "--address", self.dashboard_url,
+        cmd = [_executable("ray"), "job", "submit", "--address", self.dashboard_url,
                "--working-dir", str(cwd), "--", *args]
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -121,10 +165,14 @@ def ray_head(tmp_path_factory):
         "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
         "--min-worker-port", "20000", "--max-worker-port", "29999",
     ]
+    ray_exe = _executable("ray")
+    if ray_exe is None:
+        real_part_missing("Ray head", f"no `ray` executable in {VENV_BIN} or on PATH (pip install 'ray[default]')")
+    cmd[0] = ray_exe
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0 or not _wait_port(dash_port, 60):
         _stop_head(temp_dir)
-        pytest.skip(f"could not start a local Ray head: rc={proc.returncode} {proc.stderr[-2000:]}")
+        real_part_missing("Ray head", f"`ray start --head` failed: rc={proc.returncode} {proc.stderr[-2000:]}")
     env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, str(temp_dir), env)
     try:
@@ -217,15 +265,16 @@ class S3Server:
 
 @pytest.fixture(scope="session")
 def s3_server():
-    exe = VENV_BIN / "moto_server"
-    if not exe.exists():
-        pytest.skip("moto_server is not installed (pip install 'moto[server]')")
+    exe = _executable("moto_server")
+    if exe is None:
+        real_part_missing("S3 server (moto_server)", f"no `moto_server` in {VENV_BIN} or on PATH "
+                                                     "(pip install 'moto[server]')")
     port = free_port()
-    proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     if not _wait_port(port, 30):
         proc.kill()
-        pytest.skip("moto_server did not start")
+        real_part_missing("S3 server (moto_server)", f"moto_server did not listen on 127.0.0.1:{port} within 30 s")
     endpoint = f"http://127.0.0.1:{port}"
     env = {
         "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
@@ -262,21 +311,32 @@ class GcsServer:
 def gcs_server():
     """A real GCS JSON API on loopback: ``gcp-storage-emulator`` (in-memory), reached through
     ``STORAGE_EMULATOR_HOST`` exactly as a user would point the job at an emulator."""
-    exe = VENV_BIN / "gcp-storage-emulator"
-    if not exe.exists():
-        pytest.skip("gcp-storage-emulator is not installed (pip install gcp-storage-emulator)")
+    exe = _executable("gcp-storage-emulator")
+    if exe is None:
+        real_part_missing("GCS emulator (gcp-storage-emulator)", f"no `gcp-storage-emulator` in {VENV_BIN} or on "
+                                                                 "PATH (pip install gcp-storage-emulator)")
     port = free_port()
-    proc = subprocess.Popen([str(exe), "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
+    proc = subprocess.Popen([exe, "start", "--host=127.0.0.1", f"--port={port}", "--in-memory"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     if not _wait_port(port, 30):
         proc.kill()
-        pytest.skip("gcp-storage-emulator did not start")
+        real_part_missing("GCS emulator (gcp-storage-emulator)", f"it did not listen on 127.0.0.1:{port} within 30 s")
     host = f"http://127.0.0.1:{port}"
     try:
         yield GcsServer(host, {"STORAGE_EMULATOR_HOST": host})
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+# --------------------------------------------------------------------------- Chromium
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    exe = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+    if exe is None:
+        real_part_missing("Chromium", "no chromium, chromium-browser or google-chrome on PATH "
+                                      "(.ci/run installs it: apt-get install chromium)")
+    return exe
 
 
 # --------------------------------------------------------------------------- tiny model

@@ -217,12 +217,74 @@ def test_resnet20_accuracy_on_cifar10_jpeg_test_set():
     assert collections.Counter(pred.tolist()).keys() == set(range(10))
 
 
+@pytest.fixture(scope="module")
+def separating(tmp_path_factory):
+    """A model and two image sets it tells apart (AUROC ≈ 0.98, FPR@95TPR ≈ 0.06 on the CPU in fp32):
+    uniform noise is its "in-distribution", smooth images its "OOD". Which set is which does not
+    matter here: the tests compare numeric paths, and need a detector whose metrics are not 0 or 1."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _odin_helpers import noise_images, smooth_images, tiny_model
+
+    m, _ = tiny_model(tmp_path_factory.mktemp("separating"))
+    return m, noise_images(100, 12), smooth_images(100, 11)
+
+
+def _epsilon_effect(model, images, device: str) -> np.ndarray:
+    """``S_odin(x̃; T, ε) − S_odin(x; T, 0)`` per image, in float64 (default T=1000, ε=0.0014)."""
+    with_eps = oe.OdinScorer(model, device=device).score(images)["odin"].astype(np.float64)
+    without = oe.OdinScorer(model, device=device, epsilon=0.0).score(images)["odin"].astype(np.float64)
+    return with_eps - without
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
-def test_cuda_scores_match_cpu(model):
-    imgs = np.random.default_rng(4).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
-    cpu = oe.OdinScorer(model, device="cpu").score(imgs)
-    gpu = oe.OdinScorer(model, device="cuda").score(imgs)
-    np.testing.assert_array_equal(cpu["pred"], gpu["pred"])
-    np.testing.assert_allclose(cpu["odin"], gpu["odin"], rtol=1e-3)
-    bf16 = oe.OdinScorer(model, device="cuda", autocast="bf16").score(imgs)
-    np.testing.assert_allclose(cpu["odin"], bf16["odin"], rtol=1e-2)
+def test_cuda_scores_match_cpu(separating):
+    """The GPU applies the same perturbation as the CPU.
+
+    At T=1000 every score is ≈ 1/C = 0.1 and ε moves it by only ~6e-5 (this model: mean 6.7e-5,
+    min 3.7e-5), so comparing the scores themselves (rtol=1e-3 = 1e-4 absolute) would pass a GPU path
+    that ignores ε. Compare the ε effect instead: ‖Δ_gpu − Δ_cpu‖ ≤ 0.25 ‖Δ_cpu‖. A path that
+    ignores ε gives 1, the wrong sign 2, ε off by 25 % or more ≥ 0.25. What the devices may legitimately
+    differ by: cuDNN's default TF32 convolutions (unit roundoff 2⁻¹¹ vs fp32's 2⁻²⁴) move each
+    score by roughly 2⁻¹¹/2⁻⁸ = 1/8 of bf16's measured CPU drift (max 2.1e-5), i.e. ≲ 3e-6, about 4 %
+    of the effect, plus sign flips of gradient components that are ≈ 0 (those pixels barely move
+    the score). 0.25 leaves ~6× headroom over that.
+    """
+    model, id_imgs, ood_imgs = separating
+    imgs = np.concatenate([id_imgs, ood_imgs])
+    cpu, gpu = _epsilon_effect(model, imgs, "cpu"), _epsilon_effect(model, imgs, "cuda")
+    assert np.abs(cpu).min() > 1e-5, "the ε effect must be well above float32 rounding for this test to mean anything"
+    ratio = np.linalg.norm(gpu - cpu) / np.linalg.norm(cpu)
+    assert ratio <= 0.25, f"GPU ε effect differs from the CPU's by {ratio:.3f} of its size"
+    # predictions: TF32 rounding can only flip an image whose top two logits are within ~1e-3 of
+    # each other; allow those, and no other
+    p_cpu = oe.OdinScorer(model, device="cpu", epsilon=0.0).score(imgs)
+    p_gpu = oe.OdinScorer(model, device="cuda", epsilon=0.0).score(imgs)
+    differ = p_cpu["pred"] != p_gpu["pred"]
+    assert differ.mean() <= 0.02, f"{differ.sum()} of {len(imgs)} predictions differ between CPU and GPU"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"))])
+def test_bf16_autocast_keeps_the_detectors_decisions(separating, device):
+    """bf16 (8 significant bits) moves ODIN scores by ~2e-5 (CPU, this model) — a third of the ε
+    effect — so scores cannot be compared value by value; what a user relies on is the ranking.
+    Compare what the ranking decides, against fp32 on the CPU:
+
+    * AUROC within 0.01: at most 1 % of the 100×100 ID–OOD pairs may change order. Only pairs closer
+      than the bf16 drift can swap; the drift is ~1.5 % of the scores' spread (1.4e-3).
+    * FPR@95TPR within 0.03: at most 3 of the 100 OOD images cross the threshold.
+    A broken bf16 path (logits not cast back to fp32 before /T, say) collapses the scores at T=1000
+    onto a few bf16 values and fails both.
+    """
+    from odin_engine.metrics import auroc, fpr_at_tpr
+
+    model, id_imgs, ood_imgs = separating
+    ref = oe.OdinScorer(model, device="cpu")
+    half = oe.OdinScorer(model, device=device, autocast="bf16")
+    r_id, r_ood = ref.score(id_imgs)["odin"], ref.score(ood_imgs)["odin"]
+    h_id, h_ood = half.score(id_imgs)["odin"], half.score(ood_imgs)["odin"]
+    assert 0.9 < auroc(r_id, r_ood) < 1.0 and 0.0 < fpr_at_tpr(r_id, r_ood) < 0.2  # a detector worth comparing
+    assert abs(auroc(h_id, h_ood) - auroc(r_id, r_ood)) <= 0.01
+    assert abs(fpr_at_tpr(h_id, h_ood) - fpr_at_tpr(r_id, r_ood)) <= 0.03

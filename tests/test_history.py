@@ -16,10 +16,10 @@ import pytest
 
 from odin_engine.decide.calibration import calibrate
 from odin_engine.decide.drift import drift_test
-from odin_engine.decide.flagging import scan_stats, summarize
+from odin_engine.decide.flagging import prepare, summarize
+from odin_engine.io.scores import ScoreTable
 from odin_engine.decide.history import (HISTORY_SCHEMA, append_history, history_file_name, history_row,
                                         read_history)
-from odin_engine.io.scores import ScoreTable
 from odin_engine.io.store import Store
 from odin_engine.report.history import history_plot_html
 
@@ -44,8 +44,7 @@ def _night(cal: dict, day: int, n: int = 400, ood_share: float = 0.0, errors: in
         "pred": pd.array(list(rng.integers(0, 3, n)) + [None] * errors, dtype="Int64"),
         "model_id": cal["model_id"], "temperature": 1000.0, "epsilon": 0.0014,
     })
-    summary = summarize(scan_stats(ScoreTable.from_table(pa.Table.from_pandas(corpus, preserve_index=False)), cal["delta"], "odin"),
-                        ["cat", "dog", "ship"])
+    summary = summarize(prepare(ScoreTable.from_table(corpus), cal["delta"], "odin").stats, ["cat", "dog", "ship"])
     s = summary["overall"]
     doc = {"finished_at": (T0 + timedelta(days=day)).isoformat(timespec="seconds"), "model_spec": "cifar_resnet20",
            "model_id": cal["model_id"], "temperature": 1000.0, "epsilon": 0.0014, "method": "odin",

@@ -115,7 +115,13 @@ def test_help_and_config_file_are_wired(tmp_path, tiny_model):
     score.build_parser(parser)
     args = parse_with_config(parser, ["--config", str(tmp_path / "c.toml"), "--temperature", "20"], "score")
     assert (args.input, args.temperature, args.batch_size, args.workers) == ("x", 20.0, 8, 3)
-    assert score.__doc__.strip().count("\n") == 0
+    # --help for real, through the console entry point: usage, every flag, the config file's flag
+    p = subprocess.run([sys.executable, "-m", "jobs.cli", "score", "--help"], cwd=REPO, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: odin-audit score")
+    flags = {s for a in parser._actions for s in a.option_strings if s.startswith("--")}
+    assert len(flags) > 20 and flags <= set(re.findall(r"--[a-z][a-z-]*", p.stdout)) and "--config TOML" in p.stdout
 
 
 # --------------------------------------------------------------------------- ray job submit against a real head
@@ -439,24 +445,28 @@ def test_corpus_shards_stream_each_shard_as_its_own_block_from_few_read_tasks(tm
         assert sorted(ids) == sorted(f"{k}-{i}" for k in range(5) for i in range(k + 1))
 
 
-def test_a_local_cluster_keeps_idle_workers_for_reuse(monkeypatch):
-    """init_ray without an address passes the worker-reuse setting to the raylet it starts."""
-    import ray
-
-    from jobs import ray_utils
-
-    seen = {}
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv("RAY_idle_worker_killing_time_threshold_ms", raising=False)
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: seen.update(kw, env=dict(os.environ)))
-    assert ray_utils.init_ray(num_cpus=3)
-    assert seen["num_cpus"] == 3
-    assert seen["env"]["RAY_idle_worker_killing_time_threshold_ms"] == "60000"
-    seen.clear()
-    monkeypatch.setenv("RAY_idle_worker_killing_time_threshold_ms", "5000")  # the user's value wins
-    ray_utils.init_ray()
-    assert seen["env"]["RAY_idle_worker_killing_time_threshold_ms"] == "5000" and "num_cpus" not in seen
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,expected", [(None, "60000"), ("5000", "5000")])
+def test_a_local_cluster_keeps_idle_workers_for_reuse(preset, expected):
+    """init_ray without an address starts a real local cluster whose raylet (so every worker) has the
+    worker-reuse setting, unless the user set their own; num_cpus reaches the cluster."""
+    code = (
+        "import os, ray\n"
+        "from jobs.ray_utils import init_ray\n"
+        "assert init_ray(num_cpus=1)\n"
+        "@ray.remote(num_cpus=1)\n"
+        "def setting():\n"
+        "    return os.environ.get('RAY_idle_worker_killing_time_threshold_ms')\n"
+        "print('RESULT', ray.cluster_resources().get('CPU'), ray.get(setting.remote()))\n"
+        "ray.shutdown()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_idle_worker_killing_time_threshold_ms")}
+    if preset is not None:
+        env["RAY_idle_worker_killing_time_threshold_ms"] = preset
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    result = [line.split()[1:] for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result == [["1.0", expected]], p.stdout[-2000:]
 
 
 def test_scoring_workers_do_not_import_scikit_learn():

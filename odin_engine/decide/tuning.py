@@ -39,13 +39,15 @@ import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
 from odin_engine.errors import ConfigError
-from odin_engine.scorer import OdinScorer
 from odin_engine.settings import DEFAULT_TEMPERATURE, OdinSettings, validate_epsilon, validate_temperature
+
+if TYPE_CHECKING:  # annotations only: the scorer (torch) is imported by whoever builds one
+    from odin_engine.scorer import OdinScorer
 
 PAPER_TEMPERATURES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0)
 PAPER_EPSILONS = tuple(float(e) for e in np.round(np.linspace(0.0, 0.004, 21), 6))
