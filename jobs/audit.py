@@ -45,7 +45,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="crop: centred square then resize; stretch: resize the whole image")
     parser.add_argument("--unsafe-pickle", action="store_true",
                         help="allow checkpoints that need arbitrary pickles (can execute code: trusted files only)")
-    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--ray-address", default=None,
+                        help="HOST:PORT of a Ray cluster, or auto (the one `ray start` runs here); default: "
+                             "RAY_ADDRESS, else a private local cluster")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     add_config_option(parser)
 
@@ -176,6 +178,7 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
         "delta": cal["delta"],
         "summary": summary["overall"],
         "score_runs": runs,
+        "cluster": _cluster_used(),
         "durations_s": {"scoring": round(t_scored - t0, 3), "total": round(time.time() - t0, 3)},
         "outputs": {"calibration": "calibration.json", "flags": "flags/flags.parquet",
                     "flag_summary": "flag_summary.json", "report": "report.html",
@@ -195,13 +198,21 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     return doc
 
 
+def _cluster_used() -> dict | None:
+    from jobs.ray_utils import current_cluster
+
+    c = current_cluster()
+    return dict(c.as_dict(), summary=c.summary()) if c else None
+
+
 def run(args: argparse.Namespace) -> int:
     doc = audit(args)
     s = doc["summary"]
     if not args.quiet:
+        where = f" (scored {doc['cluster']['summary']})" if doc.get("cluster") else ""
         print(f"odin audit: δ={doc['delta']:.6g} ({doc['method']}, T={doc['temperature']:g}, ε={doc['epsilon']:g}); "
               f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%), "
-              f"{s['n_error']} errors; report: {Path(args.output) / 'report.html'}", flush=True)
+              f"{s['n_error']} errors{where}; report: {Path(args.output) / 'report.html'}", flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)

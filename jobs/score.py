@@ -31,6 +31,8 @@ from odin_engine.io.images import RESIZE_POLICIES
 from odin_engine.decide.tuning import load_tuning, resolve_settings
 
 from jobs.pipeline import CorpusShards, ScoreBatch, read_and_decode
+from jobs.preflight import preflight_scoring, raise_actor_start_failure, reporting_start_failures
+from jobs.ray_utils import connect_cluster
 from jobs.run_lock import LOCK_FILE, RunLock
 
 JOB_FILE = "_odin_job.json"  # the configuration this output directory belongs to
@@ -241,6 +243,14 @@ def score_corpus(
                               f"found {sorted(stray)[:10]}. Use a new or empty --output directory.")
         run_id = str(run_id) if run_id else _default_run_id()
 
+    # Ray, when anything is left to score: connect and start one scoring actor before writing anything
+    cluster, t_init = None, time.time()
+    if existing is None or _committed_ids(out) < len(corpus):
+        cluster = connect_cluster(ray_address, quiet=not verbose)
+        preflight_scoring(spec=model, weights=weights, mean=loaded.mean, std=loaded.std, input_size=loaded.input_size,
+                          unsafe_pickle=unsafe_pickle, model_id=loaded.model_id, gpus=cluster.gpus > 0,
+                          cpus=min(cpus_per_worker, cluster.cpus), temperature=temperature, epsilon=epsilon)
+    ray_init_s = time.time() - t_init
     lock.acquire()  # one writer at a time, released however this call ends
     try:
         # 2. the output directory is ours: corpus shards, then the job file (its presence = shards complete)
@@ -269,17 +279,14 @@ def score_corpus(
 
         # 3. run the pipeline unless everything is already committed
         ray_stats = None
-        ray_init_s = 0.0
         t_pipeline = time.time()
         if done_before < len(corpus):
             import ray
             from ray.data.checkpoint import CheckpointConfig
 
-            from jobs.ray_utils import cluster_cpus, cluster_gpus, init_ray
+            from jobs.ray_utils import cluster_cpus, cluster_gpus
 
-            t_init = time.time()
-            init_ray(ray_address)
-            ray_init_s = time.time() - t_init
+            connect_cluster(ray_address, quiet=not verbose)  # (already connected above, unless nothing was left)
             t_pipeline = time.time()
             gpus = cluster_gpus()
             # default pool: one actor per GPU, else as many CPU actors as the cluster has room for
@@ -311,7 +318,7 @@ def score_corpus(
                                 fn_kwargs={"size": loaded.input_size, "policy": resize})
             sink = schema.serialize().to_pybytes()
             ds = ds.map_batches(
-                ScoreBatch,
+                reporting_start_failures(ScoreBatch),
                 fn_constructor_kwargs=dict(
                     spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
                     input_size=loaded.input_size,
@@ -327,7 +334,11 @@ def score_corpus(
             )
             # Encoding a shard's rows is light: like the read, it reserves no CPU (the actors have
             # them) and runs at most 2 at a time.
-            ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs, ray_remote_args={"num_cpus": 0}, concurrency=2)
+            try:
+                ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs, ray_remote_args={"num_cpus": 0}, concurrency=2)
+            except Exception as exc:
+                raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
+                raise
             ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
                          "cpus_per_worker": 0 if gpus else actor_cpus}
         t_end = time.time()
@@ -348,6 +359,7 @@ def score_corpus(
             "images_per_s": round(scored_now / pipeline_s, 2) if pipeline_s > 0 and scored_now else 0.0,
             "repaired_checkpoints": repaired,
             "execution": ray_stats,
+            "cluster": cluster.as_dict() if cluster else None,
             "argv": sys.argv,
         }
         result = {
@@ -370,7 +382,8 @@ def score_corpus(
             print(
                 f"odin score: {c['total']} rows ({c['ok']} ok, {c['error']} error) in {out.uri(SCORES_DIR)}; "
                 f"this attempt scored {scored_now} ({done_before} already done) in {pipeline_s:.1f}s "
-                f"= {attempt['images_per_s']} images/s; exactly once: {check['exactly_once']}"
+                f"= {attempt['images_per_s']} images/s {cluster.summary() if cluster else '(no Ray needed)'}; "
+                f"exactly once: {check['exactly_once']}"
                 + ("" if check["exactly_once"] else
                    f" (duplicates {check['duplicates']}, missing {check['missing']}, unexpected {check['unexpected']})"),
                 flush=True,
@@ -405,7 +418,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-rows", type=int, default=1024,
                         help="corpus rows per input shard (the unit of checkpointing)")
     parser.add_argument("--unsafe-pickle", action="store_true", help="allow checkpoints that need arbitrary pickles")
-    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--ray-address", default=None,
+                        help="HOST:PORT of a Ray cluster, or auto (the one `ray start` runs here); default: "
+                             "RAY_ADDRESS, else a private local cluster")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary line")
 
 
