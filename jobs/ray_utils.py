@@ -105,7 +105,7 @@ def _check_reachable(how: str, init_address: str | None, temp_dir: str | None = 
     from ray.exceptions import AuthenticationError
 
     given = init_address if init_address is not None else os.environ.get("RAY_ADDRESS", "")
-    source = "RAY_ADDRESS" if how == "RAY_ADDRESS" else f"--ray-address {init_address}"
+    source = {"RAY_ADDRESS": "RAY_ADDRESS", "auto": "--ray-address auto"}.get(how, "--ray-address")
     if str(given).startswith(("ray://", "http://", "https://")):
         if str(given).startswith("http"):
             raise ConfigError(f"{source} is a dashboard URL ({given}); a job's driver needs the cluster's GCS "
@@ -119,11 +119,12 @@ def _check_reachable(how: str, init_address: str | None, temp_dir: str | None = 
     except ValueError as exc:
         raise ConfigError(f"{source}: {exc}; expected HOST:PORT (the cluster's GCS address)") from None
     host, _, port = str(gcs).rpartition(":")
+    shown = gcs if how == "auto" else given  # as the user wrote it (Ray shows 127.0.0.1 as the host's IP)
     try:
         with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
             pass
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot reach the Ray cluster at {gcs} ({source}): {exc}; check the address and that "
+        raise ConfigError(f"cannot reach the Ray cluster at {shown} ({source}): {exc}; check the address and that "
                           "the cluster is running") from None
     if init_address in (None, "auto"):
         maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
@@ -134,7 +135,7 @@ def _check_reachable(how: str, init_address: str | None, temp_dir: str | None = 
         with _quiet_stderr():  # the GCS client logs each failed attempt to fd 2 itself
             GcsClient(address=gcs, cluster_id=None).cluster_id  # noqa: B018 - one authenticated round trip
     except AuthenticationError as exc:
-        raise ConfigError(f"the Ray cluster at {gcs} ({source}) refused this process: {exc.message}; "
+        raise ConfigError(f"the Ray cluster at {shown} ({source}) refused this process: {exc.message}; "
                           f"{AUTH_FIX}") from None
     except Exception as exc:  # noqa: BLE001 - anything else: let ray.init try and report
         log.debug("GCS probe of %s failed: %s", gcs, exc)
@@ -213,7 +214,9 @@ def connect_cluster(address: str | None = None, *, quiet: bool = False, num_cpus
             if env:
                 kwargs["runtime_env"] = {"env_vars": env}
     try:
-        ray.init(**kwargs)
+        # --quiet: the driver's C++ logger announces its level on fd 2 while ray.init starts it
+        with _quiet_stderr() if quiet else contextlib.nullcontext():
+            ray.init(**kwargs)
     except ConnectionError as exc:
         raise ConfigError(f"cannot connect to the Ray cluster ({how}): {exc}") from None
     _current = Cluster(how, _gcs_address())
