@@ -30,7 +30,8 @@ from odin_engine.errors import ConfigError
 from odin_engine.io.images import RESIZE_POLICIES
 from odin_engine.decide.tuning import load_tuning, resolve_settings
 
-from jobs.pipeline import CorpusShards, ScoreBatch, read_and_decode
+from jobs.gpu_decode import DECODE_DEVICES, decode_stages
+from jobs.pipeline import CorpusShards
 from jobs.preflight import preflight_scoring, raise_actor_start_failure, reporting_start_failures
 from jobs.ray_utils import connect_cluster
 from jobs.run_lock import LOCK_FILE, RunLock
@@ -154,6 +155,7 @@ def score_corpus(
     unsafe_pickle: bool = False,
     ray_address: str | None = None,
     verbose: bool = True,
+    decode_device: str = "cpu",
 ) -> dict[str, Any]:
     """Score every image of ``input`` into ``<output>/scores/*.parquet``; return the run.json dict.
 
@@ -188,6 +190,8 @@ def score_corpus(
     for name, value in (("--cpus-per-worker", cpus_per_worker), ("--decode-cpus", decode_cpus)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} must be a number > 0; got {value!r}")
+    if decode_device not in DECODE_DEVICES:
+        raise ConfigError(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}; got {decode_device!r}")
     if run_id is not None and (not str(run_id).strip() or len(str(run_id)) > 200):
         raise ConfigError(f"--run-id must be a non-empty string of at most 200 characters; got {run_id!r}")
     if weights and not is_uri(str(weights)) and weights != "DEFAULT" and not os.path.isfile(weights):
@@ -247,6 +251,9 @@ def score_corpus(
     cluster, t_init = None, time.time()
     if existing is None or _committed_ids(out) < len(corpus):
         cluster = connect_cluster(ray_address, quiet=not verbose)
+        if decode_device == "cuda" and not cluster.gpus:
+            raise ConfigError(f"--decode-device cuda needs GPU scoring workers; the cluster has none "
+                              f"({cluster.summary()})")
         preflight_scoring(spec=model, weights=weights, mean=loaded.mean, std=loaded.std, input_size=loaded.input_size,
                           unsafe_pickle=unsafe_pickle, model_id=loaded.model_id, gpus=cluster.gpus > 0,
                           cpus=min(cpus_per_worker, cluster.cpus), temperature=temperature, epsilon=epsilon)
@@ -314,17 +321,18 @@ def score_corpus(
             # two long read tasks stream all the shards (not a short task, and maybe a fresh worker
             # process, per shard).
             ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files, read_tasks=2), num_cpus=0, concurrency=2)
-            ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
-                                fn_kwargs={"size": loaded.input_size, "policy": resize})
+            read_fn, read_kwargs, actor_cls, actor_extra = decode_stages(decode_device, loaded.input_size, resize)
+            ds = ds.map_batches(read_fn, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
+                                fn_kwargs=read_kwargs)
             sink = schema.serialize().to_pybytes()
             ds = ds.map_batches(
-                reporting_start_failures(ScoreBatch),
+                reporting_start_failures(actor_cls),
                 fn_constructor_kwargs=dict(
                     spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
                     input_size=loaded.input_size,
                     temperature=temperature, epsilon=epsilon, batch_size=batch_size, model_id=loaded.model_id,
                     run_id=run_id, threads=None if gpus else threads,
-                    unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu",
+                    unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu", **actor_extra,
                 ),
                 batch_size=batch_size,
                 batch_format="pyarrow",
@@ -340,7 +348,7 @@ def score_corpus(
                 raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
                 raise
             ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
-                         "cpus_per_worker": 0 if gpus else actor_cpus}
+                         "cpus_per_worker": 0 if gpus else actor_cpus, "decode_device": decode_device}
         t_end = time.time()
 
         # 4. verify exactly-once against the corpus and write run.json
@@ -417,6 +425,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs reserved per read/decode task")
     parser.add_argument("--shard-rows", type=int, default=1024,
                         help="corpus rows per input shard (the unit of checkpointing)")
+    parser.add_argument("--decode-device", choices=DECODE_DEVICES, default="cpu",
+                        help="where JPEGs are decoded: CPU tasks, or the scoring GPU (nvJPEG, in batches)")
     parser.add_argument("--unsafe-pickle", action="store_true", help="allow checkpoints that need arbitrary pickles")
     parser.add_argument("--ray-address", default=None,
                         help="HOST:PORT of a Ray cluster, or auto (the one `ray start` runs here); default: "
@@ -430,7 +440,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, epsilon=args.epsilon, tuning=args.tuning, batch_size=args.batch_size, workers=args.workers,
         run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
-        ray_address=args.ray_address, verbose=not args.quiet,
+        ray_address=args.ray_address, verbose=not args.quiet, decode_device=args.decode_device,
     )
     return 0 if result["verification"]["exactly_once"] else 1
 
