@@ -69,9 +69,14 @@ def gpu_decodable(data: bytes) -> tuple[int, int] | None:
 
 def decode_batch_on_gpu(blobs: list[bytes], size: int, policy: str, device: str = "cuda") -> list[np.ndarray | None]:
     """Decode and resize JPEGs on ``device``; ``None`` where a file failed (decode it on the CPU)."""
+    import warnings
+
     import torch
     import torch.nn.functional as F
-    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; nvJPEG through it is the same
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
 
     tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     try:

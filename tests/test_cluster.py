@@ -175,3 +175,15 @@ def test_an_actor_failing_inside_the_pipeline_is_one_line_and_resumable(tmp_path
     proc, out = _score(env, tmp_path, "--model", f"{factories}:late")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert json.loads((out / "run.json").read_text())["counts"]["total"] == 8
+
+
+TOOL_LINE = ("odin score:", "odin-audit score:")
+
+
+def test_quiet_output_is_only_the_tools_own_lines(foreign_gpu_head, tmp_path, weights):
+    """``--quiet``: no Ray INFO/WARNING lines, no Ray Data progress or plan, no C++ log lines."""
+    proc, out = _score(foreign_gpu_head.client_env, tmp_path, *weights, "--quiet")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    foreign = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and not ln.startswith(TOOL_LINE)]
+    assert not foreign, foreign
+    assert json.loads((out / "run.json").read_text())["counts"]["total"] == 8
