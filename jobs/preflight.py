@@ -19,7 +19,8 @@ from odin_engine.errors import ConfigError
 PROBE_TIMEOUT_S = 600.0  # placing the probe may wait for an autoscaler to add a GPU node
 WEIGHTS_FIX = ("make --weights readable at that path on every node (a shared volume), or give an s3:// or gs:// "
                "URI")
-_MARK = "odin-worker-start:"  # prefixes the one-line reason inside an actor's exception text
+_MARK = "odin-worker-start:"
+_passed: dict[tuple, dict] = {}  # probes that passed in this process  # prefixes the one-line reason inside an actor's exception text
 
 
 class WorkerStartError(RuntimeError):
@@ -116,6 +117,9 @@ def preflight_scoring(*, spec: str, weights: str | None, mean: Sequence[float], 
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
 
+    key = (spec, weights, model_id, gpus, ray.get_runtime_context().gcs_address)
+    if key in _passed:  # e.g. `audit` scores several sets with one model on one cluster
+        return _passed[key]
     probe_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cpus, max_restarts=0)(_Probe)
     actor = probe_cls.remote()
     try:
@@ -123,18 +127,22 @@ def preflight_scoring(*, spec: str, weights: str | None, mean: Sequence[float], 
                                           "cuda" if gpus else "cpu", temperature, epsilon), timeout=timeout_s)
     except GetTimeoutError:
         return {"ok": True, "skipped": f"no node could host a scoring actor within {timeout_s:g}s"}
-    except RayActorError as exc:  # the worker process died (out of memory, a crash in native code)
-        raise ConfigError(f"a scoring actor could not start: its worker process died ({_first_line(exc)}); "
-                          "check the node's memory and the Ray logs") from None
+    except RayActorError as exc:  # the probe itself could not start, or its process died
+        raise ConfigError(f"a scoring actor could not start on the cluster: {_last_line(exc)}; if the job's code "
+                          "cannot be imported there, install odin-audit on every node or submit with "
+                          "--working-dir; otherwise see the node's memory and the Ray logs") from None
     finally:
         ray.kill(actor)
     if not result["ok"]:
         raise ConfigError(f"scoring actors cannot start on node {result['node']}: {result['what']}; {result['fix']}")
+    _passed[key] = result
     return result
 
 
-def _first_line(exc: BaseException) -> str:
-    return next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)[:300]
+def _last_line(exc: BaseException) -> str:
+    """The last line of Ray's text for a failed actor: the original exception, type and message."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return (lines[-1] if lines else type(exc).__name__)[:300]
 
 
 def raise_actor_start_failure(exc: BaseException) -> None:
