@@ -19,7 +19,7 @@ import pytest
 
 from conftest import REPO, VENV_BIN, make_images
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # every test that starts Ray
 ERROR_PREFIX = "odin-audit score: error: "
 
 
@@ -53,6 +53,7 @@ def weights(tmp_path_factory):
     return ["--model", "cifar_resnet20", "--weights", str(path)]
 
 
+@slow
 def test_the_foreign_head_is_what_plain_ray_init_would_join(foreign_gpu_head):
     """The set-up reproduces the trap: Ray's own address resolution finds the foreign head."""
     code = "from ray._private import services; print(services.canonicalize_bootstrap_address(None))"
@@ -61,6 +62,7 @@ def test_the_foreign_head_is_what_plain_ray_init_would_join(foreign_gpu_head):
     assert out.rpartition(":")[2] == foreign_gpu_head.address.rpartition(":")[2]  # (127.0.0.1 shown as this host's IP)
 
 
+@slow
 def test_no_address_scores_on_a_private_cluster_beside_a_foreign_head(foreign_gpu_head, tmp_path, weights):
     proc, out = _score(foreign_gpu_head.client_env, tmp_path, *weights)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -71,6 +73,7 @@ def test_no_address_scores_on_a_private_cluster_beside_a_foreign_head(foreign_gp
     assert cluster["how"] == "local" and cluster["address"] != foreign_gpu_head.address and cluster["gpus"] == 0
 
 
+@slow
 @pytest.mark.parametrize("how", ["flag without token", "flag with wrong token", "RAY_ADDRESS with wrong token"])
 def test_a_refused_token_is_one_line_and_writes_nothing(foreign_gpu_head, tmp_path, weights, how):
     env, args = dict(foreign_gpu_head.client_env), ["--quiet"]
@@ -87,6 +90,7 @@ def test_a_refused_token_is_one_line_and_writes_nothing(foreign_gpu_head, tmp_pa
     assert not out.exists()
 
 
+@slow
 def test_an_unreachable_address_is_one_line(tmp_path, weights, foreign_gpu_head):
     from conftest import free_port
 
@@ -96,6 +100,7 @@ def test_an_unreachable_address_is_one_line(tmp_path, weights, foreign_gpu_head)
     assert not out.exists()
 
 
+@slow
 def test_a_gpu_node_where_torch_sees_no_cuda_is_one_line(foreign_gpu_head, tmp_path, weights):
     """``--ray-address auto`` joins the foreign head on purpose; it advertises a GPU that torch cannot use."""
     proc, out = _score(foreign_gpu_head.env_with_token(), tmp_path, *weights, "--quiet", "--ray-address", "auto")
@@ -149,6 +154,7 @@ def factories(tmp_path):
     return "odin_test_factories"
 
 
+@slow
 def test_a_factory_that_raises_is_one_line(tmp_path, factories, foreign_gpu_head):
     proc, out = _score(foreign_gpu_head.client_env, tmp_path, "--model", f"{factories}:broken", "--quiet",
                        timeout=180)
@@ -157,6 +163,7 @@ def test_a_factory_that_raises_is_one_line(tmp_path, factories, foreign_gpu_head
     assert not out.exists()
 
 
+@slow
 def test_a_factory_that_raises_on_the_workers_is_one_line(tmp_path, factories, foreign_gpu_head):
     proc, out = _score(foreign_gpu_head.client_env, tmp_path, "--model", f"{factories}:worker_only", "--quiet")
     line = _one_error_line(proc)
@@ -165,6 +172,7 @@ def test_a_factory_that_raises_on_the_workers_is_one_line(tmp_path, factories, f
     assert not out.exists()
 
 
+@slow
 def test_an_actor_failing_inside_the_pipeline_is_one_line_and_resumable(tmp_path, factories, foreign_gpu_head):
     env = dict(foreign_gpu_head.client_env, ODIN_TEST_COUNTER=str(tmp_path / "calls"))
     proc, out = _score(env, tmp_path, "--model", f"{factories}:late", "--quiet")
@@ -180,6 +188,7 @@ def test_an_actor_failing_inside_the_pipeline_is_one_line_and_resumable(tmp_path
 TOOL_LINE = ("odin score:", "odin-audit score:")
 
 
+@slow
 def test_quiet_output_is_only_the_tools_own_lines(foreign_gpu_head, tmp_path, weights):
     """``--quiet``: no Ray INFO/WARNING lines, no Ray Data progress or plan, no C++ log lines."""
     proc, out = _score(foreign_gpu_head.client_env, tmp_path, *weights, "--quiet")
@@ -187,3 +196,24 @@ def test_quiet_output_is_only_the_tools_own_lines(foreign_gpu_head, tmp_path, we
     foreign = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and not ln.startswith(TOOL_LINE)]
     assert not foreign, foreign
     assert json.loads((out / "run.json").read_text())["counts"]["total"] == 8
+
+
+# --------------------------------------------------------------------------- the one-line wording (no Ray)
+def test_start_failures_are_worded_with_the_fix():
+    from jobs.preflight import WorkerStartError, check_device, classify
+    from odin_engine.errors import CheckpointError, ConfigError
+
+    err = classify(ConfigError("weights file not found: /models/r50.pt"), "torchvision:resnet50", "/models/r50.pt")
+    assert "cannot read the weights /models/r50.pt" in str(err) and "every node" in err.fix
+    err = classify(CheckpointError("/m.pt is not a readable PyTorch checkpoint"), "cifar_resnet20", "/m.pt")
+    assert "cannot read the weights /m.pt" in err.what
+    err = classify(RuntimeError("CUDA error: no kernel image is available"), "x:y", None)
+    assert "the GPU failed" in err.what and "driver" in err.fix
+    err = classify(KeyError("backbone"), "pkg:factory", None)
+    assert "'pkg:factory' raised KeyError" in err.what and "\n" not in str(err)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(WorkerStartError, match="sees no CUDA device"):
+            check_device("cuda")
+    check_device("cpu")  # nothing to check
