@@ -161,11 +161,14 @@ def quiet_ray(quiet: bool) -> None:
     """Make Ray print only errors that end the command: its loggers, Ray Data's console handler
     and progress bars, and the C++ log level of the processes this one starts (``--quiet``).
 
-    Call before ``ray.init``; Ray's log files keep everything.
+    Call before ``ray.init``. Ray's log files keep everything, except that the processes of a
+    private local cluster (started by that ``ray.init``, so inheriting the variable) log only
+    fatal errors: rerun without ``--quiet`` to debug Ray itself.
     """
     if not quiet:
         return
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # read by this driver's core worker at init
+    # read by this driver's core worker at ray.init (its E lines go to stderr whatever Python's level)
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     logging.getLogger("ray").setLevel(logging.ERROR)
     import ray.data  # configures the "ray.data" logger: console handler (INFO) + session log file
 
