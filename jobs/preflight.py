@@ -19,6 +19,7 @@ from odin_engine.errors import ConfigError
 PROBE_TIMEOUT_S = 600.0  # placing the probe may wait for an autoscaler to add a GPU node
 WEIGHTS_FIX = ("make --weights readable at that path on every node (a shared volume), or give an s3:// or gs:// "
                "URI")
+FACTORY_FIX = "fix the model or its factory (it must build the same model on every node)"
 _MARK = "odin-worker-start:"
 _passed: dict[tuple, dict] = {}  # probes that passed in this process  # prefixes the one-line reason inside an actor's exception text
 
@@ -72,13 +73,14 @@ def classify(exc: BaseException, spec: str, weights: str | None) -> WorkerStartE
     if weights and isinstance(exc, (OSError, CheckpointError)) or (
             isinstance(exc, ConfigError) and "weights file not found" in str(exc)):
         return WorkerStartError(f"cannot read the weights {weights}: {text}", WEIGHTS_FIX)
-    if isinstance(exc, ConfigError):
+    if isinstance(exc, ConfigError) and not str(exc).startswith("model factory"):
         return WorkerStartError(str(exc), "fix the model options (they load on the driver but not here)")
+    if isinstance(exc, ConfigError):  # the user's factory raised (odin_engine.loading words it)
+        return WorkerStartError(str(exc), FACTORY_FIX)
     if "CUDA" in str(exc) or "cuda" in type(exc).__name__.lower():
         return WorkerStartError(f"the GPU failed: {text}",
                                 "check the node's NVIDIA driver, and that this torch build supports its GPU")
-    return WorkerStartError(f"loading the model {spec!r} raised {text}",
-                            "fix the model or its factory (it must build the same model on every node)")
+    return WorkerStartError(f"loading the model {spec!r} raised {text}", FACTORY_FIX)
 
 
 class _Probe:
