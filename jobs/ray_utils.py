@@ -83,6 +83,8 @@ def current_cluster() -> Cluster | None:
 
 def _choice(address: str | None) -> tuple[str, str | None]:
     """(how, address to hand to ray.init) for a ``--ray-address`` value (``None``: the flag is absent)."""
+    if address == "local":  # Ray's own word for "start a new local cluster"
+        return "local", "local"
     if address:
         return ("auto" if address == "auto" else "--ray-address"), address
     if os.environ.get("RAY_ADDRESS"):
