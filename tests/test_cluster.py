@@ -217,3 +217,17 @@ def test_start_failures_are_worded_with_the_fix():
         with pytest.raises(WorkerStartError, match="sees no CUDA device"):
             check_device("cuda")
     check_device("cpu")  # nothing to check
+
+
+def test_cluster_choice_rules_and_summary(monkeypatch):
+    from jobs.ray_utils import Cluster, _choice
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _choice(None) == ("local", "local") and _choice("local") == ("local", "local")
+    assert _choice("auto") == ("auto", "auto")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert _choice(None) == ("RAY_ADDRESS", None)  # ray.init reads it, with the token file, as Ray documents
+    assert _choice("10.0.0.2:6379") == ("--ray-address", "10.0.0.2:6379")  # the flag wins
+    assert Cluster("local", "x:1", {"CPU": 2.0}).summary() == "on a private local Ray cluster (2 CPUs)"
+    assert Cluster("RAY_ADDRESS", "10.0.0.1:6379", {"CPU": 64.0, "GPU": 8.0}).summary() == \
+        "on cluster 10.0.0.1:6379 (RAY_ADDRESS; 64 CPUs, 8 GPUs)"
