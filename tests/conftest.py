@@ -434,8 +434,8 @@ def foreign_gpu_head():
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
            "--include-dashboard", "false", "--num-cpus", "1", "--num-gpus", "1", "--temp-dir", str(temp_dir),
            "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
-           "--dashboard-agent-listen-port", str(free_port()), "--min-worker-port", "30000",
-           "--max-worker-port", "34999"]
+           "--dashboard-agent-listen-port", str(free_port()), "--min-worker-port", "15000",
+           "--max-worker-port", "19999"]
     head_env = dict(client, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     proc = subprocess.run(cmd, env=head_env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0 or not _wait_port(gcs_port, 60):
