@@ -123,6 +123,9 @@ FACTORIES = textwrap.dedent('''
 
 
     def _net():
+        import torch
+
+        torch.manual_seed(0)  # the same weights in every process: the driver checks the model id
         net = CifarResNet(depth=20, num_classes=10)
         net.mean, net.std, net.input_size = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), 32
         return net
