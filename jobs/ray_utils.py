@@ -171,12 +171,14 @@ def quiet_ray(quiet: bool) -> None:
         return
     # read by this driver's core worker at ray.init (its E lines go to stderr whatever Python's level)
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    logging.getLogger("ray").setLevel(logging.ERROR)
+    # CRITICAL, not ERROR: what fails the command reaches the user as the tool's own line (or a
+    # traceback); Ray's ERROR lines would repeat it (e.g. Ray Data's "actors died during initialization")
+    logging.getLogger("ray").setLevel(logging.CRITICAL)
     import ray.data  # configures the "ray.data" logger: console handler (INFO) + session log file
 
     for handler in logging.getLogger("ray.data").handlers:
         if getattr(handler, "name", None) == "console":
-            handler.setLevel(logging.ERROR)
+            handler.setLevel(logging.CRITICAL)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -205,7 +207,7 @@ def connect_cluster(address: str | None = None, *, quiet: bool = False, num_cpus
     quiet_ray(quiet)
     how, init_address = _choice(address)
     kwargs: dict = {"address": init_address, "log_to_driver": not quiet}
-    kwargs["logging_level"] = logging.ERROR if quiet else logging.WARNING
+    kwargs["logging_level"] = logging.CRITICAL if quiet else logging.WARNING
     if how == "local":
         for key, value in LOCAL_CLUSTER_ENV.items():
             os.environ.setdefault(key, value)  # read by the raylet this call starts
