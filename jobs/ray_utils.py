@@ -179,6 +179,14 @@ def quiet_ray(quiet: bool) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if getattr(handler, "name", None) == "console":
             handler.setLevel(logging.CRITICAL)
+    # The driver prints the cluster's error messages for this job (e.g. each failed actor start,
+    # traceback included) to stdout itself, whatever log_to_driver says: send them to the log.
+    from ray._private import worker as ray_worker
+
+    def to_log(data, ignore_prefix):  # noqa: ARG001 - the signature Ray calls
+        log.debug("ray (%s): %s", data.get("pid"), "\n".join(data.get("lines", [])))
+
+    ray_worker.print_to_stdstream = to_log
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
