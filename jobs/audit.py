@@ -222,6 +222,7 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "delta": cal["delta"],
         "summary": summary["overall"],
         "score_runs": runs,
+        "cluster": _cluster_used(),
         "durations_s": {"scoring": round(t_scored - t0, 3)},
         "outputs": {"calibration": CALIBRATION_JSON, "flags": FLAGS_DIR + "/", "flag_summary": FLAG_SUMMARY_JSON,
                     "report": REPORT_HTML, **({"evaluation": EVALUATION_JSON} if evaluation is not None else {})},
@@ -263,6 +264,13 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     return _write(args, plan, runs, cal, flag_plan, heldout, evaluation, roc, t0, t_scored)
 
 
+def _cluster_used() -> dict | None:
+    from jobs.ray_utils import current_cluster
+
+    c = current_cluster()
+    return dict(c.as_dict(), summary=c.summary()) if c else None
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         doc = audit(args)
@@ -271,9 +279,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_AFTER_SCORING
     s = doc["summary"]
     if not args.quiet:
+        where = f" (scored {doc['cluster']['summary']})" if doc.get("cluster") else ""
         print(f"odin audit: δ={doc['delta']:.6g} ({doc['method']}, T={doc['temperature']:g}, ε={doc['epsilon']:g}); "
               f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%), "
-              f"{s['n_error']} errors; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
+              f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)
