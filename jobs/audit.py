@@ -335,6 +335,7 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "summary": summary["overall"],
         "drift": drift,
         "score_runs": runs,
+        "cluster": _cluster_used(),
         "durations_s": {"scoring": round(t_scored - t0, 3)},
         "outputs": {"calibration": CALIBRATION_JSON, "flags": FLAGS_DIR + "/", "flag_summary": FLAG_SUMMARY_JSON,
                     "report": REPORT_HTML, **({"evaluation": EVALUATION_JSON} if evaluation is not None else {})},
@@ -404,6 +405,13 @@ def _p(drift: dict[str, Any]) -> str:
     return "n/a (no ok image)" if drift["p_value"] is None else f"{drift['p_value']:.3g}"
 
 
+def _cluster_used() -> dict | None:
+    from jobs.ray_utils import current_cluster
+
+    c = current_cluster()
+    return dict(c.as_dict(), summary=c.summary()) if c else None
+
+
 def run(args: argparse.Namespace) -> int:
     """Exit codes: :data:`EXIT_CODES` (2, bad configuration, comes from :func:`jobs.options.run_main`)."""
     try:
@@ -413,11 +421,12 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_AFTER_SCORING
     s, drift = doc["summary"], doc["drift"]
     if not args.quiet:
+        where = f" (scored {doc['cluster']['summary']})" if doc.get("cluster") else ""
         print(f"odin audit: δ={doc['delta']:.6g} ({doc['method']}, T={doc['temperature']:g}, ε={doc['epsilon']:g}"
               f"{', frozen calibration' if doc['calibration_from'] else ''}); "
               f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%, "
               f"expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
-              f"{s['n_error']} errors; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
+              f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)

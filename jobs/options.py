@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 from odin_engine.errors import ConfigError
 
 EXIT_CONFIG = 2
+#: where the score job decodes JPEGs: CPU tasks, or the scoring GPU (nvJPEG; jobs/gpu_decode.py)
+DECODE_DEVICES = ("cpu", "cuda")
 
 #: engine parameter names (``SettingError.parameter``) -> the flag that sets them
 PARAMETER_FLAGS = {
@@ -117,7 +119,9 @@ def add_resize_option(parser: argparse.ArgumentParser) -> None:
 
 
 def add_ray_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--ray-address", default=None, help="Ray address (default: RAY_ADDRESS, else a local cluster)")
+    parser.add_argument("--ray-address", default=None,
+                        help="HOST:PORT of a Ray cluster, or auto (the one `ray start` runs here); default: "
+                             "RAY_ADDRESS, else a private local cluster")
 
 
 def add_quiet_option(parser: argparse.ArgumentParser,

@@ -30,6 +30,9 @@ from odin_engine.errors import ConfigError
 from odin_engine.io.images import RESIZE_POLICIES
 from odin_engine.decide.tuning import load_tuning, resolve_settings
 
+from jobs.options import DECODE_DEVICES
+from jobs.preflight import preflight_scoring, raise_actor_start_failure, reporting_start_failures
+from jobs.ray_utils import connect_cluster
 from jobs.run_lock import LOCK_FILE, RunLock
 
 JOB_FILE = "_odin_job.json"  # the configuration this output directory belongs to
@@ -151,6 +154,7 @@ def score_corpus(
     unsafe_pickle: bool = False,
     ray_address: str | None = None,
     verbose: bool = True,
+    decode_device: str = "cpu",
 ) -> dict[str, Any]:
     """Score every image of ``input`` into ``<output>/scores/*.parquet``; return the run.json dict.
 
@@ -185,6 +189,8 @@ def score_corpus(
     for name, value in (("--cpus-per-worker", cpus_per_worker), ("--decode-cpus", decode_cpus)):
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ConfigError(f"{name} must be a number > 0; got {value!r}")
+    if decode_device not in DECODE_DEVICES:
+        raise ConfigError(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}; got {decode_device!r}")
     if run_id is not None and (not str(run_id).strip() or len(str(run_id)) > 200):
         raise ConfigError(f"--run-id must be a non-empty string of at most 200 characters; got {run_id!r}")
     if weights and not is_uri(str(weights)) and weights != "DEFAULT" and not os.path.isfile(weights):
@@ -242,6 +248,17 @@ def score_corpus(
                               f"found {sorted(stray)[:10]}. Use a new or empty --output directory.")
         run_id = str(run_id) if run_id else _default_run_id()
 
+    # Ray, when anything is left to score: connect and start one scoring actor before writing anything
+    cluster, t_init = None, time.time()
+    if existing is None or _committed_ids(out) < len(corpus):
+        cluster = connect_cluster(ray_address, quiet=not verbose)
+        if decode_device == "cuda" and not cluster.gpus:
+            raise ConfigError(f"--decode-device cuda needs GPU scoring workers; the cluster has none "
+                              f"({cluster.summary()})")
+        preflight_scoring(spec=model, weights=weights, mean=loaded.mean, std=loaded.std, input_size=loaded.input_size,
+                          unsafe_pickle=unsafe_pickle, model_id=loaded.model_id, gpus=cluster.gpus > 0,
+                          cpus=min(cpus_per_worker, cluster.cpus), temperature=temperature, epsilon=epsilon)
+    ray_init_s = time.time() - t_init
     lock.acquire()  # one writer at a time, released however this call ends
     try:
         # 2. the output directory is ours: corpus shards, then the job file (its presence = shards complete)
@@ -270,18 +287,16 @@ def score_corpus(
 
         # 3. run the pipeline unless everything is already committed
         ray_stats = None
-        ray_init_s = 0.0
         t_pipeline = time.time()
         if done_before < len(corpus):
             import ray
             from ray.data.checkpoint import CheckpointConfig
 
-            from jobs.pipeline import CorpusShards, ScoreBatch, read_and_decode  # Ray Data: not needed for --help
-            from jobs.ray_utils import cluster_cpus, cluster_gpus, init_ray
+            from jobs.gpu_decode import decode_stages
+            from jobs.pipeline import CorpusShards  # Ray Data: not needed for --help
+            from jobs.ray_utils import cluster_cpus, cluster_gpus
 
-            t_init = time.time()
-            init_ray(ray_address)
-            ray_init_s = time.time() - t_init
+            connect_cluster(ray_address, quiet=not verbose)  # (already connected above, unless nothing was left)
             t_pipeline = time.time()
             gpus = cluster_gpus()
             # default pool: one actor per GPU, else as many CPU actors as the cluster has room for
@@ -309,17 +324,18 @@ def score_corpus(
             # two long read tasks stream all the shards (not a short task, and maybe a fresh worker
             # process, per shard).
             ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files, read_tasks=2), num_cpus=0, concurrency=2)
-            ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
-                                fn_kwargs={"size": loaded.input_size, "policy": resize})
+            read_fn, read_kwargs, actor_cls, actor_extra = decode_stages(decode_device, loaded.input_size, resize)
+            ds = ds.map_batches(read_fn, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
+                                fn_kwargs=read_kwargs)
             sink = schema.serialize().to_pybytes()
             ds = ds.map_batches(
-                ScoreBatch,
+                reporting_start_failures(actor_cls),
                 fn_constructor_kwargs=dict(
                     spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
                     input_size=loaded.input_size,
                     temperature=temperature, epsilon=epsilon, batch_size=batch_size, model_id=loaded.model_id,
                     run_id=run_id, threads=None if gpus else threads,
-                    unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu",
+                    unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu", **actor_extra,
                 ),
                 batch_size=batch_size,
                 batch_format="pyarrow",
@@ -329,9 +345,13 @@ def score_corpus(
             )
             # Encoding a shard's rows is light: like the read, it reserves no CPU (the actors have
             # them) and runs at most 2 at a time.
-            ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs, ray_remote_args={"num_cpus": 0}, concurrency=2)
+            try:
+                ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs, ray_remote_args={"num_cpus": 0}, concurrency=2)
+            except Exception as exc:
+                raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
+                raise
             ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
-                         "cpus_per_worker": 0 if gpus else actor_cpus}
+                         "cpus_per_worker": 0 if gpus else actor_cpus, "decode_device": decode_device}
         t_end = time.time()
 
         # 4. verify exactly-once against the corpus and write run.json
@@ -350,6 +370,7 @@ def score_corpus(
             "images_per_s": round(scored_now / pipeline_s, 2) if pipeline_s > 0 and scored_now else 0.0,
             "repaired_checkpoints": repaired,
             "execution": ray_stats,
+            "cluster": cluster.as_dict() if cluster else None,
             "argv": sys.argv,
         }
         result = {
@@ -372,7 +393,8 @@ def score_corpus(
             print(
                 f"odin score: {c['total']} rows ({c['ok']} ok, {c['error']} error) in {out.uri(SCORES_DIR)}; "
                 f"this attempt scored {scored_now} ({done_before} already done) in {pipeline_s:.1f}s "
-                f"= {attempt['images_per_s']} images/s; exactly once: {check['exactly_once']}"
+                f"= {attempt['images_per_s']} images/s {cluster.summary() if cluster else '(no Ray needed)'}; "
+                f"exactly once: {check['exactly_once']}"
                 + ("" if check["exactly_once"] else
                    f" (duplicates {check['duplicates']}, missing {check['missing']}, unexpected {check['unexpected']})"),
                 flush=True,
@@ -399,6 +421,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs reserved per read/decode task")
     parser.add_argument("--shard-rows", type=int, default=1024,
                         help="corpus rows per input shard (the unit of checkpointing)")
+    parser.add_argument("--decode-device", choices=DECODE_DEVICES, default="cpu",
+                        help="where JPEGs are decoded: CPU tasks, or the scoring GPU (nvJPEG, in batches)")
     options.add_ray_options(parser)
     options.add_quiet_option(parser)
 
@@ -409,7 +433,7 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, epsilon=args.epsilon, tuning=args.tuning, batch_size=args.batch_size, workers=args.workers,
         run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
-        ray_address=args.ray_address, verbose=not args.quiet,
+        ray_address=args.ray_address, verbose=not args.quiet, decode_device=args.decode_device,
     )
     return 0 if result["verification"]["exactly_once"] else 1
 

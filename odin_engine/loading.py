@@ -275,7 +275,10 @@ def _build(spec: str, weights: str | Path | None, unsafe_pickle: bool, options: 
             factory = getattr(importlib.import_module(mod_name), factory_name)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"cannot import model factory {spec!r}: {exc}") from exc
-        module = factory(**options.pop("factory_kwargs", {}))
+        try:
+            module = factory(**options.pop("factory_kwargs", {}))
+        except Exception as exc:  # the user's code: its failure is a configuration problem, in one line
+            raise ConfigError(f"model factory {spec!r} raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(module, nn.Module):
             raise ConfigError(f"factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
         if weights is not None:

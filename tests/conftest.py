@@ -462,3 +462,48 @@ def bad_images() -> dict[str, bytes]:
     out["float.tif"] = _save(Image.fromarray(rng.random((16, 16)).astype(np.float32)), "TIFF")
     assert set(out) == set(BAD_EXPECT)
     return out
+
+
+# --------------------------------------------------------------------------- a foreign Ray head (test_cluster.py)
+@dataclass
+class ForeignHead:
+    """A ``ray start --head`` that is not the caller's: its own token, 1 CPU, and 1 GPU advertised
+    (``--num-gpus 1``, whatever the machine has). ``ray start`` records it where ``ray.init()``
+    and ``--address auto`` look (``$RAY_TMPDIR/ray/ray_current_cluster``), so ``client_env`` —
+    ``RAY_TMPDIR`` set, no ``RAY_ADDRESS`` and no token — is a shell on a machine where someone
+    else's cluster runs."""
+
+    address: str
+    token: str
+    temp_dir: str
+    client_env: dict = field(repr=False)
+
+    def env_with_token(self) -> dict:
+        return dict(self.client_env, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+
+
+@pytest.fixture(scope="module")
+def foreign_gpu_head():
+    root = Path("/tmp") / f"of-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths are length-limited
+    temp_dir = root / "ray"
+    token = secrets.token_hex(32)
+    client = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    client.update(RAY_TMPDIR=str(root), RAY_USAGE_STATS_ENABLED="0",
+                  PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    gcs_port = free_port()
+    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
+           "--include-dashboard", "false", "--num-cpus", "1", "--num-gpus", "1", "--temp-dir", str(temp_dir),
+           "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
+           "--dashboard-agent-listen-port", str(free_port()), "--min-worker-port", "15000",
+           "--max-worker-port", "19999"]
+    head_env = dict(client, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    proc = subprocess.run(cmd, env=head_env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0 or not _wait_port(gcs_port, 60):
+        _stop_head(temp_dir)
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.skip(f"could not start a foreign Ray head: rc={proc.returncode} {proc.stderr[-2000:]}")
+    try:
+        yield ForeignHead(f"127.0.0.1:{gcs_port}", token, str(temp_dir), client)
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(root, ignore_errors=True)
