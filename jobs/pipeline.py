@@ -1,22 +1,31 @@
-"""The scoring pipeline's stages (Ray Data): corpus shards → read and decode (CPU tasks) → score (actor pool).
+"""The scoring job's Ray stages.
 
-Each stage is a plain function or a callable class: triable without a cluster.
+Ray tasks around :mod:`jobs.shards` (list a corpus unit, plan a bucket range, commit a bucket
+range), and the Ray Data pipeline that scores the planned rows: plan files → read and decode (CPU
+tasks) → score (actor pool) → staging files. Each stage is a plain function or a callable class:
+triable without a cluster.
 """
 
 from __future__ import annotations
 
+import posixpath
+import uuid
 from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasource, ReadTask
+from ray.data.datasource import Datasink, Datasource, ReadTask
 
 from odin_engine.io.images import ImageDecodeError, decode_image
 from odin_engine.io.scores import FLOAT_COLUMNS
 from odin_engine.scorer import SCORE_COLUMNS
+
+from jobs import shards
 
 MAX_FILE_BYTES = 256 * 1024 * 1024  # bigger files become error rows, never a worker OOM
 
@@ -139,20 +148,21 @@ class ScoreBatch:
 
 
 class CorpusShards(Datasource):
-    """Ray Data source: the corpus shard files as blocks, one block per shard, in order.
+    """Ray Data source: Parquet files as blocks of at most ``block_rows`` rows (default: one block per file).
 
-    ``read_parquet`` bin-packs small files into one block, which would make the whole corpus
-    one checkpoint unit (Ray Data commits once per written block). Here every shard stays its
-    own block, and the shards are read by a few long read tasks (``read_tasks``, default 2):
-    a shard is a few KB of listing, and each extra short task may cost a fresh Ray worker
-    process on a busy node.
+    ``read_parquet`` bin-packs small files into big blocks; here blocks keep a bounded size (the
+    unit each write task stages), and the files are read by a few long read tasks
+    (``read_tasks``, default 2): a block is a few KB of listing, and each extra short task may
+    cost a fresh Ray worker process on a busy node.
     """
 
-    def __init__(self, filesystem: pafs.FileSystem, files: list[str], read_tasks: int = 2):
+    def __init__(self, filesystem: pafs.FileSystem, files: list[str], read_tasks: int = 2,
+                 block_rows: int | None = None):
         super().__init__()
         self._fs, self._files = filesystem, list(files)
         self._meta = [pq.ParquetFile(filesystem.open_input_file(f)).metadata for f in self._files]
         self._read_tasks = max(1, min(int(read_tasks), len(self._files)))
+        self._block_rows = block_rows
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(m.serialized_size + 200 * m.num_rows for m in self._meta)
@@ -163,11 +173,101 @@ class CorpusShards(Datasource):
         for group in groups:
             paths = [self._files[i] for i in group]
 
-            def read(paths=paths, fs=self._fs):
+            def read(paths=paths, fs=self._fs, block_rows=self._block_rows):
                 for path in paths:
-                    yield pq.read_table(path, filesystem=fs)
+                    if block_rows is None:
+                        yield pq.read_table(path, filesystem=fs)
+                        continue
+                    for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=block_rows):
+                        yield pa.Table.from_batches([batch])
 
             rows = sum(self._meta[i].num_rows for i in group)
             block_meta = BlockMetadata(num_rows=rows, size_bytes=200 * rows, input_files=paths, exec_stats=None)
             tasks.append(ReadTask(read, block_meta, per_task_row_limit=per_task_row_limit))
         return tasks
+
+
+class StagingSink(Datasink):
+    """Ray Data sink: each write task's scored rows → one staging file ``<min bucket>-<max bucket>-<uuid>.parquet``.
+
+    Written atomically (:func:`jobs.shards.write_parquet_atomic`), so a staging file is either
+    complete or absent. A retried write task may stage a row twice: the commit keeps one row per
+    listed image, so staging is at-least-once and the table exactly-once. The driver-side object
+    sums the tasks' counts (``rows``, ``ok``, ``files``).
+    """
+
+    def __init__(self, filesystem: pafs.FileSystem, directory: str):
+        self.fs, self.dir = filesystem, directory
+        self.totals = {"rows": 0, "ok": 0, "files": 0}
+
+    def on_write_start(self, schema=None) -> None:
+        self.fs.create_dir(self.dir, recursive=True)
+
+    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
+        parts = [b for b in blocks if b.num_rows]
+        if not parts:
+            return {"rows": 0, "ok": 0, "files": 0}
+        table = pa.concat_tables(parts).sort_by("bucket")
+        b = table.column("bucket")
+        name = f"{pc.min(b).as_py():06d}-{pc.max(b).as_py():06d}-{uuid.uuid4().hex}.parquet"
+        shards.write_parquet_atomic(self.fs, posixpath.join(self.dir, name), table)
+        ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+        return {"rows": table.num_rows, "ok": ok, "files": 1}
+
+    def on_write_complete(self, write_result) -> None:
+        for r in write_result.write_returns:
+            for k in self.totals:
+                self.totals[k] += int(r.get(k, 0))
+
+
+# --------------------------------------------------------------------------- plain Ray tasks
+def run_tasks(fn: Callable[..., Any], calls: list[tuple], num_cpus: float = 1.0) -> Iterable[Any]:
+    """Run ``fn(*args)`` for each args tuple as Ray tasks; yield results as they finish (any order).
+
+    Large shared arguments should be ``ray.put`` once by the caller. Tasks are retried by Ray if a
+    worker dies (every task here is idempotent).
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
+    pending = [remote.remote(*args) for args in calls]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+# --------------------------------------------------------------------------- the Ray Data pipeline
+def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, schema: pa.Schema, *,
+                  scorer_kwargs: dict[str, Any], batch_size: int, block_rows: int, decode_cpus: float,
+                  input_size: int, resize: str, workers: int, gpus: int, actor_cpus: float, threads: int,
+                  verbose: bool) -> dict[str, int]:
+    """Score the planned rows into staging files: plan files → read_and_decode → ScoreBatch → StagingSink.
+
+    ``schema``: the score table's schema plus ``bucket``. Returns the sink's totals (rows, ok, files).
+    """
+    import ray
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
+    # two long read tasks stream all the files (not a short task, maybe a fresh worker, per block).
+    # override_num_blocks = the read tasks: Ray Data would otherwise split every block to reach its
+    # default parallelism, and a block is the unit a write task stages.
+    ds = ray.data.read_datasource(CorpusShards(fs, plan_files, read_tasks=2, block_rows=block_rows),
+                                  num_cpus=0, concurrency=2, override_num_blocks=2)
+    ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
+                        fn_kwargs={"size": input_size, "policy": resize})
+    ds = ds.map_batches(
+        ScoreBatch,
+        fn_constructor_kwargs=dict(**scorer_kwargs, batch_size=batch_size, threads=None if gpus else threads,
+                                   schema_bytes=schema.serialize().to_pybytes(), device="cuda" if gpus else "cpu"),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else actor_cpus,
+    )
+    sink = StagingSink(fs, staging_dir)
+    # Staging a block's rows is light: like the read, it reserves no CPU and runs at most 2 at a time.
+    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=2)
+    return sink.totals

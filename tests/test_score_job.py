@@ -20,7 +20,7 @@ from conftest import BAD_EXPECT, REPO, _with_descendants, make_images, pids_matc
 from jobs.cli import main as cli_main
 
 SCORE_COLS = ["image_id", "uri", "status", "error", "width", "height", "pred", "msp", "max_logit", "energy",
-              "odin", "temperature", "epsilon", "model_id", "run_id", "scored_at"]
+              "odin", "temperature", "epsilon", "model_id", "run_id", "scored_at", "version"]
 DOC = REPO / "docs" / "scoring-job.md"
 
 
@@ -321,8 +321,9 @@ def _map_worker_pids(head) -> list[int]:
 
 
 def _committed(out: Path) -> int:
-    d = out / "_checkpoint"
-    return len([p for p in d.glob("*.parquet") if not p.name.endswith(".pending.parquet")]) if d.exists() else 0
+    """Staged blocks (complete files in ``_staging/``): what a killed run keeps."""
+    d = out / "_staging"
+    return len(list(d.glob("*.parquet"))) if d.exists() else 0
 
 
 def _wait(pred, timeout: float, what: str):
@@ -387,37 +388,6 @@ def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tin
 
 
 # --------------------------------------------------------------------------- the pieces of the exactly-once scheme
-def test_repair_drops_pending_checkpoints_whose_commit_happened(tmp_path):
-    from jobs.score import CHECKPOINT_DIR, _committed_ids, _repair_checkpoint
-    from odin_engine.io.store import Store
-
-    ck = tmp_path / CHECKPOINT_DIR
-    ck.mkdir()
-    ids = pa.table({"image_id": ["a", "b"]})
-    pq.write_table(ids, ck / "w_000001.parquet")  # committed ...
-    pq.write_table(ids, ck / "w_000001.pending.parquet")  # ... and its copy-then-delete leftover
-    pq.write_table(ids, ck / "w_000002.pending.parquet")  # a genuinely pending one: Ray's recovery handles it
-    out = Store(str(tmp_path))
-    assert _repair_checkpoint(out) == 1
-    assert sorted(p.name for p in ck.iterdir()) == ["w_000001.parquet", "w_000002.pending.parquet"]
-    assert _committed_ids(out) == 2
-
-
-def test_verification_reports_duplicates_and_gaps(tmp_path):
-    from jobs.score import SCORES_DIR, _verify
-    from odin_engine.io.store import Store
-    from odin_engine.io.corpus import Corpus
-
-    (tmp_path / SCORES_DIR).mkdir()
-    rows = lambda ids: pa.table({"image_id": ids, "status": ["ok"] * len(ids)})  # noqa: E731
-    pq.write_table(rows(["a", "b"]), tmp_path / SCORES_DIR / "x-0.parquet")
-    pq.write_table(rows(["b", "z"]), tmp_path / SCORES_DIR / "y-0.parquet")
-    corpus = Corpus(pa.table({"image_id": ["a", "b", "c"], "uri": ["1", "2", "3"]}), "src", "manifest")
-    check = _verify(Store(str(tmp_path)), corpus)
-    assert (check["rows"], check["duplicates"], check["missing"], check["unexpected"]) == (4, 1, 1, 1)
-    assert check["exactly_once"] is False
-
-
 def test_corpus_shards_stream_each_shard_as_its_own_block_from_few_read_tasks(tmp_path):
     """The checkpoint unit is a block = one shard, whichever read task streams it."""
     from pyarrow import fs as pafs
