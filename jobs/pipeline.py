@@ -164,6 +164,10 @@ class CorpusShards(Datasource):
         self._read_tasks = max(1, min(int(read_tasks), len(self._files)))
         self._block_rows = block_rows
 
+    @property
+    def read_tasks(self) -> int:
+        return self._read_tasks
+
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(m.serialized_size + 200 * m.num_rows for m in self._meta)
 
@@ -253,8 +257,8 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
     # two long read tasks stream all the files (not a short task, maybe a fresh worker, per block).
     # override_num_blocks = the read tasks: Ray Data would otherwise split every block to reach its
     # default parallelism, and a block is the unit a write task stages.
-    ds = ray.data.read_datasource(CorpusShards(fs, plan_files, read_tasks=2, block_rows=block_rows),
-                                  num_cpus=0, concurrency=2, override_num_blocks=2)
+    source = CorpusShards(fs, plan_files, read_tasks=2, block_rows=block_rows)
+    ds = ray.data.read_datasource(source, num_cpus=0, concurrency=2, override_num_blocks=source.read_tasks)
     ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
                         fn_kwargs={"size": input_size, "policy": resize})
     ds = ds.map_batches(

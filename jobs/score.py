@@ -256,15 +256,14 @@ def _say(prep: Prepared, text: str) -> None:
         print(f"odin score: {text}", flush=True)
 
 
-def list_corpus(prep: Prepared, attempt: str) -> dict[str, Any]:
+def list_corpus(source: CorpusSource, out: Store, attempt: str) -> dict[str, Any]:
     """Listing tasks (one per corpus unit) write chunk files sorted by hash; the driver gets counts and paths."""
     from jobs.pipeline import run_tasks
 
-    out = prep.out
     directory = out.p(LISTING_DIR, attempt)
-    carried = prep.carried.serialize().to_pybytes()
+    carried = source.carried.serialize().to_pybytes()
     chunks, rows, errors, problems = [], 0, 0, []
-    calls = [(unit, carried, out.fs, directory, f"u{k:06d}") for k, unit in enumerate(prep.source.units)]
+    calls = [(unit, carried, out.fs, directory, f"u{k:06d}") for k, unit in enumerate(source.units)]
     for res in run_tasks(shards.list_unit_task, calls):
         if "config_error" in res:
             problems.append(res["config_error"])
@@ -276,7 +275,7 @@ def list_corpus(prep: Prepared, attempt: str) -> dict[str, Any]:
     if problems:
         raise ConfigError(sorted(problems)[0])
     if rows == 0:
-        raise empty_error(prep.source.source, prep.source.kind)
+        raise empty_error(source.source, source.kind)
     return {"chunks": sorted(chunks), "listed": rows, "listing_errors": errors, "tasks": len(calls)}
 
 
@@ -364,6 +363,8 @@ def commit(prep: Prepared, listing: dict[str, Any], n_buckets: int) -> dict[str,
     # every staged row is now in a bucket file (or belonged to an image no longer listed)
     for _, _, path in staged:
         out.fs.delete_file(path)
+    if out.exists(STAGING_DIR) and not out.listdir(STAGING_DIR):
+        out.fs.delete_dir(out.p(STAGING_DIR))
     totals["stray_files"] = len(stray)
     totals["stray_examples"] = sorted(stray)[:10]
     return totals
@@ -377,7 +378,7 @@ def run_attempt(prep: Prepared) -> dict[str, Any]:
         _delete_tree(out, leftover)
     ray_info = start_ray(cfg)
     t = time.time()
-    listing = list_corpus(prep, attempt)
+    listing = list_corpus(prep.source, out, attempt)
     t_list = time.time() - t
     _say(prep, f"listed {listing['listed']} items in {t_list:.1f}s ({listing['tasks']} listing tasks)")
     if prep.existing is None:

@@ -278,7 +278,9 @@ def test_s3_corpus_and_s3_output(ray_head, s3_server, s3_bucket, tiny_model, tmp
         run = json.loads(fh.read())
     assert run["counts"] == {"ok": 12, "error": 2, "total": 14} and run["verification"]["exactly_once"]
     again = run_job(job_cmd(f"s3://{s3_bucket}/corpus/manifest.csv", out, tiny_model, "--shard-rows", "5"), env)
-    assert again.returncode == 0 and "this attempt scored 0 (14 already done)" in again.stdout, again.stderr[-2000:]
+    # the rerun attempts the unreadable key again (a `read failed` row is retryable); the rest is kept
+    assert again.returncode == 0 and "this attempt scored 1 (13 already done)" in again.stdout, again.stderr[-2000:]
+    assert "retried 1" in again.stdout
 
 
 @pytest.mark.slow
@@ -490,3 +492,95 @@ def test_torchscript_model_with_normalization_flags(ray_head, tmp_path):
     meta = pq.read_schema(next((out / "scores").glob("*.parquet"))).metadata
     assert json.loads(meta[b"odin.normalization"])["std"] == [0.25, 0.25, 0.25]
     assert meta[b"odin.input_size"] == b"32"
+
+
+# --------------------------------------------------------------------------- incremental reruns
+def _new_bytes(path: Path, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.slow
+def test_incremental_rerun_scores_only_new_and_changed_images(ray_head, tiny_model, tmp_path):
+    """+30 new, 1 overwritten, −5 removed: the same command scores exactly 31; the table is today's files."""
+    corpus = tmp_path / "corpus"
+    make_images(corpus / "a", 40)
+    make_images(corpus / "b", 20, prefix="q_")
+    out = tmp_path / "out"
+    cmd = job_cmd(corpus, out, tiny_model, "--batch-size", "16", "--shard-rows", "4")  # 15 buckets
+    first = run_job(cmd, ray_head.env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job = json.loads((out / "_odin_job.json").read_text())
+    assert job["layout"]["buckets"] == 15
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "scores").iterdir()}
+    old_rows = {r["image_id"]: r for r in read_scores(out).to_pylist()}
+
+    make_images(corpus / "c", 30, prefix="n_", seed=7)
+    _new_bytes(corpus / "a" / "img_00000.png", seed=99)
+    for i in range(5):
+        (corpus / "b" / f"q_{i:05d}.png").unlink()
+    again = run_job(cmd, ray_head.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "this attempt scored 31 (54 already done)" in again.stdout
+    att = json.loads((out / "run.json").read_text())["attempts"][-1]
+    assert (att["scored"], att["new"], att["changed"], att["retried"], att["dropped"]) == (31, 30, 1, 0, 5)
+    today = {p.relative_to(corpus).as_posix() for p in corpus.rglob("*.png")}
+    assert len(today) == 85
+    t = assert_exactly_once(out, today)
+    rows = {r["image_id"]: r for r in t.to_pylist()}
+    changed = rows["a/img_00000.png"]
+    st = (corpus / "a" / "img_00000.png").stat()
+    assert changed["version"] == f"{st.st_size}:{st.st_mtime_ns}" and changed["scored_at"] > old_rows["a/img_00000.png"]["scored_at"]
+    kept = [i for i in today if i in old_rows and i != "a/img_00000.png"]
+    assert all(rows[i]["scored_at"] == old_rows[i]["scored_at"] and rows[i]["odin"] == old_rows[i]["odin"] for i in kept)
+    # buckets without a new, changed or removed image were not rewritten
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "scores").iterdir()}
+    untouched = [n for n in before if after.get(n) == before[n]]
+    assert att["buckets"]["unchanged"] == len(untouched) >= 1
+    assert att["buckets"]["written"] + att["buckets"]["unchanged"] == len(after)
+    assert not any(n.startswith("_") for n in os.listdir(out) if n not in ("_odin_job.json",)), os.listdir(out)
+    # and once more: nothing to do
+    third = run_job(cmd, ray_head.env)
+    assert third.returncode == 0 and "this attempt scored 0 (85 already done)" in third.stdout, third.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_read_failures_are_retried_on_rerun_and_final_verdicts_are_not(ray_head, tiny_model, tmp_path):
+    """A manifest whose missing file appears later is completed by rerunning the same call; an empty
+    file stays an error without being read again. Many buckets and bucket ranges on a small corpus."""
+    imgs = tmp_path / "imgs"
+    make_images(imgs, 10)
+    (imgs / "zero.png").write_bytes(b"")
+    names = [f"img_{i:05d}.png" for i in range(10)] + ["zero.png", "late.png"]
+    (tmp_path / "m.csv").write_text("path\n" + "".join(f"imgs/{n}\n" for n in names))
+    out = tmp_path / "out"
+    code = ("import json; from jobs.score import score_corpus; "
+            f"r = score_corpus({str(tmp_path / 'm.csv')!r}, {str(out)!r}, {tiny_model.spec!r}, {tiny_model.weights!r}, "
+            "temperature=1000.0, epsilon=0.0014, batch_size=4, shard_rows=2, partition_rows=3, verbose=False); "
+            "print('RESULT', json.dumps(r))")
+
+    def once():
+        proc = run_job([sys.executable, "-c", code], ray_head.env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+    r1 = once()
+    assert r1["layout"]["buckets"] == 6 and r1["attempts"][-1]["buckets"]["ranges"] >= 3
+    assert r1["counts"] == {"ok": 10, "error": 2, "total": 12}
+    rows1 = {r["image_id"]: r for r in read_scores(out).to_pylist()}
+    assert rows1["imgs/late.png"]["error"].startswith("read failed")
+    assert rows1["imgs/zero.png"]["error"].startswith("empty file")
+
+    r2 = once()  # still missing: attempted again, still a row, still exactly once
+    assert (r2["attempts"][-1]["scored"], r2["attempts"][-1]["retried"]) == (1, 1)
+    _new_bytes(imgs / "late.png", seed=3)
+    r3 = once()
+    att = r3["attempts"][-1]
+    assert (att["scored"], att["already_done"], att["changed"]) == (1, 11, 1)  # the file now has a version
+    assert r3["counts"] == {"ok": 11, "error": 1, "total": 12} and r3["verification"]["exactly_once"]
+    rows3 = {r["image_id"]: r for r in assert_exactly_once(out, {f"imgs/{n}" for n in names}).to_pylist()}
+    assert rows3["imgs/late.png"]["status"] == "ok"
+    assert rows3["imgs/zero.png"]["scored_at"] == rows1["imgs/zero.png"]["scored_at"]  # not re-read

@@ -183,8 +183,13 @@ def open_corpus(source: str) -> CorpusSource:
             entries, prefixes = split_points(fs, path, source)
         except OSError as exc:
             raise ConfigError(f"cannot list corpus directory {source!r}: {exc}") from exc
-        units = [ListingUnit(source, "files", entries=tuple(entries))] if entries else []
-        units += [ListingUnit(source, "prefix", prefix=p) for p in prefixes]
+        if not prefixes and not isinstance(fs, pafs.LocalFileSystem):
+            # Some GCS APIs (the emulator) list no sub-prefixes without a delimiter reply: one task
+            # walks the whole prefix recursively, which is right whatever the store answered.
+            units = [ListingUnit(source, "prefix", prefix="")]
+        else:
+            units = [ListingUnit(source, "files", entries=tuple(entries))] if entries else []
+            units += [ListingUnit(source, "prefix", prefix=p) for p in prefixes]
         return CorpusSource(source, "directory", units, pa.schema([]))
     if path.lower().endswith(MANIFEST_EXTENSIONS):
         return _open_manifest(fs, path, source)
