@@ -80,6 +80,11 @@ def _validate(args: argparse.Namespace) -> tuple[float, float, str, list[tuple[s
     t, e, origin = resolve_settings(args.tuning, args.temperature, args.epsilon)
     ood = parse_ood(args.ood)
     _check_heldout_size(args)
+    if args.class_names:  # one name per model class, checked before anything is scored
+        from odin_engine.loading import load_model
+
+        load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
+                   unsafe_pickle=args.unsafe_pickle).check_class_names(args.class_names)
     return t, e, origin, ood
 
 

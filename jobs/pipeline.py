@@ -21,7 +21,10 @@ from pyarrow import fs as pafs
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasink, Datasource, ReadTask
 
+from odin_engine.errors import short_error
+from odin_engine.io.corpus import LISTING_ERROR
 from odin_engine.io.images import ImageDecodeError, decode_image
+from odin_engine.io.reading import ReadError, read_object
 from odin_engine.io.scores import FLOAT_COLUMNS
 from odin_engine.scorer import SCORE_COLUMNS
 
@@ -41,30 +44,24 @@ _DECODED_FIELDS = [
 def read_and_decode(batch: pa.Table, size: int, policy: str, max_bytes: int = MAX_FILE_BYTES) -> pa.Table:
     """Ray Data stage 1 (CPU tasks): uri → bytes → uint8 size×size×3 pixels, or an error message.
 
-    Never raises for a bad item: every input row comes out as one row.
+    Never raises for a bad item: every input row comes out as one row. Reads retry transient
+    failures (:func:`odin_engine.io.reading.read_object`); a row the listing already marked
+    (``listing_error``) becomes that error without a read.
     """
-    from odin_engine.io.store import split_uri as _split
-
+    listed = batch.column(LISTING_ERROR).to_pylist() if LISTING_ERROR in batch.column_names else None
     status, error, width, height, pixels = [], [], [], [], []
-    for uri in batch.column("uri").to_pylist():
-        try:
-            fs, path = _split(uri)
-            with fs.open_input_file(path) as fh:
-                n = fh.size()
-                if n > max_bytes:
-                    raise ImageDecodeError(f"file too large: {n} bytes > {max_bytes}")
-                data = fh.read()
-        except ImageDecodeError as exc:
-            status.append("error"), error.append(str(exc)), width.append(None), height.append(None), pixels.append(None)
-            continue
-        except Exception as exc:  # noqa: BLE001 - missing file, denied key, network: a row error
-            msg = f"read failed: {type(exc).__name__}: {exc}".replace("\n", " ")[:300]
-            status.append("error"), error.append(msg), width.append(None), height.append(None), pixels.append(None)
+
+    def fail(message: str) -> None:
+        status.append("error"), error.append(message), width.append(None), height.append(None), pixels.append(None)
+
+    for k, uri in enumerate(batch.column("uri").to_pylist()):
+        if listed is not None and listed[k]:
+            fail(listed[k])
             continue
         try:
-            arr, w, h = decode_image(data, size, policy)
-        except ImageDecodeError as exc:
-            status.append("error"), error.append(str(exc)), width.append(None), height.append(None), pixels.append(None)
+            arr, w, h = decode_image(read_object(uri, max_bytes), size, policy)
+        except (ReadError, ImageDecodeError) as exc:
+            fail(str(exc))
             continue
         status.append("ok"), error.append(None), width.append(w), height.append(h), pixels.append(arr.tobytes())
     out = batch
@@ -124,7 +121,7 @@ class ScoreBatch:
                             values[c][i] = one[c][0]
                         scored[i] = True
                     except Exception as exc:  # noqa: BLE001
-                        status[i], error[i] = "error", f"scoring failed: {type(exc).__name__}: {exc}"[:300]
+                        status[i], error[i] = "error", "scoring failed: " + short_error(exc, 280)
         now = datetime.now(timezone.utc)
         data = {
             "image_id": batch.column("image_id"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import socket
 import threading
 import time
@@ -91,12 +92,27 @@ class RunLock:
         return True
 
     def check_free(self) -> dict | None:
-        """Raise ``ConfigError`` if another run holds a live lease (writes nothing); else the
-        lease record found (a dead holder's), or None."""
+        """Raise ``ConfigError`` if ``directory`` is a file or another run holds a live lease (writes
+        nothing); else the lease record found (a dead holder's), or None."""
+        in_the_way = self._file_in_the_way()
+        if in_the_way is not None:
+            what = "is a file" if in_the_way == self.dir else f"cannot be a directory: {in_the_way!r} is a file"
+            raise ConfigError(f"{self.display!r} {what}, not a directory: --output needs a directory "
+                              "(a new one, or an earlier run's to resume it)")
         held = self.read()
         if held is not None and held.get("owner") != self.owner and self.is_live(held):
             raise self._refuse(held)
         return held
+
+    def _file_in_the_way(self) -> str | None:
+        """The directory itself or its nearest existing ancestor, when that is a file (else None)."""
+        path = self.dir
+        while path and path not in ("/", "."):
+            kind = self.fs.get_file_info(path).type
+            if kind != pafs.FileType.NotFound:
+                return path if kind == pafs.FileType.File else None
+            path = posixpath.dirname(path)
+        return None
 
     def _refuse(self, held: dict) -> ConfigError:
         age = time.time() - float(held.get("heartbeat", 0))

@@ -160,12 +160,12 @@ def prepare(cfg: ScoreConfig) -> Prepared:
     out = Store(cfg.output)
     lock = RunLock(out.fs, out.path, display=cfg.output)
     try:
+        lock.check_free()  # a file as --output, or another run writing here: refuse before anything else
         info = out.fs.get_file_info(out.path)
-        if info.type == pafs.FileType.File:
-            raise ConfigError(f"--output {cfg.output!r} is a file; give a directory (new or from an earlier run)")
-        lock.check_free()  # another run writing here: refuse before anything else
         existing = out.read_json(JOB_FILE)
         entries = [posixpath.basename(i.path) for i in out.listdir()] if info.type == pafs.FileType.Directory else []
+    except ConfigError:
+        raise
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read output directory {cfg.output!r}: {exc}") from exc
     run_id = cfg.run_id

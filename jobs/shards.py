@@ -36,12 +36,14 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from odin_engine.io.corpus import LISTING_ERROR
+from odin_engine.io.reading import RETRYABLE_PREFIXES  # error rows attempted again on a rerun
+
 SCORES_DIR = "scores"
 LISTING_DIR = "_listing"  # this attempt's listing chunks (deleted at the end)
 PLAN_DIR = "_plan"  # this attempt's rows to score (deleted at the end)
 STAGING_DIR = "_staging"  # scored rows not yet committed (kept across attempts until committed)
 HASH = "blake2b-64(image_id utf-8), big-endian; bucket = h // ceil(2**64 / buckets)"
-RETRYABLE_ERRORS = ("read failed", "scoring failed")  # error rows attempted again on a rerun
 CHUNK_ROWS = 262144  # listing rows per chunk file
 CHUNK_ROW_GROUP = 4096  # rows per row group in a chunk: the granularity of a bucket-range read
 KEY_COLUMNS = ("image_id", "uri", "version", "status", "error")
@@ -94,7 +96,7 @@ def parse_staging_file(name: str) -> tuple[int, int] | None:
 def is_retryable(status: pa.ChunkedArray | pa.Array, error: pa.ChunkedArray | pa.Array) -> np.ndarray:
     err = pc.fill_null(error, "")
     hit = pc.equal(status, "error")
-    retry = pc.or_(*(pc.starts_with(err, p) for p in RETRYABLE_ERRORS))
+    retry = pc.or_(*(pc.starts_with(err, p) for p in RETRYABLE_PREFIXES))
     return pc.fill_null(pc.and_(hit, retry), False).to_numpy(zero_copy_only=False)
 
 
@@ -122,7 +124,7 @@ def write_listing_chunks(fs: pafs.FileSystem, directory: str, name: str, batches
         path = posixpath.join(directory, f"{name}-{len(out):05d}.parquet")
         pq.write_table(table, path, filesystem=fs, row_group_size=CHUNK_ROW_GROUP)
         out.append({"path": path, "rows": table.num_rows,
-                    "errors": table.num_rows - table.column("error").null_count})
+                    "errors": table.num_rows - table.column(LISTING_ERROR).null_count})
 
     fs.create_dir(directory, recursive=True)
     for batch in batches:
@@ -209,7 +211,7 @@ def classify(listing: pa.Table, prior: pa.Table | None) -> dict[str, np.ndarray]
     never scored.
     """
     n = listing.num_rows
-    is_err = ~pc.is_null(listing.column("error")).to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
+    is_err = ~pc.is_null(listing.column(LISTING_ERROR)).to_numpy(zero_copy_only=False) if n else np.zeros(0, bool)
     has_prior = np.zeros(n, bool)
     same_any = np.zeros(n, bool)
     done_any = np.zeros(n, bool)
@@ -251,7 +253,7 @@ def plan_partition(fs: pafs.FileSystem, root: str, listing_schema: pa.Schema, ch
         priors.append(st.select(list(KEY_COLUMNS)))
     prior = pa.concat_tables(priors, promote_options="permissive") if priors else None
     masks = classify(listing, prior)
-    todo = listing.filter(pa.array(masks["todo"])).drop_columns(["error"])
+    todo = listing.filter(pa.array(masks["todo"])).drop_columns([LISTING_ERROR])
     if todo.num_rows:
         pq.write_table(todo, plan_path, filesystem=fs)
     counts = {k: int(v.sum()) for k, v in masks.items()}
@@ -271,7 +273,7 @@ def _pick(listing: pa.Table, candidates: pa.Table) -> tuple[np.ndarray, np.ndarr
     if not candidates.num_rows or not n:
         return choice, np.zeros(n, bool)
     keys = pa.table({"image_id": listing.column("image_id"), "l_uri": listing.column("uri"),
-                     "l_version": listing.column("version"), "l_error": listing.column("error"),
+                     "l_version": listing.column("version"), "l_error": listing.column(LISTING_ERROR),
                      "idx": pa.array(np.arange(n), pa.int64())})
     c = pa.table({"image_id": candidates.column("image_id"), "c_uri": candidates.column("uri"),
                   "c_version": candidates.column("version"), "c_status": candidates.column("status"),
@@ -299,17 +301,18 @@ def _pick(listing: pa.Table, candidates: pa.Table) -> tuple[np.ndarray, np.ndarr
 
 def _error_rows(listing: pa.Table, schema: pa.Schema, constants: dict[str, Any]) -> pa.Table:
     """Rows for listing-error entries: status 'error', the listing's message, no scores."""
-    n = listing.num_rows
     from datetime import datetime, timezone
 
+    n = listing.num_rows
     now = datetime.now(timezone.utc)
     data = {}
     for f in schema:
-        if f.name in ("image_id", "uri", "version", "error") or f.name in listing.column_names and f.name not in (
-                "status", "bucket"):
-            data[f.name] = listing.column(f.name).cast(f.type)
+        if f.name == "error":
+            data[f.name] = listing.column(LISTING_ERROR)
         elif f.name == "status":
             data[f.name] = pa.array(["error"] * n, pa.string())
+        elif f.name in listing.column_names:  # image_id, uri, version, carried columns
+            data[f.name] = listing.column(f.name).cast(f.type)
         elif f.name in constants:
             data[f.name] = pa.array([constants[f.name]] * n, f.type)
         elif f.name == "scored_at":
@@ -327,11 +330,11 @@ def _unchanged(listing: pa.Table, old: pa.Table, carried: list[str]) -> bool:
     for c in ("image_id", "uri", "version", *carried):
         if c not in old.column_names or not old.column(c).cast(listing.schema.field(c).type).equals(listing.column(c)):
             return False
-    errs = ~pc.is_null(listing.column("error")).to_numpy(zero_copy_only=False)
+    errs = ~pc.is_null(listing.column(LISTING_ERROR)).to_numpy(zero_copy_only=False)
     if errs.any():
         mask = pa.array(errs)
         if not (old.column("status").filter(mask).equals(pa.chunked_array([pa.array(["error"] * int(errs.sum()))]))
-                and old.column("error").filter(mask).equals(listing.column("error").filter(mask))):
+                and old.column("error").filter(mask).equals(listing.column(LISTING_ERROR).filter(mask))):
             return False
     return True
 
@@ -352,7 +355,7 @@ def commit_partition(fs: pafs.FileSystem, scores_dir: str, listing_schema: pa.Sc
     buckets = Buckets(n_buckets)
     listing = read_listing(fs, chunks, buckets, lo, hi, listing_schema)
     st, torn = read_staged(fs, staged, lo, hi)
-    carried = [f.name for f in listing_schema if f.name not in ("image_id", "uri", "version", "error")]
+    carried = [f.name for f in listing_schema if f.name not in ("image_id", "uri", "version", LISTING_ERROR)]
     lb = _bounds(listing.column("bucket"), lo, hi)
     sb = _bounds(st.column("bucket"), lo, hi) if st is not None else None
     counts = dict.fromkeys(("listed", "rows", "ok", "error", "written", "unchanged", "deleted", "dropped",
@@ -381,7 +384,7 @@ def commit_partition(fs: pafs.FileSystem, scores_dir: str, listing_schema: pa.Sc
                 parts.append(pq.read_table(path, filesystem=fs).cast(schema))
             if srows is not None:
                 parts.append(srows.select(schema.names).cast(schema))
-            listed_err = ~pc.is_null(lrows.column("error")).to_numpy(zero_copy_only=False)
+            listed_err = ~pc.is_null(lrows.column(LISTING_ERROR)).to_numpy(zero_copy_only=False)
             if listed_err.any():
                 parts.append(_error_rows(lrows.filter(pa.array(listed_err)), schema, constants))
             cand = pa.concat_tables(parts) if parts else schema.empty_table()

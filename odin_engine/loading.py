@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
+import operator
 import pickle
 import re
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net")
 _CIFAR_SPEC = re.compile(r"^cifar_resnet(\d+)$")
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save: zip archive (PyTorch ≥ 1.6) or binary pickle
 UNSAFE_PICKLE_FLAG = "--unsafe-pickle (Python: load_model(..., unsafe_pickle=True))"
 
 
@@ -47,6 +50,20 @@ class LoadedModel:
     model_id: str
     spec: str
 
+    def check_class_names(self, names: Sequence[str] | str) -> list[str]:
+        """``names`` (a list, or one comma-separated string) → the list, one non-empty name per class
+        in the model's class order; ``ConfigError`` when the count differs from ``num_classes``."""
+        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else [str(n).strip() for n in names]
+        if len(names) != self.num_classes:
+            raise ConfigError(
+                f"class_names has {len(names)} names but the model has {self.num_classes} classes "
+                f"(CLI: --class-names): give one name per class, in the order of the model's outputs"
+            )
+        blank = [i for i, n in enumerate(names) if not n]
+        if blank:
+            raise ConfigError(f"class_names has empty names at positions {blank[:20]} (CLI: --class-names)")
+        return names
+
     def describe(self) -> dict[str, Any]:
         return {
             "spec": self.spec,
@@ -59,6 +76,7 @@ class LoadedModel:
 
 
 def _triple(name: str, value: Sequence[float] | str | None) -> tuple[float, float, float] | None:
+    """``mean``/``std`` → three floats in pixel units [0, 1] (``std`` > 0), or ``ConfigError`` saying what to fix."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -66,12 +84,43 @@ def _triple(name: str, value: Sequence[float] | str | None) -> tuple[float, floa
     try:
         out = tuple(float(v) for v in value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{name} must be three numbers like 0.485,0.456,0.406; got {value!r}") from exc
+        raise ConfigError(f"{name} must be three numbers like 0.485,0.456,0.406 (CLI: --{name}); got {value!r}") from exc
     if len(out) != 3:
-        raise ConfigError(f"{name} must have 3 values (R,G,B); got {len(out)}")
+        raise ConfigError(f"{name} must have 3 values (R,G,B) (CLI: --{name}); got {len(out)}")
+    shown = ",".join(f"{v:g}" for v in out)
+    if not all(math.isfinite(v) for v in out):
+        raise ConfigError(f"{name} must be finite numbers (CLI: --{name}); got {shown}")
     if name == "std" and any(v <= 0 for v in out):
-        raise ConfigError(f"std values must be > 0; got {out}")
+        raise ConfigError(f"std values must be > 0 (CLI: --std): the input is divided by them; got {shown}")
+    if any(v < 0 or v > 1 for v in out):
+        hint = ""
+        if all(0 <= v <= 255 for v in out):
+            hint = (" These look like 0–255 units: divide by 255, i.e. "
+                    + ",".join(f"{v / 255:.4g}" for v in out) + ".")
+        raise ConfigError(
+            f"{name} must be in [0, 1] pixel units (CLI: --{name}): the model sees pixels scaled to [0, 1] "
+            f"before (x - mean) / std; got {shown}.{hint}"
+        )
     return out  # type: ignore[return-value]
+
+
+def _input_size(value: Any) -> int:
+    """The square input side: an integer ≥ 1 (``0`` is refused, not mistaken for "not given")."""
+    if isinstance(value, bool):
+        size = 0
+    elif isinstance(value, str):
+        size = int(value) if value.strip().isdigit() else 0
+    elif isinstance(value, float):
+        size = int(value) if value.is_integer() else 0
+    else:
+        try:
+            size = operator.index(value)
+        except TypeError:
+            size = 0
+    if size < 1:
+        raise ConfigError(f"input_size must be an integer >= 1 (CLI: --input-size), the model's square input side "
+                          f"in pixels (e.g. 32 for CIFAR models, 224 for ImageNet ones); got {value!r}")
+    return size
 
 
 def sha256_file(path: str | Path) -> str:
@@ -92,6 +141,28 @@ def state_dict_digest(state: Mapping[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+def _check_checkpoint_bytes(path: Path) -> None:
+    """Refuse a file that is neither a zip archive (``torch.save``'s format since PyTorch 1.6) nor a
+    binary pickle (the legacy format), naming what it looks like instead."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if head.startswith(_CHECKPOINT_MAGIC):
+        return
+    if not head:
+        raise CheckpointError(f"{path} is empty (0 bytes), not a PyTorch checkpoint")
+    text = head.lstrip().lower()
+    if text.startswith(b"<"):
+        what = "an HTML/XML page: did a download save an error or sign-in page instead of the weights?"
+    elif text.startswith(b"version https://git-lfs"):
+        what = "a Git LFS pointer: fetch the real file (git lfs pull)"
+    elif len(head) > 9 and head[8:10] == b'{"':
+        what = "a safetensors file: load it with safetensors and torch.save(state_dict) it"
+    else:
+        what = "expected a zip archive (PK…) or a pickle (\\x80…) written by torch.save"
+    shown = head[:24].decode("utf-8", "backslashreplace")
+    raise CheckpointError(f"{path} is not a PyTorch checkpoint (starts with {shown!r}): {what}")
+
+
 def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a state_dict with ``weights_only=True``; strip ``module.`` prefixes.
 
@@ -101,6 +172,7 @@ def read_checkpoint(path: str | Path, unsafe_pickle: bool = False) -> dict[str, 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"weights file not found: {path}")
+    _check_checkpoint_bytes(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -243,9 +315,9 @@ def load_model(
             f"model {spec!r} has no known input normalization: pass mean and std "
             "(CLI: --mean r,g,b --std r,g,b, in [0,1] pixel units)"
         )
-    size = int(input_size or d_size or 0)
-    if size <= 0:
+    if input_size is None and d_size is None:
         raise ConfigError(f"model {spec!r} has no known input size: pass input_size (CLI: --input-size N)")
+    size = _input_size(input_size if input_size is not None else d_size)
     module = _freeze(module)
     arch = spec if not spec.startswith("torchscript:") else "torchscript"
     return LoadedModel(

@@ -13,8 +13,9 @@ A corpus source is
 
 Listing rows have the columns of :func:`listing_schema`: ``image_id``, ``uri``, ``version``
 (what identifies the bytes: ``size:mtime_ns``, or the manifest's ``version``/``etag``; null when
-unknown), ``error`` (non-null for an entry the walk met but cannot use: it becomes an error row
-without being read) and the carried columns.
+unknown), ``listing_error`` (non-null for an entry the walk met but cannot use — dangling or
+looping symlinks, directory symlinks, unreadable entries: it becomes an error row without being
+read) and the carried columns.
 
 :func:`open_corpus` validates a source cheaply (its metadata, a manifest's schema, a directory's
 top level) and cuts it into :class:`ListingUnit`\\ s: row-group ranges of a Parquet manifest,
@@ -49,13 +50,11 @@ from pyarrow import fs as pafs
 from odin_engine.errors import ConfigError
 from odin_engine.io.store import is_uri, resolve
 
-try:
-    from odin_engine.io.listing import IMAGE_EXTENSIONS, split_points, walk
-except ImportError:  # pragma: no cover - until odin_engine.io.listing lands (helper B2's branch)
-    from odin_engine.io._listing_adapter import IMAGE_EXTENSIONS, split_points, walk
+from odin_engine.io.listing import IMAGE_EXTENSIONS, split_points, walk
 
 MANIFEST_EXTENSIONS = (".parquet", ".pq", ".csv")
 CARRIED_COLUMNS = ("label", "split")
+LISTING_ERROR = "listing_error"  # why a listed entry cannot be read (a directory walk's error entry), else null
 VERSION_COLUMNS = ("version", "etag")
 BATCH_ROWS = 65536  # rows per listing batch (a listing task's working set)
 UNIT_ROWS = 1 << 20  # manifest rows per listing unit (row groups are never split)
@@ -64,7 +63,7 @@ _SHOW = 50
 
 def listing_schema(carried: pa.Schema | None = None) -> pa.Schema:
     return pa.schema([pa.field("image_id", pa.string()), pa.field("uri", pa.string()),
-                      pa.field("version", pa.string()), pa.field("error", pa.string()), *(carried or [])])
+                      pa.field("version", pa.string()), pa.field(LISTING_ERROR, pa.string()), *(carried or [])])
 
 
 @dataclass(frozen=True)
@@ -234,6 +233,16 @@ def _stat_versions(uris: list[str]) -> list[str | None]:
     return out
 
 
+def _where(fs: pafs.FileSystem, path: str, rows: list[int]) -> str:
+    """0-based data rows → what a user finds in the file: CSV lines (header = line 1; the empty
+    lines the reader skipped are counted), Parquet rows counted from 1."""
+    if not path.lower().endswith(".csv"):
+        return "rows " + ", ".join(str(i + 1) for i in rows[:_SHOW])
+    with fs.open_input_stream(path) as fh:
+        lines = [n for n, line in enumerate(fh.read().splitlines(), 1) if line][1:]
+    return "lines " + ", ".join(str(lines[i]) if i < len(lines) else f"data row {i + 1}" for i in rows[:_SHOW])
+
+
 def _manifest_rows(raw: pa.Table, fs: pafs.FileSystem, path: str, source: str, offset: int,
                    schema: pa.Schema) -> pa.Table:
     """One batch of manifest rows → listing rows. ``offset``: index of the batch's first data row."""
@@ -241,7 +250,7 @@ def _manifest_rows(raw: pa.Table, fs: pafs.FileSystem, path: str, source: str, o
     values = raw.column(col).cast(pa.string()).to_pylist()
     empty = [offset + i for i, v in enumerate(values) if v is None or not str(v).strip()]
     if empty:
-        raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells (rows {empty[:_SHOW]})")
+        raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells ({_where(fs, path, empty)})")
     base = posixpath.dirname(path)
     manifest_uri_base = source.rsplit("/", 1)[0] if is_uri(source) else None
     local_fs = isinstance(fs, pafs.LocalFileSystem)

@@ -39,6 +39,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from odin_engine.errors import short_error
+
 BACKGROUND = (255, 255, 255)
 RESIZE_POLICIES = ("crop", "stretch")
 Image.init()  # register every plugin so that the names below resolve
@@ -48,11 +50,6 @@ _MAX_ERROR_CHARS = 300
 
 class ImageDecodeError(ValueError):
     """The bytes cannot be turned into a well-defined RGB image; the message says why."""
-
-
-def _short(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-    return text if len(text) <= _MAX_ERROR_CHARS else text[: _MAX_ERROR_CHARS - 1] + "…"
 
 
 def _has_alpha(img: Image.Image) -> bool:
@@ -126,13 +123,13 @@ def decode_image(data: bytes, size: int, policy: str = "crop") -> tuple[np.ndarr
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"not an image (or not one of {', '.join(FORMATS)}): {_short(exc)}") from None
+        raise ImageDecodeError(f"not an image (or not one of {', '.join(FORMATS)}): {short_error(exc, _MAX_ERROR_CHARS)}") from None
     except (OSError, SyntaxError, EOFError, IndexError, struct.error) as exc:
-        raise ImageDecodeError(f"truncated or corrupt: {_short(exc)}") from None
+        raise ImageDecodeError(f"truncated or corrupt: {short_error(exc, _MAX_ERROR_CHARS)}") from None
     except (ValueError, TypeError, MemoryError, NotImplementedError) as exc:
-        raise ImageDecodeError(f"unsupported: {_short(exc)}") from None
+        raise ImageDecodeError(f"unsupported: {short_error(exc, _MAX_ERROR_CHARS)}") from None
     except Exception as exc:  # noqa: BLE001 - a decoder bug on hostile bytes is still a row error
-        raise ImageDecodeError(f"undecodable: {_short(exc)}") from None
+        raise ImageDecodeError(f"undecodable: {short_error(exc, _MAX_ERROR_CHARS)}") from None
     if arr.shape != (size, size, 3):  # defensive: never hand the model a wrong shape
         raise ImageDecodeError(f"unsupported: decoded to shape {arr.shape}, expected {(size, size, 3)}")
     return arr, width, height

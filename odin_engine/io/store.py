@@ -74,10 +74,10 @@ def to_uri(fs: pafs.FileSystem, path: str, like: str) -> str:
 
 
 def read_bytes(uri: str) -> bytes:
-    """All bytes of one file (local path or URI). Raises ``OSError``/``ValueError`` on failure."""
-    fs, path = split_uri(uri)
-    with fs.open_input_file(path) as fh:
-        return fh.read()
+    """All bytes of one file (local path or URI), transient failures retried. Raises ``OSError`` on failure."""
+    from odin_engine.io.reading import read_object
+
+    return read_object(uri)
 
 
 

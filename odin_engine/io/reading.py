@@ -1,0 +1,158 @@
+"""Reading one object's bytes, with retries for transient failures (no Ray).
+
+:func:`read_object` reads a local path, a percent-encoded ``file://`` URI (as the directory walk
+gives for names that are not UTF-8), or an ``s3://`` / ``gs://`` URI. It retries **transient**
+failures inside the run — network errors, timeouts, throttling, 5xx answers (see
+:func:`is_transient`) — up to ``attempts`` times with exponential backoff and jitter:
+
+    wait before attempt k+1 = min(max_backoff, backoff · 2^(k-1)) · U(0.5, 1.5)
+
+(defaults 4 attempts, 0.25 s: about 1.75 s of waiting at most; pyarrow's S3 and GCS clients
+retry underneath as well, for a few seconds per attempt). When the store is down for everyone —
+:data:`FAILING_STREAK_LIMIT` objects in a row failed transiently in this process — each object is
+tried once until one succeeds: the run finishes quickly with ``read failed`` rows, which the
+rerun retries. A missing object, a denied one, or a bad URI is not transient within a run and
+fails at once.
+
+The one error it raises is :class:`ReadError`; ``str(exc)`` is the row's error message:
+
+* ``read failed: <Type>: <detail>`` (``… (after N attempts)`` when retried) — the object could not
+  be read now. **Retryable**: a rerun of the same command attempts it again.
+* ``file too large: …`` / ``not a regular file: …`` — deterministic verdicts, final.
+
+The rerun contract (:data:`RETRYABLE_PREFIXES`, :func:`is_retryable`): a row with status
+``'error'`` whose error text starts with ``read failed:`` or ``scoring failed:`` is re-attempted
+by the next run; every other error row (``not an image``, ``decompression bomb``, ``empty
+file``, ``file too large``, listing errors, …) is final.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import re
+import stat
+import time
+import urllib.parse
+
+from odin_engine.errors import short_error
+
+RETRYABLE_PREFIXES = ("read failed:", "scoring failed:")
+READ_FAILED = "read failed: "
+FAILING_STREAK_LIMIT = 8  # after this many objects in a row failed transiently, try each once until one succeeds
+_failing_streak = 0  # per process
+
+_NOT_TRANSIENT = re.compile(
+    r"ACCESS_DENIED|AccessDenied|NoSuchKey|NoSuchBucket|INVALID_ACCESS_KEY|SIGNATURE_DOES_NOT_MATCH|"
+    r"PERMISSION_DENIED|UNAUTHENTICATED|NOT_FOUND|HTTP status (?:400|401|403|404)\b"
+)
+_TRANSIENT = re.compile(
+    r"NETWORK_CONNECTION|SLOW_DOWN|SlowDown|THROTTL|Throttl|TooManyRequests|REQUEST_TIMEOUT|RequestTimeout|"
+    r"SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|InternalError|HTTP status (?:429|5\d\d)\b|"
+    r"\b(?:UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|INTERNAL)\b|"
+    r"curlCode: (?:[1-9]\d*)|CURL error|[Cc]onnection (?:reset|refused|aborted|closed)|[Cc]ould(?:n't| not) connect|"
+    r"[Tt]imed? ?out|[Tt]emporar(?:y|ily)|[Tt]ry again"
+)
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                     errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE,
+                     errno.ESTALE}
+
+
+class ReadError(OSError):
+    """Reading an object failed; ``str(exc)`` is the row's error message (see the module docstring)."""
+
+    def __init__(self, message: str, transient: bool = False, attempts: int = 1):
+        super().__init__(message)  # one argument: str(exc) is the message, errno None
+        self.transient, self.attempts = transient, attempts
+
+    @property
+    def retryable(self) -> bool:
+        return is_retryable(str(self))
+
+
+def is_retryable(error: str | None) -> bool:
+    """The rerun contract: an error row whose text starts with ``read failed:`` or ``scoring failed:``."""
+    return bool(error) and str(error).startswith(RETRYABLE_PREFIXES)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying inside the run: network errors, timeouts, throttling, 5xx (S3 and GCS messages as pyarrow words them)."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (TimeoutError, ConnectionError, InterruptedError)):
+        return True
+    if not isinstance(exc, OSError):
+        return False
+    if exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    text = str(exc)
+    return not _NOT_TRANSIENT.search(text) and bool(_TRANSIENT.search(text))
+
+
+def backoff_s(attempt: int, base: float = 0.25, cap: float = 4.0) -> float:
+    """Seconds to wait after failed attempt ``attempt`` (1, 2, …): ``min(cap, base·2^(attempt-1)) · U(0.5, 1.5)``."""
+    return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+def _kind(mode: int) -> str:
+    return "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+
+
+def _check_size(n: int, max_bytes: int | None) -> None:
+    if max_bytes is not None and n > max_bytes:
+        raise ReadError(f"file too large: {n} bytes > {max_bytes}")
+
+
+def _read_local(path: bytes, max_bytes: int | None) -> bytes:
+    # O_NONBLOCK: opening a FIFO must not hang the reader; it is refused below
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReadError(f"not a regular file: {os.fsdecode(path)!r} is a {_kind(st.st_mode)}")
+        _check_size(st.st_size, max_bytes)
+    except BaseException:
+        os.close(fd)
+        raise
+    with open(fd, "rb", closefd=True) as fh:
+        return fh.read()
+
+
+def _read_store(uri: str, max_bytes: int | None) -> bytes:
+    from odin_engine.io.store import split_uri
+
+    fs, path = split_uri(uri)
+    with fs.open_input_file(path) as fh:
+        _check_size(fh.size(), max_bytes)
+        return fh.read()
+
+
+def _read_once(uri: str, max_bytes: int | None) -> bytes:
+    if uri.startswith("file://"):  # RFC 8089: percent-encoded (names that are not UTF-8 come this way)
+        return _read_local(urllib.parse.unquote_to_bytes(uri[len("file://"):]), max_bytes)
+    if "://" not in uri:
+        return _read_local(os.fsencode(os.path.expanduser(uri)), max_bytes)
+    return _read_store(uri, max_bytes)
+
+
+def read_object(uri: str, max_bytes: int | None = None, *, attempts: int = 4, backoff: float = 0.25,
+                max_backoff: float = 4.0) -> bytes:
+    """All bytes of ``uri``, retrying transient failures; raises :class:`ReadError` (see the module docstring)."""
+    global _failing_streak
+    attempts = 1 if _failing_streak >= FAILING_STREAK_LIMIT else max(1, int(attempts))
+    for attempt in range(1, attempts + 1):
+        try:
+            data = _read_once(uri, max_bytes)
+            _failing_streak = 0
+            return data
+        except ReadError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classified below; every failure becomes one ReadError
+            transient = is_transient(exc)
+            if not transient or attempt == attempts:
+                _failing_streak = _failing_streak + 1 if transient else _failing_streak
+                after = f" (after {attempt} attempts)" if attempt > 1 else ""
+                raise ReadError(READ_FAILED + short_error(exc, 280) + after, transient, attempt) from None
+            time.sleep(backoff_s(attempt, backoff, max_backoff))
+    raise AssertionError("unreachable")
