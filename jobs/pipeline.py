@@ -26,7 +26,6 @@ from odin_engine.io.corpus import LISTING_ERROR
 from odin_engine.io.images import ImageDecodeError, decode_image
 from odin_engine.io.reading import ReadError, read_object
 from odin_engine.io.scores import FLOAT_COLUMNS
-from odin_engine.scorer import SCORE_COLUMNS
 
 from jobs import shards
 
@@ -100,6 +99,8 @@ class ScoreBatch:
         return self.scorer.score(arr)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from odin_engine.scorer import SCORE_COLUMNS  # torch: only the actors import it
+
         n = batch.num_rows
         status = batch.column("status").to_pylist()
         error = batch.column("error").to_pylist()

@@ -1,28 +1,38 @@
 """odin_engine: ODIN out-of-distribution scoring as pure functions plus thin classes.
 
-No Ray here: the distributed job in ``jobs/`` calls this library.
+No Ray here: the distributed job in ``jobs/`` calls this library. The public names below are
+imported on first use (PEP 562), so that ``import odin_engine.errors`` or ``odin-audit --help``
+does not pay for torch (~2 s), and a scoring worker does not pay for scikit-learn (``metrics``).
 """
 
-from .errors import CheckpointError, ConfigError
-from .loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, load_model
-from .methods import REGISTRY, ScoreMethod, get_method, register
-from .odin import baseline_scores, odin_scores, perturbation_direction, perturbed_scores
-from .scorer import SCORE_COLUMNS, OdinScorer
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
+# public name -> submodule that defines it
+_EXPORTS = {
+    "CheckpointError": "errors", "ConfigError": "errors",
+    "IMAGENET_MEAN": "loading", "IMAGENET_STD": "loading", "LoadedModel": "loading", "load_model": "loading",
+    "REGISTRY": "methods", "ScoreMethod": "methods", "get_method": "methods", "register": "methods",
+    "baseline_scores": "odin", "odin_scores": "odin", "perturbation_direction": "odin", "perturbed_scores": "odin",
+    "SCORE_COLUMNS": "scorer", "OdinScorer": "scorer",
+}
+
 
 def __getattr__(name: str):
-    # ``odin_engine.metrics`` pulls in scikit-learn: imported on first use, so that a scoring
-    # worker (which never computes metrics) starts without it.
-    if name == "metrics":
-        import importlib
-
-        return importlib.import_module(".metrics", __name__)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in ("metrics", "loading", "scorer", "odin", "methods", "optimize"):
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-__all__ = [
-    "CheckpointError", "ConfigError", "IMAGENET_MEAN", "IMAGENET_STD", "LoadedModel", "OdinScorer",
-    "REGISTRY", "SCORE_COLUMNS", "ScoreMethod", "baseline_scores", "get_method", "load_model", "metrics",
-    "odin_scores", "perturbation_direction", "perturbed_scores", "register",
-]
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [*_EXPORTS, "metrics"]
