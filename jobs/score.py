@@ -360,8 +360,11 @@ def commit(prep: Prepared, listing: dict[str, Any], n_buckets: int) -> dict[str,
     for res in run_tasks(shards.commit_partition, calls):
         for k, v in res.items():
             totals[k] = totals.get(k, 0) + v
-    # every staged row is now in a bucket file (or belonged to an image no longer listed)
-    for _, _, path in staged:
+    # every staged row is now in a bucket file (or belonged to an image no longer listed); the
+    # commit tasks deleted the staging files inside their range, the driver the straddling ones
+    for lo, hi, path in staged:
+        if any(plo <= lo and hi < phi for plo, phi in parts):
+            continue
         out.fs.delete_file(path)
     if out.exists(STAGING_DIR) and not out.listdir(STAGING_DIR):
         out.fs.delete_dir(out.p(STAGING_DIR))

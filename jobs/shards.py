@@ -415,4 +415,9 @@ def commit_partition(fs: pafs.FileSystem, scores_dir: str, listing_schema: pa.Sc
         for k, v in check.items():
             counts[k] += v
     counts["torn_staging"] = torn
+    # staging files wholly inside this range are committed now; the driver deletes the others
+    for path in staged:
+        rng = parse_staging_file(posixpath.basename(path))
+        if rng and lo <= rng[0] and rng[1] < hi:
+            fs.delete_file(path)
     return counts
