@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from ray.data.block import BlockMetadata
-from ray.data.datasource import Datasink, Datasource, ReadTask
+from ray.data.datasource import Datasource, ReadTask
 
 from odin_engine.errors import short_error
 from odin_engine.io.corpus import LISTING_ERROR
@@ -73,7 +73,7 @@ class ScoreBatch:
     """Ray Data stage 2 (actor pool): load the model once per actor, score decoded batches."""
 
     def __init__(self, spec, weights, mean, std, input_size, temperature, epsilon, batch_size, model_id, run_id,
-                 threads, unsafe_pickle, schema_bytes, device=None):
+                 threads, unsafe_pickle, schema_bytes, device=None, staging=None):
         import torch
 
         from odin_engine.loading import load_model
@@ -92,6 +92,8 @@ class ScoreBatch:
         self.model_id, self.run_id = model_id, run_id
         self.temperature, self.epsilon = float(temperature), float(epsilon)
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+        self.batch_size = int(batch_size)
+        self.staging = staging  # (filesystem, directory): stage each call's rows there, return counts
 
     def _score(self, pixels: list[bytes]) -> dict[str, np.ndarray]:
         s = self.size
@@ -99,6 +101,11 @@ class ScoreBatch:
         return self.scorer.score(arr)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score a block in sub-batches of ``batch_size`` (each stamped when done).
+
+        With ``staging``, the block's rows are written as one staging file and the call returns
+        one row of counts (``rows``, ``ok``, ``files``): the unit a killed run keeps is a block.
+        """
         from odin_engine.scorer import SCORE_COLUMNS  # torch: only the actors import it
 
         n = batch.num_rows
@@ -107,15 +114,17 @@ class ScoreBatch:
         ok = [i for i, st in enumerate(status) if st == "ok"]
         values = {c: np.zeros(n, np.int64 if c == "pred" else np.float64) for c in SCORE_COLUMNS}
         scored = np.zeros(n, bool)  # rows without scores are written as nulls
-        if ok:
-            pix = batch.column("pixels").to_pylist()
+        stamps = np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us"))
+        pix = batch.column("pixels").to_pylist() if ok else []
+        for start in range(0, len(ok), self.batch_size):
+            part = ok[start:start + self.batch_size]
             try:
-                res = self._score([pix[i] for i in ok])
+                res = self._score([pix[i] for i in part])
                 for c in SCORE_COLUMNS:
-                    values[c][ok] = res[c]
-                scored[ok] = True
+                    values[c][part] = res[c]
+                scored[part] = True
             except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
-                for i in ok:
+                for i in part:
                     try:
                         one = self._score([pix[i]])
                         for c in SCORE_COLUMNS:
@@ -123,7 +132,7 @@ class ScoreBatch:
                         scored[i] = True
                     except Exception as exc:  # noqa: BLE001
                         status[i], error[i] = "error", "scoring failed: " + short_error(exc, 280)
-        now = datetime.now(timezone.utc)
+            stamps[part] = np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us")
         data = {
             "image_id": batch.column("image_id"),
             "uri": batch.column("uri"),
@@ -137,12 +146,33 @@ class ScoreBatch:
             "epsilon": pa.array([self.epsilon] * n, pa.float64()),
             "model_id": pa.array([self.model_id] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
-            "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "scored_at": pa.array(stamps, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
         }
         for f in self.schema:
             if f.name not in data:
                 data[f.name] = batch.column(f.name)
-        return pa.Table.from_pydict(data, schema=self.schema)
+        table = pa.Table.from_pydict(data, schema=self.schema)
+        if self.staging is None:
+            return table
+        return pa.table({k: [v] for k, v in stage(*self.staging, table).items()})
+
+
+def stage(fs: pafs.FileSystem, directory: str, table: pa.Table) -> dict[str, int]:
+    """Write scored rows as one staging file ``<min bucket>-<max bucket>-<uuid>.parquet``.
+
+    Written atomically (:func:`jobs.shards.write_parquet_atomic`), so a staging file is complete
+    or absent. A retried task may stage a row twice: the commit keeps one row per listed image,
+    so staging is at-least-once and the table exactly-once.
+    """
+    if not table.num_rows:
+        return {"rows": 0, "ok": 0, "files": 0}
+    table = table.sort_by("bucket")
+    b = table.column("bucket")
+    name = f"{pc.min(b).as_py():06d}-{pc.max(b).as_py():06d}-{uuid.uuid4().hex}.parquet"
+    fs.create_dir(directory, recursive=True)
+    shards.write_parquet_atomic(fs, posixpath.join(directory, name), table)
+    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+    return {"rows": table.num_rows, "ok": ok, "files": 1}
 
 
 class CorpusShards(Datasource):
@@ -189,39 +219,6 @@ class CorpusShards(Datasource):
         return tasks
 
 
-class StagingSink(Datasink):
-    """Ray Data sink: each write task's scored rows → one staging file ``<min bucket>-<max bucket>-<uuid>.parquet``.
-
-    Written atomically (:func:`jobs.shards.write_parquet_atomic`), so a staging file is either
-    complete or absent. A retried write task may stage a row twice: the commit keeps one row per
-    listed image, so staging is at-least-once and the table exactly-once. The driver-side object
-    sums the tasks' counts (``rows``, ``ok``, ``files``).
-    """
-
-    def __init__(self, filesystem: pafs.FileSystem, directory: str):
-        self.fs, self.dir = filesystem, directory
-        self.totals = {"rows": 0, "ok": 0, "files": 0}
-
-    def on_write_start(self, schema=None) -> None:
-        self.fs.create_dir(self.dir, recursive=True)
-
-    def write(self, blocks: Iterable[pa.Table], ctx) -> dict[str, int]:
-        parts = [b for b in blocks if b.num_rows]
-        if not parts:
-            return {"rows": 0, "ok": 0, "files": 0}
-        table = pa.concat_tables(parts).sort_by("bucket")
-        b = table.column("bucket")
-        name = f"{pc.min(b).as_py():06d}-{pc.max(b).as_py():06d}-{uuid.uuid4().hex}.parquet"
-        shards.write_parquet_atomic(self.fs, posixpath.join(self.dir, name), table)
-        ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
-        return {"rows": table.num_rows, "ok": ok, "files": 1}
-
-    def on_write_complete(self, write_result) -> None:
-        for r in write_result.write_returns:
-            for k in self.totals:
-                self.totals[k] += int(r.get(k, 0))
-
-
 # --------------------------------------------------------------------------- plain Ray tasks
 def run_tasks(fn: Callable[..., Any], calls: list[tuple], num_cpus: float = 1.0) -> Iterable[Any]:
     """Run ``fn(*args)`` for each args tuple as Ray tasks; yield results as they finish (any order).
@@ -243,9 +240,9 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
                   scorer_kwargs: dict[str, Any], batch_size: int, block_rows: int, decode_cpus: float,
                   input_size: int, resize: str, workers: int, gpus: int, actor_cpus: float, threads: int,
                   verbose: bool) -> dict[str, int]:
-    """Score the planned rows into staging files: plan files → read_and_decode → ScoreBatch → StagingSink.
+    """Score the planned rows into staging files: plan files → read_and_decode → ScoreBatch (stages each block).
 
-    ``schema``: the score table's schema plus ``bucket``. Returns the sink's totals (rows, ok, files).
+    ``schema``: the score table's schema plus ``bucket``. Returns the totals (rows, ok, files).
     """
     import ray
 
@@ -257,19 +254,23 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
     # default parallelism, and a block is the unit a write task stages.
     source = CorpusShards(fs, plan_files, read_tasks=2, block_rows=block_rows)
     ds = ray.data.read_datasource(source, num_cpus=0, concurrency=2, override_num_blocks=source.read_tasks)
-    ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
+    # One call per block (block_rows rows): the actor scores it in sub-batches of batch_size and
+    # stages it itself, so a block is staged the moment it is scored.
+    ds = ds.map_batches(read_and_decode, batch_format="pyarrow", batch_size=block_rows, num_cpus=decode_cpus,
                         fn_kwargs={"size": input_size, "policy": resize})
     ds = ds.map_batches(
         ScoreBatch,
         fn_constructor_kwargs=dict(**scorer_kwargs, batch_size=batch_size, threads=None if gpus else threads,
-                                   schema_bytes=schema.serialize().to_pybytes(), device="cuda" if gpus else "cpu"),
-        batch_size=batch_size,
+                                   schema_bytes=schema.serialize().to_pybytes(), device="cuda" if gpus else "cpu",
+                                   staging=(fs, staging_dir)),
+        batch_size=block_rows,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if gpus else 0,
         num_cpus=0 if gpus else actor_cpus,
     )
-    sink = StagingSink(fs, staging_dir)
-    # Staging a block's rows is light: like the read, it reserves no CPU and runs at most 2 at a time.
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=2)
-    return sink.totals
+    totals = {"rows": 0, "ok": 0, "files": 0}
+    for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for k in totals:
+            totals[k] += int(pc.sum(counts.column(k)).as_py() or 0)
+    return totals

@@ -584,3 +584,34 @@ def test_read_failures_are_retried_on_rerun_and_final_verdicts_are_not(ray_head,
     rows3 = {r["image_id"]: r for r in assert_exactly_once(out, {f"imgs/{n}" for n in names}).to_pylist()}
     assert rows3["imgs/late.png"]["status"] == "ok"
     assert rows3["imgs/zero.png"]["scored_at"] == rows1["imgs/zero.png"]["scored_at"]  # not re-read
+
+
+def test_score_batch_stages_each_block_in_sub_batches(tmp_path, tiny_model):
+    """The actor stage, without a cluster: a block scored in sub-batches (one stamp each) and staged
+    as one atomic file sorted by bucket; a read failure is a row, not an exception."""
+    from pyarrow import fs as pafs
+
+    from jobs.pipeline import ScoreBatch, read_and_decode
+    from jobs.shards import parse_staging_file
+    from odin_engine.io.scores import output_schema
+    from odin_engine.loading import load_model
+
+    paths = make_images(tmp_path / "imgs", 11)
+    batch = pa.table({"image_id": [p.name for p in paths] + ["gone.png"],
+                      "uri": [str(p) for p in paths] + [str(tmp_path / "gone.png")],
+                      "version": ["1:1"] * 12, "bucket": pa.array([3, 1, 2] * 4, pa.int64())})
+    schema = output_schema().append(pa.field("bucket", pa.int64()))
+    model_id = load_model(tiny_model.spec, tiny_model.weights).model_id
+    actor = ScoreBatch(tiny_model.spec, tiny_model.weights, None, None, None, 1000.0, 0.0014, 4, model_id, "r", 1,
+                       False, schema.serialize().to_pybytes(), staging=(pafs.LocalFileSystem(), str(tmp_path / "st")))
+    counts = actor(read_and_decode(batch, 32, "crop")).to_pylist()
+    assert counts == [{"rows": 12, "ok": 11, "files": 1}]
+    (staged,) = list((tmp_path / "st").iterdir())
+    assert parse_staging_file(staged.name)[:2] == (1, 3)
+    t = pq.read_table(staged)
+    assert t.column("bucket").to_pylist() == sorted(t.column("bucket").to_pylist())
+    assert t.schema.names == schema.names and t.num_rows == 12
+    ok = t.filter(pa.compute.equal(t.column("status"), "ok"))
+    assert len(set(ok.column("scored_at").to_pylist())) == 3  # 11 images in sub-batches of 4
+    gone = t.filter(pa.compute.equal(t.column("image_id"), "gone.png")).to_pylist()[0]
+    assert gone["error"].startswith("read failed") and gone["odin"] is None
