@@ -178,6 +178,7 @@ def read_staged(fs: pafs.FileSystem, files: list[str], lo: int, hi: int, columns
                 ) -> tuple[pa.Table | None, int]:
     """Staged rows of buckets ``[lo, hi)`` sorted by bucket, and the number of unreadable (torn) files."""
     parts, torn = [], 0
+    columns = None if columns is None else [*columns, "bucket"]
     filt = (pc.field("bucket") >= lo) & (pc.field("bucket") < hi)
     for path in files:
         try:

@@ -213,3 +213,23 @@ def test_listing_chunks_are_sorted_by_hash_and_read_back_per_bucket_range(tmp_pa
         assert set(t.column("bucket").to_pylist()) <= set(range(lo, hi))
         seen += t.column("image_id").to_pylist()
     assert sorted(seen) == [r[0] for r in rows]
+
+
+def test_plan_after_a_kill_counts_staged_rows_as_done(tmp_path):
+    """A killed run's staging files: the rerun's plan scores only the rest (the resume path)."""
+    schema = output_schema()
+    ids = [f"img_{i:03d}.png" for i in range(30)]
+    n_buckets = 5
+    bucket = dict(zip(ids, shards.Buckets(n_buckets).of(shards.id_hash(ids))))
+    chunks = _chunks(tmp_path, [(i, f"/c/{i}", "1:1", None) for i in ids], batch=7, chunk_rows=10)
+    st = tmp_path / "_staging"
+    st.mkdir()
+    done = [i for i in ids if bucket[i] in (1, 3)]
+    for b in (1, 3):
+        rows = [(i, f"/c/{i}", "1:1", "ok", None, 0.5) for i in done if bucket[i] == b]
+        pq.write_table(_score_rows(schema, rows, b).sort_by("bucket"), st / f"{b:06d}-{b:06d}-{b:032x}.parquet")
+    res = shards.plan_partition(FS, str(tmp_path), listing_schema(), chunks, n_buckets, 0, n_buckets, {},
+                                sorted(str(p) for p in st.iterdir()), str(tmp_path / "plan.parquet"))
+    assert (res["reused"], res["todo"], res["new"]) == (len(done), 30 - len(done), 30 - len(done))
+    todo = set(pq.read_table(tmp_path / "plan.parquet").column("image_id").to_pylist())
+    assert todo == set(ids) - set(done)
