@@ -140,7 +140,8 @@ def _score(args: argparse.Namespace, plan: AuditPlan) -> dict[str, dict[str, Any
               **({"tuning": args.tuning} if args.tuning else
                  {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
               batch_size=args.batch_size, workers=args.workers, resize=args.resize,
-              unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet)
+              unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
+              print_summary=not args.quiet)
     runs: dict[str, dict[str, Any]] = {}
     for name, src, sub in plan.jobs:
         r = score_corpus(src, plan.out.uri(sub), **kw)
