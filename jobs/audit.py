@@ -234,7 +234,8 @@ def _score(args: argparse.Namespace, plan: AuditPlan) -> tuple[dict[str, dict[st
               **({"tuning": args.tuning} if args.tuning and not plan.frozen else
                  {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
               batch_size=args.batch_size, workers=args.workers, resize=args.resize,
-              unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet)
+              unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
+              print_summary=not args.quiet)
     runs: dict[str, dict[str, Any]] = {}
     configs: dict[str, dict[str, Any]] = {}
     for name, src, sub in plan.jobs:

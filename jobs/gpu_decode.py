@@ -27,23 +27,26 @@ _READ_FIELDS = [pa.field("status", pa.string()), pa.field("error", pa.string()),
 
 
 def read_bytes(batch: pa.Table, max_bytes: int = MAX_FILE_BYTES) -> pa.Table:
-    """Ray Data stage 1 for GPU decoding (CPU tasks): uri → file bytes, or an error message."""
-    from odin_engine.io.store import split_uri
+    """Ray Data stage 1 for GPU decoding (CPU tasks): uri → file bytes, or an error message.
 
+    The same reads and verdicts as :func:`jobs.pipeline.read_and_decode` (transient failures
+    retried, ``listing_error`` rows failed without a read), minus the decode.
+    """
+    from odin_engine.io.corpus import LISTING_ERROR
+    from odin_engine.io.reading import ReadError, read_object
+
+    listed = batch.column(LISTING_ERROR).to_pylist() if LISTING_ERROR in batch.column_names else None
     status, error, data = [], [], []
-    for uri in batch.column("uri").to_pylist():
+    for k, uri in enumerate(batch.column("uri").to_pylist()):
+        if listed is not None and listed[k]:
+            status.append("error"), error.append(listed[k]), data.append(None)
+            continue
         try:
-            fs, path = split_uri(uri)
-            with fs.open_input_file(path) as fh:
-                if fh.size() > max_bytes:
-                    raise ImageDecodeError(f"file too large: {fh.size()} bytes > {max_bytes}")
-                blob = fh.read()
-            status.append("ok"), error.append(None), data.append(blob)
-        except ImageDecodeError as exc:
+            blob = read_object(uri, max_bytes)
+        except ReadError as exc:
             status.append("error"), error.append(str(exc)), data.append(None)
-        except Exception as exc:  # noqa: BLE001 - missing file, denied key, network: a row error
-            status.append("error"), error.append(f"read failed: {type(exc).__name__}: {exc}".replace("\n", " ")[:300])
-            data.append(None)
+            continue
+        status.append("ok"), error.append(None), data.append(blob)
     out = batch
     for f, values in zip(_READ_FIELDS, (status, error, data)):
         out = out.append_column(f, pa.array(values, f.type))

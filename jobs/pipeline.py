@@ -1,14 +1,21 @@
-"""The scoring pipeline's stages (Ray Data): corpus shards → read and decode (CPU tasks) → score (actor pool).
+"""The scoring job's Ray stages.
 
-Each stage is a plain function or a callable class: triable without a cluster.
+Ray tasks around :mod:`jobs.shards` (list a corpus unit, plan a bucket range, commit a bucket
+range), and the Ray Data pipeline that scores the planned rows: plan files → read and decode (CPU
+tasks) → score (actor pool) → staging files. Each stage is a plain function or a callable class:
+triable without a cluster.
 """
 
 from __future__ import annotations
 
+import posixpath
+import uuid
 from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 from ray.data.block import BlockMetadata
@@ -19,7 +26,8 @@ from odin_engine.io.corpus import LISTING_ERROR
 from odin_engine.io.images import ImageDecodeError, decode_image
 from odin_engine.io.reading import ReadError, read_object
 from odin_engine.io.scores import FLOAT_COLUMNS
-from odin_engine.scorer import SCORE_COLUMNS
+
+from jobs import shards
 
 MAX_FILE_BYTES = 256 * 1024 * 1024  # bigger files become error rows, never a worker OOM
 
@@ -65,7 +73,7 @@ class ScoreBatch:
     """Ray Data stage 2 (actor pool): load the model once per actor, score decoded batches."""
 
     def __init__(self, spec, weights, mean, std, input_size, temperature, epsilon, batch_size, model_id, run_id,
-                 threads, unsafe_pickle, schema_bytes, device=None):
+                 threads, unsafe_pickle, schema_bytes, device=None, staging=None):
         import torch
 
         from odin_engine.loading import load_model
@@ -84,6 +92,8 @@ class ScoreBatch:
         self.model_id, self.run_id = model_id, run_id
         self.temperature, self.epsilon = float(temperature), float(epsilon)
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
+        self.batch_size = int(batch_size)
+        self.staging = staging  # (filesystem, directory): stage each call's rows there, return counts
 
     def _score(self, pixels: list[bytes]) -> dict[str, np.ndarray]:
         s = self.size
@@ -91,21 +101,30 @@ class ScoreBatch:
         return self.scorer.score(arr)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """Score a block in sub-batches of ``batch_size`` (each stamped when done).
+
+        With ``staging``, the block's rows are written as one staging file and the call returns
+        one row of counts (``rows``, ``ok``, ``files``): the unit a killed run keeps is a block.
+        """
+        from odin_engine.scorer import SCORE_COLUMNS  # torch: only the actors import it
+
         n = batch.num_rows
         status = batch.column("status").to_pylist()
         error = batch.column("error").to_pylist()
         ok = [i for i, st in enumerate(status) if st == "ok"]
         values = {c: np.zeros(n, np.int64 if c == "pred" else np.float64) for c in SCORE_COLUMNS}
         scored = np.zeros(n, bool)  # rows without scores are written as nulls
-        if ok:
-            pix = batch.column("pixels").to_pylist()
+        stamps = np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us"))
+        pix = batch.column("pixels").to_pylist() if ok else []
+        for start in range(0, len(ok), self.batch_size):
+            part = ok[start:start + self.batch_size]
             try:
-                res = self._score([pix[i] for i in ok])
+                res = self._score([pix[i] for i in part])
                 for c in SCORE_COLUMNS:
-                    values[c][ok] = res[c]
-                scored[ok] = True
+                    values[c][part] = res[c]
+                scored[part] = True
             except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
-                for i in ok:
+                for i in part:
                     try:
                         one = self._score([pix[i]])
                         for c in SCORE_COLUMNS:
@@ -113,7 +132,7 @@ class ScoreBatch:
                         scored[i] = True
                     except Exception as exc:  # noqa: BLE001
                         status[i], error[i] = "error", "scoring failed: " + short_error(exc, 280)
-        now = datetime.now(timezone.utc)
+            stamps[part] = np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us")
         data = {
             "image_id": batch.column("image_id"),
             "uri": batch.column("uri"),
@@ -127,29 +146,55 @@ class ScoreBatch:
             "epsilon": pa.array([self.epsilon] * n, pa.float64()),
             "model_id": pa.array([self.model_id] * n, pa.string()),
             "run_id": pa.array([self.run_id] * n, pa.string()),
-            "scored_at": pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+            "scored_at": pa.array(stamps, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
         }
         for f in self.schema:
             if f.name not in data:
                 data[f.name] = batch.column(f.name)
-        return pa.Table.from_pydict(data, schema=self.schema)
+        table = pa.Table.from_pydict(data, schema=self.schema)
+        if self.staging is None:
+            return table
+        return pa.table({k: [v] for k, v in stage(*self.staging, table).items()})
+
+
+def stage(fs: pafs.FileSystem, directory: str, table: pa.Table) -> dict[str, int]:
+    """Write scored rows as one staging file ``<min bucket>-<max bucket>-<uuid>.parquet``.
+
+    Written atomically (:func:`jobs.shards.write_parquet_atomic`), so a staging file is complete
+    or absent. A retried task may stage a row twice: the commit keeps one row per listed image,
+    so staging is at-least-once and the table exactly-once.
+    """
+    if not table.num_rows:
+        return {"rows": 0, "ok": 0, "files": 0}
+    table = table.sort_by("bucket")
+    b = table.column("bucket")
+    name = f"{pc.min(b).as_py():06d}-{pc.max(b).as_py():06d}-{uuid.uuid4().hex}.parquet"
+    fs.create_dir(directory, recursive=True)
+    shards.write_parquet_atomic(fs, posixpath.join(directory, name), table)
+    ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
+    return {"rows": table.num_rows, "ok": ok, "files": 1}
 
 
 class CorpusShards(Datasource):
-    """Ray Data source: the corpus shard files as blocks, one block per shard, in order.
+    """Ray Data source: Parquet files as blocks of at most ``block_rows`` rows (default: one block per file).
 
-    ``read_parquet`` bin-packs small files into one block, which would make the whole corpus
-    one checkpoint unit (Ray Data commits once per written block). Here every shard stays its
-    own block, and the shards are read by a few long read tasks (``read_tasks``, default 2):
-    a shard is a few KB of listing, and each extra short task may cost a fresh Ray worker
-    process on a busy node.
+    ``read_parquet`` bin-packs small files into big blocks; here blocks keep a bounded size (the
+    unit each write task stages), and the files are read by a few long read tasks
+    (``read_tasks``, default 2): a block is a few KB of listing, and each extra short task may
+    cost a fresh Ray worker process on a busy node.
     """
 
-    def __init__(self, filesystem: pafs.FileSystem, files: list[str], read_tasks: int = 2):
+    def __init__(self, filesystem: pafs.FileSystem, files: list[str], read_tasks: int = 2,
+                 block_rows: int | None = None):
         super().__init__()
         self._fs, self._files = filesystem, list(files)
         self._meta = [pq.ParquetFile(filesystem.open_input_file(f)).metadata for f in self._files]
         self._read_tasks = max(1, min(int(read_tasks), len(self._files)))
+        self._block_rows = block_rows
+
+    @property
+    def read_tasks(self) -> int:
+        return self._read_tasks
 
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(m.serialized_size + 200 * m.num_rows for m in self._meta)
@@ -160,11 +205,82 @@ class CorpusShards(Datasource):
         for group in groups:
             paths = [self._files[i] for i in group]
 
-            def read(paths=paths, fs=self._fs):
+            def read(paths=paths, fs=self._fs, block_rows=self._block_rows):
                 for path in paths:
-                    yield pq.read_table(path, filesystem=fs)
+                    if block_rows is None:
+                        yield pq.read_table(path, filesystem=fs)
+                        continue
+                    for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=block_rows):
+                        yield pa.Table.from_batches([batch])
 
             rows = sum(self._meta[i].num_rows for i in group)
             block_meta = BlockMetadata(num_rows=rows, size_bytes=200 * rows, input_files=paths, exec_stats=None)
             tasks.append(ReadTask(read, block_meta, per_task_row_limit=per_task_row_limit))
         return tasks
+
+
+# --------------------------------------------------------------------------- plain Ray tasks
+def run_tasks(fn: Callable[..., Any], calls: list[tuple], num_cpus: float = 1.0) -> Iterable[Any]:
+    """Run ``fn(*args)`` for each args tuple as Ray tasks; yield results as they finish (any order).
+
+    Large shared arguments should be ``ray.put`` once by the caller. Tasks are retried by Ray if a
+    worker dies (every task here is idempotent).
+    """
+    import ray
+
+    remote = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
+    pending = [remote.remote(*args) for args in calls]
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        yield ray.get(done[0])
+
+
+# --------------------------------------------------------------------------- the Ray Data pipeline
+def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, schema: pa.Schema, *,
+                  scorer_kwargs: dict[str, Any], batch_size: int, block_rows: int, decode_cpus: float,
+                  input_size: int, resize: str, workers: int, gpus: int, actor_cpus: float, threads: int,
+                  verbose: bool, decode_device: str = "cpu") -> dict[str, int]:
+    """Score the planned rows into staging files: plan files → read_and_decode → ScoreBatch (stages each block).
+
+    ``schema``: the score table's schema plus ``bucket``. ``decode_device="cuda"``: the read tasks
+    only fetch bytes and the GPU actors decode (``jobs.gpu_decode``). Returns the totals (rows, ok, files).
+    A scoring actor that cannot start ends the job in one line (``ConfigError``, exit 2).
+    """
+    import ray
+
+    from jobs.gpu_decode import decode_stages
+    from jobs.preflight import raise_actor_start_failure, reporting_start_failures
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
+    # two long read tasks stream all the files (not a short task, maybe a fresh worker, per block).
+    # override_num_blocks = the read tasks: Ray Data would otherwise split every block to reach its
+    # default parallelism, and a block is the unit a write task stages.
+    source = CorpusShards(fs, plan_files, read_tasks=2, block_rows=block_rows)
+    ds = ray.data.read_datasource(source, num_cpus=0, concurrency=2, override_num_blocks=source.read_tasks)
+    # One call per block (block_rows rows): the actor scores it in sub-batches of batch_size and
+    # stages it itself, so a block is staged the moment it is scored.
+    read_fn, read_kwargs, actor_cls, actor_extra = decode_stages(decode_device, input_size, resize)
+    ds = ds.map_batches(read_fn, batch_format="pyarrow", batch_size=block_rows, num_cpus=decode_cpus,
+                        fn_kwargs=read_kwargs)
+    ds = ds.map_batches(
+        reporting_start_failures(actor_cls),
+        fn_constructor_kwargs=dict(**scorer_kwargs, batch_size=batch_size, threads=None if gpus else threads,
+                                   schema_bytes=schema.serialize().to_pybytes(), device="cuda" if gpus else "cpu",
+                                   staging=(fs, staging_dir), **actor_extra),
+        batch_size=block_rows,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=workers),
+        num_gpus=1 if gpus else 0,
+        num_cpus=0 if gpus else actor_cpus,
+    )
+    totals = {"rows": 0, "ok": 0, "files": 0}
+    try:
+        for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for k in totals:
+                totals[k] += int(pc.sum(counts.column(k)).as_py() or 0)
+    except Exception as exc:
+        raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
+        raise
+    return totals

@@ -1,10 +1,9 @@
-"""Score an image corpus with ODIN on Ray: one Parquet row per image, exactly once, resumable."""
+"""Score an image corpus with ODIN on Ray: one Parquet row per image, exactly once, incremental and resumable."""
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import dataclasses
 import math
 import os
 import platform
@@ -13,108 +12,485 @@ import sys
 import time
 import uuid
 import warnings
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from odin_engine import __version__ as ENGINE_VERSION
-from odin_engine.io.corpus import Corpus, load_corpus
+from odin_engine.decide.tuning import load_tuning, resolve_settings
+from odin_engine.errors import ConfigError
+from odin_engine.io.corpus import CorpusSource, duplicate_error, empty_error, open_corpus
+from odin_engine.io.images import RESIZE_POLICIES
 from odin_engine.io.scores import SCHEMA_VERSION, output_schema
 from odin_engine.io.store import Store, is_uri
-from odin_engine.errors import ConfigError
-from odin_engine.io.images import RESIZE_POLICIES
-from odin_engine.decide.tuning import load_tuning, resolve_settings
 
+from jobs import shards
 from jobs.options import DECODE_DEVICES
-from jobs.preflight import preflight_scoring, raise_actor_start_failure, reporting_start_failures
-from jobs.ray_utils import connect_cluster
 from jobs.run_lock import LOCK_FILE, RunLock
+from jobs.shards import LISTING_DIR, PLAN_DIR, SCORES_DIR, STAGING_DIR
 
-JOB_FILE = "_odin_job.json"  # the configuration this output directory belongs to
-CORPUS_DIR = "_corpus"  # the sorted corpus listing, in shards: what Ray Data reads
-CHECKPOINT_DIR = "_checkpoint"  # Ray Data's row-level checkpoint (committed image_ids)
-SCORES_DIR = "scores"
+JOB_FILE = "_odin_job.json"  # the model + settings this output directory belongs to, and its bucket layout
 RUN_JSON = "run.json"
-PENDING_SUFFIX = ".pending.parquet"  # Ray Data's pending-checkpoint suffix (checkpoint_writer.py)
+LAYOUT = 2  # 1: Ray Data row checkpoints + one corpus listing per directory; 2: hash buckets, incremental
+PARTITION_ROWS = 131072  # listing rows a plan/commit task holds (whole buckets; at least one)
+IDENTITY = ("schema_version", "layout", "model_id", "mean", "std", "input_size", "resize", "temperature", "epsilon")
 
 
-def corpus_digest(table: pa.Table) -> str:
-    h = hashlib.sha256()
-    for batch in table.to_batches(max_chunksize=65536):
-        for name in batch.schema.names:
-            h.update(name.encode() + b"\0")
-            h.update("\0".join("" if v is None else str(v) for v in batch.column(name).to_pylist()).encode())
-    return h.hexdigest()
+# --------------------------------------------------------------------------- 1. configuration
+@dataclass(frozen=True)
+class ScoreConfig:
+    """The arguments of one ``score`` command, validated by :meth:`checked` (``ConfigError`` naming the flag)."""
+
+    input: str
+    output: str
+    model: str
+    weights: str | None = None
+    mean: Sequence[float] | str | None = None
+    std: Sequence[float] | str | None = None
+    input_size: int | None = None
+    temperature: float | None = None
+    epsilon: float | None = None
+    tuning: str | None = None
+    batch_size: int = 256
+    workers: int | None = None
+    run_id: str | None = None
+    resize: str = "crop"
+    cpus_per_worker: float = 1.0
+    decode_cpus: float = 1.0
+    shard_rows: int = 1024
+    unsafe_pickle: bool = False
+    ray_address: str | None = None
+    verbose: bool = True  # progress lines and Ray's own output (False: `--quiet`)
+    print_summary: bool = True  # the one-line result (kept under `--quiet`; `audit` prints its own)
+    decode_device: str = "cpu"  # where JPEGs are decoded: CPU tasks, or the scoring GPU (jobs/gpu_decode.py)
+    partition_rows: int = PARTITION_ROWS  # listing rows per plan/commit task (tests make it small)
+
+    def checked(self) -> "ScoreConfig":
+        for name, value in (("--input", self.input), ("--output", self.output), ("--model", self.model)):
+            if not value or not str(value).strip():
+                raise ConfigError(f"{name} is required")
+        temperature, epsilon, _ = resolve_settings(self.tuning, self.temperature, self.epsilon)
+        if self.resize not in RESIZE_POLICIES:
+            raise ConfigError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}; got {self.resize!r}")
+        for name, value in (("--batch-size", self.batch_size), ("--shard-rows", self.shard_rows),
+                            ("partition_rows", self.partition_rows)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1; got {value!r}")
+        if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
+            raise ConfigError(f"--workers must be an integer >= 1; got {self.workers!r}")
+        for name, value in (("--cpus-per-worker", self.cpus_per_worker), ("--decode-cpus", self.decode_cpus)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ConfigError(f"{name} must be a number > 0; got {value!r}")
+        if self.decode_device not in DECODE_DEVICES:
+            raise ConfigError(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}; got {self.decode_device!r}")
+        if self.run_id is not None and (not str(self.run_id).strip() or len(str(self.run_id)) > 200):
+            raise ConfigError(f"--run-id must be a non-empty string of at most 200 characters; got {self.run_id!r}")
+        w = self.weights
+        if w and not is_uri(str(w)) and w != "DEFAULT" and not os.path.isfile(w):
+            raise ConfigError(f"weights file not found: {w}")
+        return dataclasses.replace(self, input=str(self.input), output=str(self.output),
+                                   temperature=temperature, epsilon=epsilon)
 
 
-def _write_corpus_shards(out: Store, table: pa.Table, shard_rows: int) -> int:
-    out.fs.create_dir(out.p(CORPUS_DIR), recursive=True)
-    for info in out.listdir(CORPUS_DIR):
-        if info.type == pafs.FileType.File:
-            out.fs.delete_file(info.path)
-    n_shards = max(1, math.ceil(table.num_rows / shard_rows))
-    for k in range(n_shards):
-        pq.write_table(table.slice(k * shard_rows, shard_rows), out.p(CORPUS_DIR, f"part-{k:06d}.parquet"),
-                       filesystem=out.fs)
-    return n_shards
+# --------------------------------------------------------------------------- 2. preparation (writes nothing)
+@dataclass
+class Prepared:
+    """Everything checked before the first write: the model, the corpus source, the output directory."""
+
+    cfg: ScoreConfig
+    model_id: str
+    mean: list[float]
+    std: list[float]
+    input_size: int
+    source: CorpusSource
+    out: Store
+    lock: RunLock
+    existing: dict | None  # the job file, when the directory holds a run
+    fresh: bool  # the output directory did not exist or was empty
+    run_id: str
+    config: dict[str, Any]
+    started_at: str
+    t_start: float = field(default_factory=time.time)
+
+    @property
+    def carried(self) -> pa.Schema:
+        return self.source.carried
+
+    def schema(self) -> pa.Schema:
+        """The score table's schema, with the Parquet key-value metadata every file carries."""
+        cfg = self.cfg
+        metadata = {
+            "odin.schema_version": str(SCHEMA_VERSION), "odin.model_id": self.model_id, "odin.model_spec": cfg.model,
+            "odin.temperature": repr(cfg.temperature), "odin.epsilon": repr(cfg.epsilon),
+            "odin.normalization": _json({"mean": self.mean, "std": self.std, "pixel_range": [0, 1]}),
+            "odin.input_size": str(self.input_size), "odin.resize": cfg.resize, "odin.run_id": self.run_id,
+            "odin.versions": _json(_versions()),
+        }
+        return output_schema(self.carried, metadata)
 
 
-def _repair_checkpoint(out: Store) -> int:
-    """Drop pending checkpoints whose commit already happened.
+def _json(obj) -> str:
+    import json
 
-    Ray Data commits by renaming ``X.pending.parquet`` → ``X.parquet``; on an object store the
-    rename is copy-then-delete, so a crash in between leaves both. Ray's recovery would then
-    delete the data file of a *committed* checkpoint (losing rows); removing the stale pending
-    file first makes that case a plain committed one.
-    """
-    infos = out.listdir(CHECKPOINT_DIR)
-    names = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.File}
-    fixed = 0
-    for name in names:
-        if name.endswith(PENDING_SUFFIX) and name[: -len(PENDING_SUFFIX)] + ".parquet" in names:
-            out.fs.delete_file(out.p(CHECKPOINT_DIR, name))
-            fixed += 1
-    return fixed
+    return json.dumps(obj)
 
 
-def _committed_ids(out: Store) -> int:
-    files = [i.path for i in out.listdir(CHECKPOINT_DIR)
-             if i.type == pafs.FileType.File and i.path.endswith(".parquet") and not i.path.endswith(PENDING_SUFFIX)]
-    return sum(pq.ParquetFile(out.fs.open_input_file(f)).metadata.num_rows for f in files)
+def _carried_spec(schema: pa.Schema) -> list[list[str]]:
+    return [[f.name, str(f.type)] for f in schema]
 
 
-def _score_files(out: Store) -> list[str]:
-    return sorted(i.path for i in out.listdir(SCORES_DIR, recursive=True)
-                  if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+def prepare(cfg: ScoreConfig) -> Prepared:
+    """Validate the model, the corpus source and the output directory; raise ``ConfigError`` before any write."""
+    started_at = datetime.now(timezone.utc).isoformat()
+    source = open_corpus(cfg.input)
+    if not source.units or source.rows_hint == 0:
+        raise empty_error(source.source, source.kind)
+    from odin_engine.loading import load_model
 
-
-def _verify(out: Store, corpus: Corpus) -> dict[str, Any]:
-    """Read the image_id/status columns of every score file and compare with the corpus."""
-    files = _score_files(out)
-    if files:
-        t = pq.ParquetDataset(files, filesystem=out.fs).read(columns=["image_id", "status"])
-    else:
-        t = pa.table({"image_id": pa.array([], pa.string()), "status": pa.array([], pa.string())})
-    ids = t.column("image_id")
-    counts = {d["values"]: d["counts"] for d in pc.value_counts(t.column("status")).to_pylist()}
-    unique = pc.unique(ids)
-    expected = corpus.table.column("image_id")
-    missing = len(expected) - pc.sum(pc.is_in(expected, value_set=unique)).as_py() if len(expected) else 0
-    extra = len(unique) - pc.sum(pc.is_in(unique, value_set=expected)).as_py() if len(unique) else 0
-    return {
-        "rows": t.num_rows,
-        "files": len(files),
-        "by_status": {"ok": counts.get("ok", 0), "error": counts.get("error", 0)},
-        "duplicates": t.num_rows - len(unique),
-        "missing": int(missing),
-        "unexpected": int(extra),
-        "exactly_once": t.num_rows == len(unique) == len(expected) and missing == 0,
+    loaded = load_model(cfg.model, cfg.weights, mean=cfg.mean, std=cfg.std, input_size=cfg.input_size,
+                        unsafe_pickle=cfg.unsafe_pickle)
+    if cfg.tuning:  # a file tuned for another model is refused
+        load_tuning(cfg.tuning, expect_model_id=loaded.model_id)
+    config = {
+        "schema_version": SCHEMA_VERSION, "layout": LAYOUT, "model": cfg.model,
+        "weights": str(cfg.weights) if cfg.weights else None, "model_id": loaded.model_id,
+        "mean": list(loaded.mean), "std": list(loaded.std), "input_size": loaded.input_size, "resize": cfg.resize,
+        "temperature": cfg.temperature, "epsilon": cfg.epsilon, "carried": _carried_spec(source.carried),
+        "input": cfg.input, "corpus_kind": source.kind,
     }
+    out = Store(cfg.output)
+    lock = RunLock(out.fs, out.path, display=cfg.output)
+    try:
+        lock.check_free()  # a file as --output, or another run writing here: refuse before anything else
+        info = out.fs.get_file_info(out.path)
+        existing = out.read_json(JOB_FILE)
+        entries = [posixpath.basename(i.path) for i in out.listdir()] if info.type == pafs.FileType.Directory else []
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read output directory {cfg.output!r}: {exc}") from exc
+    run_id = cfg.run_id
+    if existing is not None:
+        old = dict(existing.get("config", {}))
+        old.setdefault("layout", 1)
+        diff = [k for k in IDENTITY if old.get(k) != config[k]]
+        if diff:
+            shown = "; ".join(f"{k}: {old.get(k)!r} there vs {config[k]!r} now" for k in diff)
+            hint = (" It was written by an older odin-audit (per-id checkpoints); score into a new --output."
+                    if "layout" in diff else " Use a new --output directory, or the same settings to resume.")
+            raise ConfigError(f"{cfg.output!r} holds the output of another configuration ({shown}).{hint}")
+        if old.get("carried") != config["carried"]:
+            raise ConfigError(f"{cfg.output!r} holds scores whose carried manifest columns were {old.get('carried')}; "
+                              f"today's corpus has {config['carried']}. Keep the label/split columns (and their "
+                              "types) of the first run, or use a new --output directory.")
+        if run_id is not None and run_id != existing.get("run_id"):
+            raise ConfigError(f"{cfg.output!r} belongs to run_id {existing.get('run_id')!r}, not {run_id!r}: "
+                              "drop --run-id to resume it, or use a new --output directory")
+        run_id = existing["run_id"]
+    else:
+        stray = [e for e in entries if e not in (LISTING_DIR, PLAN_DIR, LOCK_FILE)]
+        if stray:
+            raise ConfigError(f"{cfg.output!r} is not empty and holds no odin score run ({JOB_FILE} missing); "
+                              f"found {sorted(stray)[:10]}. Use a new or empty --output directory.")
+        run_id = str(run_id) if run_id else _default_run_id()
+    return Prepared(cfg, loaded.model_id, list(loaded.mean), list(loaded.std), loaded.input_size, source, out, lock,
+                    existing, existing is None and not entries, run_id, config, started_at)
+
+
+# --------------------------------------------------------------------------- 3. the Ray part
+def start_ray(prep: "Prepared") -> dict[str, Any]:
+    """The one Ray setup point, before anything is written: connect to the cluster the address rules
+    choose (``jobs.ray_utils``), start one probe scoring actor (a node that cannot run one ends the
+    command in one line, exit 2), and size the scoring actor pool."""
+    from jobs.preflight import preflight_scoring
+    from jobs.ray_utils import connect_cluster
+
+    cfg = prep.cfg
+    t0 = time.time()
+    cluster = connect_cluster(cfg.ray_address, quiet=not cfg.verbose)
+    gpus = cluster.gpus
+    if cfg.decode_device == "cuda" and not gpus:
+        raise ConfigError(f"--decode-device cuda needs GPU scoring workers; the cluster has none ({cluster.summary()})")
+    preflight_scoring(spec=cfg.model, weights=cfg.weights, mean=prep.mean, std=prep.std, input_size=prep.input_size,
+                      unsafe_pickle=cfg.unsafe_pickle, model_id=prep.model_id, gpus=gpus > 0,
+                      cpus=min(cfg.cpus_per_worker, cluster.cpus), temperature=cfg.temperature, epsilon=cfg.epsilon)
+    # default pool: one actor per GPU, else as many CPU actors as the cluster has room for
+    workers = cfg.workers or (gpus if gpus else max(1, int(cluster.cpus // cfg.cpus_per_worker)))
+    return {"init_s": time.time() - t0, "workers": workers, "gpus": gpus,
+            "cpus": cluster.cpus, "actor_cpus": cfg.cpus_per_worker,
+            "threads": max(1, int(round(cfg.cpus_per_worker))), "cluster": cluster.as_dict(),
+            "cluster_summary": cluster.summary(), "decode_device": cfg.decode_device}
+
+
+def _partitions(n_buckets: int, listed: int, partition_rows: int = PARTITION_ROWS) -> list[tuple[int, int]]:
+    """Contiguous bucket ranges of about ``partition_rows`` listed rows each (whole buckets)."""
+    per_bucket = max(1.0, listed / n_buckets)
+    width = max(1, int(partition_rows // per_bucket))
+    return [(lo, min(n_buckets, lo + width)) for lo in range(0, n_buckets, width)]
+
+
+def _scan_scores(out: Store, n_buckets: int) -> tuple[dict[int, str], list[str]]:
+    """``{bucket: file}`` of the committed table, and files in ``scores/`` that are no bucket file."""
+    committed, stray = {}, []
+    for info in out.listdir(SCORES_DIR):
+        name = posixpath.basename(info.path)
+        if info.type != pafs.FileType.File:
+            stray.append(name)
+            continue
+        if name.startswith(".") and name.endswith(".tmp"):  # a local write interrupted before its rename
+            out.fs.delete_file(info.path)
+            continue
+        b = shards.parse_bucket_file(name)
+        if b is None or b >= n_buckets:
+            stray.append(name)
+        else:
+            committed[b] = info.path
+    return committed, stray
+
+
+def _scan_staging(out: Store) -> list[tuple[int, int, str]]:
+    found = []
+    for info in out.listdir(STAGING_DIR):
+        rng = shards.parse_staging_file(posixpath.basename(info.path))
+        if info.type == pafs.FileType.File and rng:
+            found.append((rng[0], rng[1], info.path))
+    return found
+
+
+def _delete_tree(out: Store, name: str) -> None:
+    if out.exists(name):
+        out.fs.delete_dir(out.p(name))
+
+
+def _say(prep: Prepared, text: str) -> None:
+    if prep.cfg.verbose:
+        print(f"odin score: {text}", flush=True)
+
+
+def list_corpus(source: CorpusSource, out: Store, attempt: str) -> dict[str, Any]:
+    """Listing tasks (one per corpus unit) write chunk files sorted by hash; the driver gets counts and paths."""
+    from jobs.pipeline import run_tasks
+
+    directory = out.p(LISTING_DIR, attempt)
+    carried = source.carried.serialize().to_pybytes()
+    chunks, rows, errors, problems = [], 0, 0, []
+    calls = [(unit, carried, out.fs, directory, f"u{k:06d}") for k, unit in enumerate(source.units)]
+    for res in run_tasks(shards.list_unit_task, calls):
+        if "config_error" in res:
+            problems.append(res["config_error"])
+            continue
+        for c in res["chunks"]:
+            chunks.append(c["path"])
+            rows += c["rows"]
+            errors += c["errors"]
+    if problems:
+        raise ConfigError(sorted(problems)[0])
+    if rows == 0:
+        raise empty_error(source.source, source.kind)
+    return {"chunks": sorted(chunks), "listed": rows, "listing_errors": errors, "tasks": len(calls)}
+
+
+def _by_partition(parts: list[tuple[int, int]], committed: dict[int, str],
+                  staged: list[tuple[int, int, str]]) -> list[tuple[dict[int, str], list[str]]]:
+    width = parts[0][1] - parts[0][0]
+    per = [({}, []) for _ in parts]
+    for b, path in committed.items():
+        per[b // width][0][b] = path
+    for lo, hi, path in staged:
+        for k in range(lo // width, min(len(parts) - 1, hi // width) + 1):
+            per[k][1].append(path)
+    return per
+
+
+def plan(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) -> dict[str, Any]:
+    """Plan tasks (one per bucket range): today's listing vs committed and staged rows → rows to score."""
+    import ray
+
+    from jobs.pipeline import run_tasks
+
+    out = prep.out
+    parts = _partitions(n_buckets, listing["listed"], prep.cfg.partition_rows)
+    committed, stray = _scan_scores(out, n_buckets)
+    per = _by_partition(parts, committed, _scan_staging(out))
+    out.fs.create_dir(out.p(PLAN_DIR, attempt), recursive=True)
+    chunks = ray.put(listing["chunks"])
+    schema = prep.source.schema
+    calls = [(out.fs, out.path, schema, chunks, n_buckets, lo, hi, per[k][0], per[k][1],
+              out.p(PLAN_DIR, attempt, f"p{k:06d}.parquet")) for k, (lo, hi) in enumerate(parts)]
+    totals: dict[str, Any] = {"plan_files": [], "partitions": len(parts)}
+    dups, n_dups = [], 0
+    for res in run_tasks(shards.plan_partition, calls):
+        if "n_duplicates" in res:
+            dups += res["duplicates"]
+            n_dups += res["n_duplicates"]
+            continue
+        path = res.pop("plan")
+        if path:
+            totals["plan_files"].append(path)
+        for k, v in res.items():
+            totals[k] = totals.get(k, 0) + v
+    if n_dups:
+        raise duplicate_error(prep.source.source, dups, n_dups)
+    return totals
+
+
+def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str]) -> dict[str, int]:
+    from jobs.pipeline import score_planned as run_pipeline
+
+    cfg = prep.cfg
+    schema = prep.schema().append(pa.field("bucket", pa.int64()))
+    scorer_kwargs = dict(spec=cfg.model, weights=cfg.weights, mean=prep.mean, std=prep.std,
+                         input_size=prep.input_size, temperature=cfg.temperature, epsilon=cfg.epsilon,
+                         model_id=prep.model_id, run_id=prep.run_id, unsafe_pickle=cfg.unsafe_pickle)
+    return run_pipeline(prep.out.fs, sorted(plan_files), prep.out.p(STAGING_DIR), schema,
+                        scorer_kwargs=scorer_kwargs, batch_size=cfg.batch_size, block_rows=cfg.shard_rows,
+                        decode_cpus=cfg.decode_cpus, input_size=prep.input_size, resize=cfg.resize,
+                        workers=ray_info["workers"], gpus=ray_info["gpus"], actor_cpus=ray_info["actor_cpus"],
+                        threads=ray_info["threads"], verbose=cfg.verbose, decode_device=cfg.decode_device)
+
+
+def commit(prep: Prepared, listing: dict[str, Any], n_buckets: int) -> dict[str, Any]:
+    """Commit tasks (one per bucket range): each bucket's new file where it changed, verified; counts only."""
+    import ray
+
+    from jobs.pipeline import run_tasks
+
+    out = prep.out
+    parts = _partitions(n_buckets, listing["listed"], prep.cfg.partition_rows)
+    committed, stray = _scan_scores(out, n_buckets)
+    staged = _scan_staging(out)
+    per = _by_partition(parts, committed, staged)
+    out.fs.create_dir(out.p(SCORES_DIR), recursive=True)
+    chunks = ray.put(listing["chunks"])
+    schema = prep.schema()
+    constants = {"temperature": prep.cfg.temperature, "epsilon": prep.cfg.epsilon, "model_id": prep.model_id,
+                 "run_id": prep.run_id}
+    calls = [(out.fs, out.p(SCORES_DIR), prep.source.schema, chunks, n_buckets, lo, hi, per[k][0], per[k][1],
+              schema, constants) for k, (lo, hi) in enumerate(parts)]
+    totals: dict[str, Any] = {}
+    for res in run_tasks(shards.commit_partition, calls):
+        for k, v in res.items():
+            totals[k] = totals.get(k, 0) + v
+    # every staged row is now in a bucket file (or belonged to an image no longer listed); the
+    # commit tasks deleted the staging files inside their range, the driver the straddling ones
+    for lo, hi, path in staged:
+        if any(plo <= lo and hi < phi for plo, phi in parts):
+            continue
+        out.fs.delete_file(path)
+    if out.exists(STAGING_DIR) and not out.listdir(STAGING_DIR):
+        out.fs.delete_dir(out.p(STAGING_DIR))
+    totals["stray_files"] = len(stray)
+    totals["stray_examples"] = sorted(stray)[:10]
+    return totals
+
+
+def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
+    """List → plan → score → commit under the lease; returns the attempt's aggregates."""
+    out, cfg = prep.out, prep.cfg
+    attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    for leftover in (LISTING_DIR, PLAN_DIR):  # a crashed attempt's; this run holds the lease now
+        _delete_tree(out, leftover)
+    t = time.time()
+    listing = list_corpus(prep.source, out, attempt)
+    t_list = time.time() - t
+    _say(prep, f"listed {listing['listed']} items in {t_list:.1f}s ({listing['tasks']} listing tasks)")
+    if prep.existing is None:
+        n_buckets = max(1, math.ceil(listing["listed"] / cfg.shard_rows))
+    else:
+        n_buckets = int(prep.existing["layout"]["buckets"])
+    t = time.time()
+    planned = plan(prep, listing, n_buckets, attempt)
+    t_plan = time.time() - t
+    if prep.existing is None:  # the job file = this directory is a run (written once, before any score)
+        prep.existing = {"run_id": prep.run_id, "config": prep.config, "created_at": prep.started_at,
+                         "layout": {"buckets": n_buckets, "hash": shards.HASH, "shard_rows": cfg.shard_rows}}
+        out.write_json(JOB_FILE, prep.existing)
+    _say(prep, f"{planned['todo']} to score ({planned['new']} new, {planned['changed']} changed, "
+               f"{planned['retried']} retried), {planned['reused']} already done; {n_buckets} buckets "
+               f"in {planned['partitions']} ranges, planned in {t_plan:.1f}s")
+    t = time.time()
+    scored = {"rows": 0, "ok": 0, "files": 0}
+    if planned["plan_files"]:
+        scored = score_planned(prep, ray_info, planned["plan_files"])
+    t_score = time.time() - t
+    t = time.time()
+    committed = commit(prep, listing, n_buckets)
+    t_commit = time.time() - t
+    for done in (LISTING_DIR, PLAN_DIR):
+        _delete_tree(out, done)
+    return {"ray": ray_info, "listing": listing, "plan": planned, "scored": scored, "commit": committed,
+            "n_buckets": n_buckets,
+            "durations": {"ray_init_s": ray_info["init_s"], "list_s": t_list, "plan_s": t_plan,
+                          "pipeline_s": t_score, "commit_s": t_commit}}
+
+
+# --------------------------------------------------------------------------- 4. finish
+def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
+    """Aggregate the attempt into run.json (counts, durations, verification: no per-image lists) and print."""
+    cfg, out = prep.cfg, prep.out
+    c, p, d = stats["commit"], stats["plan"], stats["durations"]
+    listed = stats["listing"]["listed"]
+    exactly_once = (c["duplicates"] == 0 and c["missing"] == 0 and c["unexpected"] == 0 and c["stray_files"] == 0
+                    and c["rows"] == listed)
+    scored_now = stats["scored"]["rows"]
+    pipeline_s = d["pipeline_s"]
+    previous = out.read_json(RUN_JSON) or {}
+    attempt = {
+        "started_at": prep.started_at,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        "listed": listed,
+        "already_done": p["reused"],
+        "scored": scored_now,
+        "new": p["new"], "changed": p["changed"], "retried": p["retried"], "dropped": c["dropped"],
+        "listing_errors": stats["listing"]["listing_errors"],
+        "buckets": {"total": stats["n_buckets"], "written": c["written"], "unchanged": c["unchanged"],
+                    "deleted": c["deleted"], "ranges": p["partitions"]},
+        "staging": {"files_written": stats["scored"]["files"], "rows_committed": c["from_staging"],
+                    "torn_files": c.get("torn_staging", 0)},
+        **{k: round(v, 3) for k, v in d.items()},
+        "total_s": round(time.time() - prep.t_start, 3),
+        "images_per_s": round(scored_now / pipeline_s, 2) if pipeline_s > 0 and scored_now else 0.0,
+        "execution": {"workers": stats["ray"]["workers"], "gpus_per_worker": 1 if stats["ray"]["gpus"] else 0,
+                      "cpus_per_worker": 0 if stats["ray"]["gpus"] else stats["ray"]["actor_cpus"],
+                      "listing_tasks": stats["listing"]["tasks"], "decode_device": stats["ray"]["decode_device"]},
+        "cluster": stats["ray"]["cluster"],
+        "argv": sys.argv,
+    }
+    result = {
+        "run_id": prep.run_id,
+        "config": {**prep.config, "corpus_items": listed},
+        "layout": prep.existing["layout"],
+        "execution": {"batch_size": cfg.batch_size, "workers": cfg.workers, "cpus_per_worker": cfg.cpus_per_worker,
+                      "decode_cpus": cfg.decode_cpus, "shard_rows": cfg.shard_rows},
+        "output": {"root": out.root_uri, "scores": out.uri(SCORES_DIR), "files": c["written"] + c["unchanged"]},
+        "counts": {"ok": c["ok"], "error": c["error"], "total": c["rows"]},
+        "verification": {"listed": listed, "rows": c["rows"], "duplicates": c["duplicates"], "missing": c["missing"],
+                         "unexpected": c["unexpected"], "stray_files": c["stray_examples"],
+                         "checked_in": "commit tasks, bucket by bucket", "exactly_once": exactly_once},
+        "durations": {"this_attempt_s": attempt["total_s"], "pipeline_s": attempt["pipeline_s"]},
+        "images_per_s": attempt["images_per_s"],
+        "attempts": list(previous.get("attempts", [])) + [attempt],
+        "versions": _versions(),
+        "parquet_metadata": dict((k.decode(), v.decode()) for k, v in prep.schema().metadata.items()),
+    }
+    out.write_json(RUN_JSON, result)
+    if cfg.print_summary:
+        n = result["counts"]
+        print(
+            f"odin score: {n['total']} rows ({n['ok']} ok, {n['error']} error) in {out.uri(SCORES_DIR)}; "
+            f"this attempt scored {scored_now} ({p['reused']} already done) in {pipeline_s:.1f}s "
+            f"= {attempt['images_per_s']} images/s [new {p['new']}, changed {p['changed']}, retried {p['retried']}, "
+            f"dropped {c['dropped']}] {stats['ray']['cluster_summary']}; exactly once: {exactly_once}"
+            + ("" if exactly_once else
+               f" (listed {listed}, duplicates {c['duplicates']}, missing {c['missing']}, unexpected "
+               f"{c['unexpected']}, stray files {c['stray_examples']})"),
+            flush=True,
+        )
+    return result
 
 
 def _versions() -> dict[str, str]:
@@ -131,277 +507,50 @@ def _default_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
+def _discard(prep: Prepared) -> None:
+    """After a configuration error found by the listing: remove what this attempt wrote."""
+    for name in (LISTING_DIR, PLAN_DIR):
+        _delete_tree(prep.out, name)
+
+
 # --------------------------------------------------------------------------- the job
-def score_corpus(
-    input: str,
-    output: str,
-    model: str,
-    weights: str | None = None,
-    *,
-    mean: Sequence[float] | str | None = None,
-    std: Sequence[float] | str | None = None,
-    input_size: int | None = None,
-    temperature: float | None = None,
-    epsilon: float | None = None,
-    tuning: str | None = None,
-    batch_size: int = 256,
-    workers: int | None = None,
-    run_id: str | None = None,
-    resize: str = "crop",
-    cpus_per_worker: float = 1.0,
-    decode_cpus: float = 1.0,
-    shard_rows: int = 1024,
-    unsafe_pickle: bool = False,
-    ray_address: str | None = None,
-    verbose: bool = True,
-    decode_device: str = "cpu",
-) -> dict[str, Any]:
-    """Score every image of ``input`` into ``<output>/scores/*.parquet``; return the run.json dict.
+def score_corpus(input: str, output: str, model: str, weights: str | None = None, **options: Any) -> dict[str, Any]:
+    """Score every image of ``input`` into ``<output>/scores/``; return the run.json dict.
 
     ``input``: a directory (recursive) or a .parquet/.csv manifest, local or ``s3://``/``gs://``/
-    ``file://``. ``output``: a directory, local or object store. ``model``/``weights``/``mean``/
-    ``std``/``input_size``: as :func:`odin_engine.load_model`. ``temperature``/``epsilon``: ODIN's T and ε (default 1000, 0.0014),
-    or ``tuning``: a tuning.json from ``odin-audit tune`` for this model (excludes them).
-    ``workers``: scoring actors (default: one per GPU, else cluster CPUs / ``cpus_per_worker``);
-    ``batch_size``: images per
-    scoring call. Calling it again with the same arguments resumes (finished images are not
-    rescored); an output directory that holds another configuration raises ``ConfigError``,
-    as does any bad argument — in both cases before anything is written.
-    Ray: uses the running session, else ``ray.init(address=ray_address)`` (``RAY_ADDRESS``,
-    or a new local cluster). The returned dict's ``counts`` has ``ok``/``error``/``total``.
+    ``file://``. ``output``: a directory, local or object store; it belongs to one model and its
+    settings (model_id, T, ε, mean/std, input size, resize), not to one corpus listing. Options
+    are :class:`ScoreConfig`'s fields (``temperature``/``epsilon`` default 1000/0.0014, or
+    ``tuning``: a tuning.json for this model; ``workers``, ``batch_size``, ``shard_rows`` …).
+    Calling it again scores only what is new, changed, or failed retryably since the last call,
+    keeps every other row, and drops rows of images no longer listed; bad arguments or an
+    output directory of another configuration raise ``ConfigError`` before anything is written.
+    Ray: uses the running session, else ``ray.init(address=ray_address)`` (``RAY_ADDRESS``, or a
+    new local cluster). The returned dict's ``counts`` has ``ok``/``error``/``total``.
     """
-    t_start = time.time()
     # Ray Data warns when a stage's concurrency cap exceeds its inputs (small corpora): harmless
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
-    started_at = datetime.now(timezone.utc).isoformat()
-    # 1. validate everything before touching the output
-    for name, value in (("--input", input), ("--output", output), ("--model", model)):
-        if not value or not str(value).strip():
-            raise ConfigError(f"{name} is required")
-    temperature, epsilon, _ = resolve_settings(tuning, temperature, epsilon)
-    if resize not in RESIZE_POLICIES:
-        raise ConfigError(f"--resize must be one of {', '.join(RESIZE_POLICIES)}; got {resize!r}")
-    for name, value in (("--batch-size", batch_size), ("--shard-rows", shard_rows)):
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{name} must be an integer >= 1; got {value!r}")
-    if workers is not None and (not isinstance(workers, int) or workers < 1):
-        raise ConfigError(f"--workers must be an integer >= 1; got {workers!r}")
-    for name, value in (("--cpus-per-worker", cpus_per_worker), ("--decode-cpus", decode_cpus)):
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name} must be a number > 0; got {value!r}")
-    if decode_device not in DECODE_DEVICES:
-        raise ConfigError(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}; got {decode_device!r}")
-    if run_id is not None and (not str(run_id).strip() or len(str(run_id)) > 200):
-        raise ConfigError(f"--run-id must be a non-empty string of at most 200 characters; got {run_id!r}")
-    if weights and not is_uri(str(weights)) and weights != "DEFAULT" and not os.path.isfile(weights):
-        raise ConfigError(f"weights file not found: {weights}")
-    corpus = load_corpus(str(input))
-    from odin_engine.loading import load_model
-
-    loaded = load_model(model, weights, mean=mean, std=std, input_size=input_size, unsafe_pickle=unsafe_pickle)
-    if tuning:  # a file tuned for another model is refused
-        load_tuning(tuning, expect_model_id=loaded.model_id)
-    digest = corpus_digest(corpus.table)
-    config = {
-        "schema_version": SCHEMA_VERSION,
-        "input": str(input),
-        "corpus_kind": corpus.kind,
-        "corpus_items": len(corpus),
-        "corpus_digest": digest,
-        "model": model,
-        "weights": str(weights) if weights else None,
-        "model_id": loaded.model_id,
-        "mean": list(loaded.mean),
-        "std": list(loaded.std),
-        "input_size": loaded.input_size,
-        "resize": resize,
-        "temperature": temperature,
-        "epsilon": epsilon,
-    }
-    out = Store(str(output))
-    lock = RunLock(out.fs, out.path, display=str(output))
+    cfg = ScoreConfig(input, output, model, weights, **options).checked()
+    prep = prepare(cfg)
+    ray_info = start_ray(prep)  # cluster and scoring actors checked before the first write
+    prep.lock.acquire()  # one writer at a time, released however this call ends
     try:
-        lock.check_free()  # another run writing here: refuse before anything else
-        existing = out.read_json(JOB_FILE)
-        entries = [posixpath.basename(i.path) for i in out.listdir()] if out.exists() else []
-    except ConfigError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot read output directory {output!r}: {exc}") from exc
-    identity = ("schema_version", "corpus_digest", "model_id", "mean", "std", "input_size", "resize",
-                "temperature", "epsilon")
-    if existing is not None:
-        old = existing.get("config", {})
-        diff = [k for k in identity if old.get(k) != config[k]]
-        if diff:
-            shown = "; ".join(f"{k}: {old.get(k)!r} there vs {config[k]!r} now" for k in diff)
-            raise ConfigError(f"{output!r} holds the output of another configuration ({shown}). "
-                              "Use a new --output directory, or the same settings to resume.")
-        if run_id is not None and run_id != existing.get("run_id"):
-            raise ConfigError(f"{output!r} belongs to run_id {existing.get('run_id')!r}, not {run_id!r}: "
-                              "drop --run-id to resume it, or use a new --output directory")
-        run_id = existing["run_id"]
-    else:
-        stray = [e for e in entries if e not in (CORPUS_DIR, LOCK_FILE)]
-        if stray:
-            raise ConfigError(f"{output!r} is not empty and holds no odin score run ({JOB_FILE} missing); "
-                              f"found {sorted(stray)[:10]}. Use a new or empty --output directory.")
-        run_id = str(run_id) if run_id else _default_run_id()
-
-    # Ray, when anything is left to score: connect and start one scoring actor before writing anything
-    cluster, t_init = None, time.time()
-    if existing is None or _committed_ids(out) < len(corpus):
-        cluster = connect_cluster(ray_address, quiet=not verbose)
-        if decode_device == "cuda" and not cluster.gpus:
-            raise ConfigError(f"--decode-device cuda needs GPU scoring workers; the cluster has none "
-                              f"({cluster.summary()})")
-        preflight_scoring(spec=model, weights=weights, mean=loaded.mean, std=loaded.std, input_size=loaded.input_size,
-                          unsafe_pickle=unsafe_pickle, model_id=loaded.model_id, gpus=cluster.gpus > 0,
-                          cpus=min(cpus_per_worker, cluster.cpus), temperature=temperature, epsilon=epsilon)
-    ray_init_s = time.time() - t_init
-    lock.acquire()  # one writer at a time, released however this call ends
-    try:
-        # 2. the output directory is ours: corpus shards, then the job file (its presence = shards complete)
-        if existing is None:
-            n_shards = _write_corpus_shards(out, corpus.table, shard_rows)
-            out.write_json(JOB_FILE, {"run_id": run_id, "config": config, "shard_rows": shard_rows,
-                                      "n_shards": n_shards, "created_at": started_at})
-        repaired = _repair_checkpoint(out)
-        done_before = _committed_ids(out)
-
-        metadata = {
-            "odin.schema_version": str(SCHEMA_VERSION),
-            "odin.model_id": loaded.model_id,
-            "odin.model_spec": model,
-            "odin.temperature": repr(temperature),
-            "odin.epsilon": repr(epsilon),
-            "odin.normalization": json.dumps({"mean": list(loaded.mean), "std": list(loaded.std),
-                                              "pixel_range": [0, 1]}),
-            "odin.input_size": str(loaded.input_size),
-            "odin.resize": resize,
-            "odin.run_id": run_id,
-            "odin.versions": json.dumps(_versions()),
-        }
-        carried = pa.schema([corpus.table.schema.field(c) for c in corpus.carried_columns])
-        schema = output_schema(carried, metadata)
-
-        # 3. run the pipeline unless everything is already committed
-        ray_stats = None
-        t_pipeline = time.time()
-        if done_before < len(corpus):
-            import ray
-            from ray.data.checkpoint import CheckpointConfig
-
-            from jobs.gpu_decode import decode_stages
-            from jobs.pipeline import CorpusShards  # Ray Data: not needed for --help
-            from jobs.ray_utils import cluster_cpus, cluster_gpus
-
-            connect_cluster(ray_address, quiet=not verbose)  # (already connected above, unless nothing was left)
-            t_pipeline = time.time()
-            gpus = cluster_gpus()
-            # default pool: one actor per GPU, else as many CPU actors as the cluster has room for
-            n_workers = workers or (gpus if gpus else max(1, int(cluster_cpus() // cpus_per_worker)))
-            actor_cpus, threads = cpus_per_worker, max(1, int(round(cpus_per_worker)))
-            if done_before and not gpus:
-                # On resume Ray Data adds a CheckpointFilter actor that reserves 1 CPU; leave it one.
-                spare = cluster_cpus() - 1
-                if n_workers * actor_cpus > spare:
-                    actor_cpus = max(0.01, spare / n_workers)
-                    if verbose:
-                        print(f"odin score: resuming; {n_workers} worker(s) reserve {actor_cpus:.2f} CPU each "
-                              "(one CPU is left to Ray Data's checkpoint filter)", flush=True)
-            ctx = ray.data.DataContext.get_current()
-            ctx.checkpoint_config = CheckpointConfig(
-                id_column="image_id",
-                checkpoint_path=out.uri(CHECKPOINT_DIR),
-                delete_checkpoint_on_success=False,
-                override_filesystem=None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs,
-            )
-            ctx.enable_progress_bars = verbose
-            read_fs = None if isinstance(out.fs, pafs.LocalFileSystem) else out.fs
-            shard_files = sorted(i.path for i in out.listdir(CORPUS_DIR) if i.path.endswith(".parquet"))
-            # Reading a shard is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
-            # two long read tasks stream all the shards (not a short task, and maybe a fresh worker
-            # process, per shard).
-            ds = ray.data.read_datasource(CorpusShards(out.fs, shard_files, read_tasks=2), num_cpus=0, concurrency=2)
-            read_fn, read_kwargs, actor_cls, actor_extra = decode_stages(decode_device, loaded.input_size, resize)
-            ds = ds.map_batches(read_fn, batch_format="pyarrow", batch_size=batch_size, num_cpus=decode_cpus,
-                                fn_kwargs=read_kwargs)
-            sink = schema.serialize().to_pybytes()
-            ds = ds.map_batches(
-                reporting_start_failures(actor_cls),
-                fn_constructor_kwargs=dict(
-                    spec=model, weights=weights, mean=list(loaded.mean), std=list(loaded.std),
-                    input_size=loaded.input_size,
-                    temperature=temperature, epsilon=epsilon, batch_size=batch_size, model_id=loaded.model_id,
-                    run_id=run_id, threads=None if gpus else threads,
-                    unsafe_pickle=unsafe_pickle, schema_bytes=sink, device="cuda" if gpus else "cpu", **actor_extra,
-                ),
-                batch_size=batch_size,
-                batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=n_workers),
-                num_gpus=1 if gpus else 0,
-                num_cpus=0 if gpus else actor_cpus,
-            )
-            # Encoding a shard's rows is light: like the read, it reserves no CPU (the actors have
-            # them) and runs at most 2 at a time.
-            try:
-                ds.write_parquet(out.p(SCORES_DIR), filesystem=read_fs, ray_remote_args={"num_cpus": 0}, concurrency=2)
-            except Exception as exc:
-                raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
-                raise
-            ray_stats = {"workers": n_workers, "gpus_per_worker": 1 if gpus else 0,
-                         "cpus_per_worker": 0 if gpus else actor_cpus, "decode_device": decode_device}
-        t_end = time.time()
-
-        # 4. verify exactly-once against the corpus and write run.json
-        check = _verify(out, corpus)
-        scored_now = max(0, check["rows"] - done_before)
-        pipeline_s = t_end - t_pipeline
-        previous = out.read_json(RUN_JSON) or {}
-        attempt = {
-            "started_at": started_at,
-            "finished_at": datetime.now(timezone.utc).isoformat(),
-            "already_done": done_before,
-            "scored": scored_now,
-            "ray_init_s": round(ray_init_s, 3),
-            "pipeline_s": round(pipeline_s, 3),
-            "total_s": round(time.time() - t_start, 3),
-            "images_per_s": round(scored_now / pipeline_s, 2) if pipeline_s > 0 and scored_now else 0.0,
-            "repaired_checkpoints": repaired,
-            "execution": ray_stats,
-            "cluster": cluster.as_dict() if cluster else None,
-            "argv": sys.argv,
-        }
-        result = {
-            "run_id": run_id,
-            "config": config,
-            "execution": {"batch_size": batch_size, "workers": workers, "cpus_per_worker": cpus_per_worker,
-                          "decode_cpus": decode_cpus, "shard_rows": shard_rows},
-            "output": {"root": out.root_uri, "scores": out.uri(SCORES_DIR), "files": check["files"]},
-            "counts": {**check["by_status"], "total": check["rows"]},
-            "verification": {k: check[k] for k in ("duplicates", "missing", "unexpected", "exactly_once")},
-            "durations": {"this_attempt_s": attempt["total_s"], "pipeline_s": attempt["pipeline_s"]},
-            "images_per_s": attempt["images_per_s"],
-            "attempts": list(previous.get("attempts", [])) + [attempt],
-            "versions": _versions(),
-            "parquet_metadata": metadata,
-        }
-        out.write_json(RUN_JSON, result)
-        if verbose:
-            c = result["counts"]
-            print(
-                f"odin score: {c['total']} rows ({c['ok']} ok, {c['error']} error) in {out.uri(SCORES_DIR)}; "
-                f"this attempt scored {scored_now} ({done_before} already done) in {pipeline_s:.1f}s "
-                f"= {attempt['images_per_s']} images/s {cluster.summary() if cluster else '(no Ray needed)'}; "
-                f"exactly once: {check['exactly_once']}"
-                + ("" if check["exactly_once"] else
-                   f" (duplicates {check['duplicates']}, missing {check['missing']}, unexpected {check['unexpected']})"),
-                flush=True,
-            )
-        return result
+        try:
+            stats = run_attempt(prep, ray_info)
+        except ConfigError:
+            _discard(prep)
+            raise
+        return finish(prep, stats)
     finally:
-        lock.release()
+        prep.lock.release()
+        if prep.fresh and prep.existing is None and prep.out.exists():
+            _remove_if_empty(prep.out)
+
+
+def _remove_if_empty(out: Store) -> None:
+    """A fresh output directory that ended with no run in it (configuration error) is removed again."""
+    if not out.listdir():
+        out.fs.delete_dir(out.path)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -410,7 +559,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 
     options.add_config_option(parser)
     parser.add_argument("--input", help="directory (recursive) or .parquet/.csv manifest; local, s3://, gs://, file://")
-    parser.add_argument("--output", help="output directory (local or object store); rerun the same command to resume")
+    parser.add_argument("--output", help="output directory (local or object store) for this model and settings; "
+                                         "rerun the same command to resume or to score what is new")
     options.add_model_options(parser)
     options.add_odin_options(parser)
     options.add_batch_size_option(parser)
@@ -420,7 +570,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per CPU actor")
     parser.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs reserved per read/decode task")
     parser.add_argument("--shard-rows", type=int, default=1024,
-                        help="corpus rows per input shard (the unit of checkpointing)")
+                        help="rows per bucket of the score table (fixed when the output is created) and per "
+                             "staged block (the unit a killed run keeps)")
     parser.add_argument("--decode-device", choices=DECODE_DEVICES, default="cpu",
                         help="where JPEGs are decoded: CPU tasks, or the scoring GPU (nvJPEG, in batches)")
     options.add_ray_options(parser)
@@ -430,8 +581,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = score_corpus(
         args.input, args.output, args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
-        temperature=args.temperature, epsilon=args.epsilon, tuning=args.tuning, batch_size=args.batch_size, workers=args.workers,
-        run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
+        temperature=args.temperature, epsilon=args.epsilon, tuning=args.tuning, batch_size=args.batch_size,
+        workers=args.workers, run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
         ray_address=args.ray_address, verbose=not args.quiet, decode_device=args.decode_device,
     )

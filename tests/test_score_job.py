@@ -20,7 +20,7 @@ from conftest import BAD_EXPECT, REPO, _with_descendants, make_images, pids_matc
 from jobs.cli import main as cli_main
 
 SCORE_COLS = ["image_id", "uri", "status", "error", "width", "height", "pred", "msp", "max_logit", "energy",
-              "odin", "temperature", "epsilon", "model_id", "run_id", "scored_at"]
+              "odin", "temperature", "epsilon", "model_id", "run_id", "scored_at", "version"]
 DOC = REPO / "docs" / "scoring-job.md"
 
 
@@ -284,7 +284,9 @@ def test_s3_corpus_and_s3_output(ray_head, s3_server, s3_bucket, tiny_model, tmp
         run = json.loads(fh.read())
     assert run["counts"] == {"ok": 12, "error": 2, "total": 14} and run["verification"]["exactly_once"]
     again = run_job(job_cmd(f"s3://{s3_bucket}/corpus/manifest.csv", out, tiny_model, "--shard-rows", "5"), env)
-    assert again.returncode == 0 and "this attempt scored 0 (14 already done)" in again.stdout, again.stderr[-2000:]
+    # the rerun attempts the unreadable key again (a `read failed` row is retryable); the rest is kept
+    assert again.returncode == 0 and "this attempt scored 1 (13 already done)" in again.stdout, again.stderr[-2000:]
+    assert "retried 1" in again.stdout
 
 
 @pytest.mark.slow
@@ -327,8 +329,9 @@ def _map_worker_pids(head) -> list[int]:
 
 
 def _committed(out: Path) -> int:
-    d = out / "_checkpoint"
-    return len([p for p in d.glob("*.parquet") if not p.name.endswith(".pending.parquet")]) if d.exists() else 0
+    """Staged blocks (complete files in ``_staging/``): what a killed run keeps."""
+    d = out / "_staging"
+    return len(list(d.glob("*.parquet"))) if d.exists() else 0
 
 
 def _wait(pred, timeout: float, what: str):
@@ -393,37 +396,6 @@ def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tin
 
 
 # --------------------------------------------------------------------------- the pieces of the exactly-once scheme
-def test_repair_drops_pending_checkpoints_whose_commit_happened(tmp_path):
-    from jobs.score import CHECKPOINT_DIR, _committed_ids, _repair_checkpoint
-    from odin_engine.io.store import Store
-
-    ck = tmp_path / CHECKPOINT_DIR
-    ck.mkdir()
-    ids = pa.table({"image_id": ["a", "b"]})
-    pq.write_table(ids, ck / "w_000001.parquet")  # committed ...
-    pq.write_table(ids, ck / "w_000001.pending.parquet")  # ... and its copy-then-delete leftover
-    pq.write_table(ids, ck / "w_000002.pending.parquet")  # a genuinely pending one: Ray's recovery handles it
-    out = Store(str(tmp_path))
-    assert _repair_checkpoint(out) == 1
-    assert sorted(p.name for p in ck.iterdir()) == ["w_000001.parquet", "w_000002.pending.parquet"]
-    assert _committed_ids(out) == 2
-
-
-def test_verification_reports_duplicates_and_gaps(tmp_path):
-    from jobs.score import SCORES_DIR, _verify
-    from odin_engine.io.store import Store
-    from odin_engine.io.corpus import Corpus
-
-    (tmp_path / SCORES_DIR).mkdir()
-    rows = lambda ids: pa.table({"image_id": ids, "status": ["ok"] * len(ids)})  # noqa: E731
-    pq.write_table(rows(["a", "b"]), tmp_path / SCORES_DIR / "x-0.parquet")
-    pq.write_table(rows(["b", "z"]), tmp_path / SCORES_DIR / "y-0.parquet")
-    corpus = Corpus(pa.table({"image_id": ["a", "b", "c"], "uri": ["1", "2", "3"]}), "src", "manifest")
-    check = _verify(Store(str(tmp_path)), corpus)
-    assert (check["rows"], check["duplicates"], check["missing"], check["unexpected"]) == (4, 1, 1, 1)
-    assert check["exactly_once"] is False
-
-
 def test_corpus_shards_stream_each_shard_as_its_own_block_from_few_read_tasks(tmp_path):
     """The checkpoint unit is a block = one shard, whichever read task streams it."""
     from pyarrow import fs as pafs
@@ -530,3 +502,126 @@ def test_torchscript_model_with_normalization_flags(ray_head, tmp_path):
     meta = pq.read_schema(next((out / "scores").glob("*.parquet"))).metadata
     assert json.loads(meta[b"odin.normalization"])["std"] == [0.25, 0.25, 0.25]
     assert meta[b"odin.input_size"] == b"32"
+
+
+# --------------------------------------------------------------------------- incremental reruns
+def _new_bytes(path: Path, seed: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(path)
+
+
+@pytest.mark.slow
+def test_incremental_rerun_scores_only_new_and_changed_images(ray_head, tiny_model, tmp_path):
+    """+30 new, 1 overwritten, −5 removed: the same command scores exactly 31; the table is today's files."""
+    corpus = tmp_path / "corpus"
+    make_images(corpus / "a", 40)
+    make_images(corpus / "b", 20, prefix="q_")
+    out = tmp_path / "out"
+    cmd = job_cmd(corpus, out, tiny_model, "--batch-size", "16", "--shard-rows", "4")  # 15 buckets
+    first = run_job(cmd, ray_head.env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job = json.loads((out / "_odin_job.json").read_text())
+    assert job["layout"]["buckets"] == 15
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "scores").iterdir()}
+    old_rows = {r["image_id"]: r for r in read_scores(out).to_pylist()}
+
+    make_images(corpus / "c", 30, prefix="n_", seed=7)
+    _new_bytes(corpus / "a" / "img_00000.png", seed=99)
+    for i in range(5):
+        (corpus / "b" / f"q_{i:05d}.png").unlink()
+    again = run_job(cmd, ray_head.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "this attempt scored 31 (54 already done)" in again.stdout
+    att = json.loads((out / "run.json").read_text())["attempts"][-1]
+    assert (att["scored"], att["new"], att["changed"], att["retried"], att["dropped"]) == (31, 30, 1, 0, 5)
+    today = {p.relative_to(corpus).as_posix() for p in corpus.rglob("*.png")}
+    assert len(today) == 85
+    t = assert_exactly_once(out, today)
+    rows = {r["image_id"]: r for r in t.to_pylist()}
+    changed = rows["a/img_00000.png"]
+    st = (corpus / "a" / "img_00000.png").stat()
+    assert changed["version"] == f"{st.st_size}:{st.st_mtime_ns}" and changed["scored_at"] > old_rows["a/img_00000.png"]["scored_at"]
+    kept = [i for i in today if i in old_rows and i != "a/img_00000.png"]
+    assert all(rows[i]["scored_at"] == old_rows[i]["scored_at"] and rows[i]["odin"] == old_rows[i]["odin"] for i in kept)
+    # buckets without a new, changed or removed image were not rewritten
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "scores").iterdir()}
+    untouched = [n for n in before if after.get(n) == before[n]]
+    assert att["buckets"]["unchanged"] == len(untouched) >= 1
+    assert att["buckets"]["written"] + att["buckets"]["unchanged"] == len(after)
+    assert not any(n.startswith("_") for n in os.listdir(out) if n not in ("_odin_job.json",)), os.listdir(out)
+    # and once more: nothing to do
+    third = run_job(cmd, ray_head.env)
+    assert third.returncode == 0 and "this attempt scored 0 (85 already done)" in third.stdout, third.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_read_failures_are_retried_on_rerun_and_final_verdicts_are_not(ray_head, tiny_model, tmp_path):
+    """A manifest whose missing file appears later is completed by rerunning the same call; an empty
+    file stays an error without being read again. Many buckets and bucket ranges on a small corpus."""
+    imgs = tmp_path / "imgs"
+    make_images(imgs, 10)
+    (imgs / "zero.png").write_bytes(b"")
+    names = [f"img_{i:05d}.png" for i in range(10)] + ["zero.png", "late.png"]
+    (tmp_path / "m.csv").write_text("path\n" + "".join(f"imgs/{n}\n" for n in names))
+    out = tmp_path / "out"
+    code = ("import json; from jobs.score import score_corpus; "
+            f"r = score_corpus({str(tmp_path / 'm.csv')!r}, {str(out)!r}, {tiny_model.spec!r}, {tiny_model.weights!r}, "
+            "temperature=1000.0, epsilon=0.0014, batch_size=4, shard_rows=2, partition_rows=3, verbose=False); "
+            "print('RESULT', json.dumps(r))")
+
+    def once():
+        proc = run_job([sys.executable, "-c", code], ray_head.env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.split("RESULT ", 1)[1])
+
+    r1 = once()
+    assert r1["layout"]["buckets"] == 6 and r1["attempts"][-1]["buckets"]["ranges"] >= 3
+    assert r1["counts"] == {"ok": 10, "error": 2, "total": 12}
+    rows1 = {r["image_id"]: r for r in read_scores(out).to_pylist()}
+    assert rows1["imgs/late.png"]["error"].startswith("read failed")
+    assert rows1["imgs/zero.png"]["error"].startswith("empty file")
+
+    r2 = once()  # still missing: attempted again, still a row, still exactly once
+    assert (r2["attempts"][-1]["scored"], r2["attempts"][-1]["retried"]) == (1, 1)
+    _new_bytes(imgs / "late.png", seed=3)
+    r3 = once()
+    att = r3["attempts"][-1]
+    assert (att["scored"], att["already_done"], att["changed"]) == (1, 11, 1)  # the file now has a version
+    assert r3["counts"] == {"ok": 11, "error": 1, "total": 12} and r3["verification"]["exactly_once"]
+    rows3 = {r["image_id"]: r for r in assert_exactly_once(out, {f"imgs/{n}" for n in names}).to_pylist()}
+    assert rows3["imgs/late.png"]["status"] == "ok"
+    assert rows3["imgs/zero.png"]["scored_at"] == rows1["imgs/zero.png"]["scored_at"]  # not re-read
+
+
+def test_score_batch_stages_each_block_in_sub_batches(tmp_path, tiny_model):
+    """The actor stage, without a cluster: a block scored in sub-batches (one stamp each) and staged
+    as one atomic file sorted by bucket; a read failure is a row, not an exception."""
+    from pyarrow import fs as pafs
+
+    from jobs.pipeline import ScoreBatch, read_and_decode
+    from jobs.shards import parse_staging_file
+    from odin_engine.io.scores import output_schema
+    from odin_engine.loading import load_model
+
+    paths = make_images(tmp_path / "imgs", 11)
+    batch = pa.table({"image_id": [p.name for p in paths] + ["gone.png"],
+                      "uri": [str(p) for p in paths] + [str(tmp_path / "gone.png")],
+                      "version": ["1:1"] * 12, "bucket": pa.array([3, 1, 2] * 4, pa.int64())})
+    schema = output_schema().append(pa.field("bucket", pa.int64()))
+    model_id = load_model(tiny_model.spec, tiny_model.weights).model_id
+    actor = ScoreBatch(tiny_model.spec, tiny_model.weights, None, None, None, 1000.0, 0.0014, 4, model_id, "r", 1,
+                       False, schema.serialize().to_pybytes(), staging=(pafs.LocalFileSystem(), str(tmp_path / "st")))
+    counts = actor(read_and_decode(batch, 32, "crop")).to_pylist()
+    assert counts == [{"rows": 12, "ok": 11, "files": 1}]
+    (staged,) = list((tmp_path / "st").iterdir())
+    assert parse_staging_file(staged.name)[:2] == (1, 3)
+    t = pq.read_table(staged)
+    assert t.column("bucket").to_pylist() == sorted(t.column("bucket").to_pylist())
+    assert t.schema.names == schema.names and t.num_rows == 12
+    ok = t.filter(pa.compute.equal(t.column("status"), "ok"))
+    assert len(set(ok.column("scored_at").to_pylist())) == 3  # 11 images in sub-batches of 4
+    gone = t.filter(pa.compute.equal(t.column("image_id"), "gone.png")).to_pylist()[0]
+    assert gone["error"].startswith("read failed") and gone["odin"] is None

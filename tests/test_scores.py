@@ -31,7 +31,7 @@ def table(n: int, start: int = 0, prefix: str = "img", errors: int = 0, **settin
            for m in methods.TABLE_METHODS},
         "temperature": [settings.get("temperature", 1000.0)] * n, "epsilon": [settings.get("epsilon", 0.0014)] * n,
         "model_id": [settings.get("model_id", "m@sha256:0")] * n, "run_id": ["r"] * n,
-        "scored_at": [None] * n,
+        "scored_at": [None] * n, "version": [None] * n,
     }
     return pa.Table.from_pydict(cols, schema=output_schema())
 

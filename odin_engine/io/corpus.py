@@ -1,51 +1,102 @@
-"""Corpus listing: a directory tree or a manifest → one sorted table of items (no Ray).
+"""Corpus listing: a directory tree or a manifest → listing rows, in independent units (no Ray).
 
-:func:`load_corpus` accepts
+A corpus source is
 
 * a **directory** (local path, ``file://``, ``s3://bucket/prefix``, ``gs://bucket/prefix``):
-  every file below it, recursively, whose extension is one of :data:`IMAGE_EXTENSIONS`
-  (case-insensitive), listed by :func:`odin_engine.io.listing.walk` (its rules: directory
-  symlinks are not followed, names that are not UTF-8 are escaped); ``image_id`` is the path
-  relative to the directory, with ``/``. Entries the walk cannot use (dangling or looping
-  symlinks, directory symlinks, unreadable entries) are listed too, with their reason in a
-  ``listing_error`` column (present only when some entry has one): the job makes them error rows;
+  every image file below it, walked by :mod:`odin_engine.io.listing` (symlink rules, error
+  entries, non-UTF-8 names); ``image_id`` is the path relative to the directory, with ``/``;
 * a **manifest**, a ``.parquet`` or ``.csv`` file with a ``uri`` or ``path`` column and
-  optional ``image_id``, ``label`` and ``split`` columns (carried to the output). Relative
-  paths are resolved against the manifest's own directory; ``image_id`` defaults to the path
-  relative to that directory (or the full URI when it lies elsewhere).
+  optional ``image_id``, ``label`` and ``split`` columns (carried to the output), and an
+  optional ``version`` or ``etag`` column (the image's version, see below). Relative paths are
+  resolved against the manifest's own directory; ``image_id`` defaults to the path relative to
+  that directory (or the full URI when it lies elsewhere).
 
-The result has columns ``image_id``, ``uri`` (``label``, ``split`` when present), sorted by
-``image_id``. Filesystems come from ``pyarrow.fs.FileSystem.from_uri`` (S3 honours the usual
-``AWS_*`` variables, including ``AWS_ENDPOINT_URL``; GCS uses Google's default credentials, or
-with ``STORAGE_EMULATOR_HOST`` set — the variable Google's own clients read — that emulator,
-anonymously). Problems the user must fix raise
-:class:`~odin_engine.errors.ConfigError`: missing source, empty corpus, duplicate ids (all
-listed, up to 50), a manifest without a ``uri``/``path`` column or with empty cells.
-Files that later turn out unreadable are *not* an error here: they become error rows.
+Listing rows have the columns of :func:`listing_schema`: ``image_id``, ``uri``, ``version``
+(what identifies the bytes: ``size:mtime_ns``, or the manifest's ``version``/``etag``; null when
+unknown), ``listing_error`` (non-null for an entry the walk met but cannot use — dangling or
+looping symlinks, directory symlinks, unreadable entries: it becomes an error row without being
+read) and the carried columns.
+
+:func:`open_corpus` validates a source cheaply (its metadata, a manifest's schema, a directory's
+top level) and cuts it into :class:`ListingUnit`\\ s: row-group ranges of a Parquet manifest,
+the whole of a CSV manifest (read as a stream), the top-level files and each sub-prefix of a
+directory. :func:`list_unit` streams one unit's rows in batches; the scoring job runs the units
+as parallel tasks, so no process holds the whole listing. :func:`load_corpus` lists everything
+in this process into one sorted table (small corpora, held-out sets, tuning).
+
+Versions: a directory entry's version is its ``size:mtime_ns`` (pyarrow's ``FileInfo``: the
+local stat, or an object's size and last-modified time). A manifest row's version is its
+``version``/``etag`` column when it has one; otherwise local files are stat'ed while listing
+(``size:mtime_ns``, null when missing) and object-store URIs get a null version (identified by
+uri alone: give a ``version``/``etag`` column, or list the prefix as a directory, to detect
+overwrites).
+
+Problems the user must fix raise :class:`~odin_engine.errors.ConfigError`: missing source,
+empty corpus, duplicate ids (all listed, up to 50), a manifest without a ``uri``/``path``
+column or with empty cells. Files that later turn out unreadable are *not* an error here: they
+become error rows.
 """
 
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
 from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
-from odin_engine.io.listing import IMAGE_EXTENSIONS, walk
 from odin_engine.io.store import is_uri, resolve
 
-LISTING_ERROR = "listing_error"  # directory corpora only: why a listed entry cannot be read (else null)
+from odin_engine.io.listing import IMAGE_EXTENSIONS, split_points, walk
+
 MANIFEST_EXTENSIONS = (".parquet", ".pq", ".csv")
 CARRIED_COLUMNS = ("label", "split")
+LISTING_ERROR = "listing_error"  # why a listed entry cannot be read (a directory walk's error entry), else null
+VERSION_COLUMNS = ("version", "etag")
+BATCH_ROWS = 65536  # rows per listing batch (a listing task's working set)
+UNIT_ROWS = 1 << 20  # manifest rows per listing unit (row groups are never split)
 _SHOW = 50
+
+
+def listing_schema(carried: pa.Schema | None = None) -> pa.Schema:
+    return pa.schema([pa.field("image_id", pa.string()), pa.field("uri", pa.string()),
+                      pa.field("version", pa.string()), pa.field(LISTING_ERROR, pa.string()), *(carried or [])])
+
+
+@dataclass(frozen=True)
+class ListingUnit:
+    """One independently listable piece of a corpus source."""
+
+    source: str
+    kind: str  # "parquet" | "csv" | "files" | "prefix"
+    row_groups: tuple[int, ...] = ()
+    row_offset: int = 0  # first data row of this unit in the manifest (for messages)
+    prefix: str = ""  # "prefix": the sub-prefix to walk ("sub/")
+    entries: tuple = ()  # "files": the top-level entries (already listed)
+
+
+@dataclass
+class CorpusSource:
+    """A validated source, cut into units; ``carried`` holds the label/split fields."""
+
+    source: str
+    kind: str  # "directory" | "manifest"
+    units: list[ListingUnit]
+    carried: pa.Schema
+    rows_hint: int | None = None  # a manifest's row count, when its metadata says it
+    csv_types: dict = field(default_factory=dict)
+
+    @property
+    def schema(self) -> pa.Schema:
+        return listing_schema(self.carried)
 
 
 @dataclass
 class Corpus:
-    """The listed corpus: ``table`` (image_id, uri[, label, split]) sorted by image_id."""
+    """The listed corpus: ``table`` (image_id, uri, version, error[, label, split]) sorted by image_id."""
 
     table: pa.Table
     source: str
@@ -59,6 +110,7 @@ class Corpus:
         return [c for c in CARRIED_COLUMNS if c in self.table.column_names]
 
 
+# --------------------------------------------------------------------------- opening a source
 def _info(fs: pafs.FileSystem, path: str, source: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
@@ -66,33 +118,119 @@ def _info(fs: pafs.FileSystem, path: str, source: str) -> pafs.FileInfo:
         raise ConfigError(f"cannot read corpus source {source!r}: {exc}") from exc
 
 
-def _list_directory(fs: pafs.FileSystem, root: str, source: str) -> pa.Table:
+def _uri_column(names: list[str], source: str) -> str:
+    col = "uri" if "uri" in names else "path" if "path" in names else None
+    if col is None:
+        raise ConfigError(f"manifest {source!r} needs a 'uri' or 'path' column; it has {names}")
+    return col
+
+
+_CSV_STRINGS = ("uri", "path", "image_id", "split", *VERSION_COLUMNS)
+
+
+def _csv_reader(fs: pafs.FileSystem, path: str, column_types: dict | None = None):
+    import pyarrow.csv as pacsv
+
+    # ids, paths, splits and versions stay strings (no "001" → 1); label is inferred from the first block
+    types = {c: pa.string() for c in _CSV_STRINGS}
+    types.update(column_types or {})
+    stream = fs.open_input_stream(path)
+    return pacsv.open_csv(stream, read_options=pacsv.ReadOptions(block_size=8 << 20),
+                          convert_options=pacsv.ConvertOptions(column_types=types))
+
+
+def _open_manifest(fs: pafs.FileSystem, path: str, source: str) -> CorpusSource:
     try:
-        entries = list(walk(fs, root, source))
-    except OSError as exc:
-        raise ConfigError(f"cannot list corpus directory {source!r}: {exc}") from exc
-    table = pa.table({"image_id": pa.array([e.image_id for e in entries], pa.string()),
-                      "uri": pa.array([e.uri for e in entries], pa.string())})
-    if any(e.error for e in entries):  # only then: a clean corpus keeps its listing (and digest) as before
-        table = table.append_column(LISTING_ERROR, pa.array([e.error for e in entries], pa.string()))
-    return table
-
-
-def _read_manifest(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
-    lower = path.lower()
-    try:
-        if lower.endswith(".csv"):
-            import pyarrow.csv as pacsv
-
-            with fs.open_input_stream(path) as fh:
-                # ids, paths and splits stay strings (no "001" → 1); label is inferred.
-                opts = pacsv.ConvertOptions(column_types={c: pa.string() for c in ("uri", "path", "image_id", "split")})
-                return pacsv.read_csv(fh, convert_options=opts)
+        if path.lower().endswith(".csv"):
+            reader = _csv_reader(fs, path)
+            schema = reader.schema
+            reader.close()
+            carried = pa.schema([schema.field(c) for c in CARRIED_COLUMNS if c in schema.names])
+            _uri_column(schema.names, source)
+            return CorpusSource(source, "manifest", [ListingUnit(source, "csv")], carried,
+                                csv_types={f.name: f.type for f in carried})
         import pyarrow.parquet as pq
 
-        return pq.read_table(path, filesystem=fs)
+        meta = pq.ParquetFile(fs.open_input_file(path)).metadata
+        schema = meta.schema.to_arrow_schema()
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError(f"cannot read manifest {source!r}: {exc}") from exc
+    _uri_column(schema.names, source)
+    carried = pa.schema([schema.field(c) for c in CARRIED_COLUMNS if c in schema.names])
+    units, group, rows, offset = [], [], 0, 0
+    for g in range(meta.num_row_groups):
+        group.append(g)
+        rows += meta.row_group(g).num_rows
+        if rows >= UNIT_ROWS or g == meta.num_row_groups - 1:
+            units.append(ListingUnit(source, "parquet", tuple(group), offset))
+            offset += rows
+            group, rows = [], 0
+    return CorpusSource(source, "manifest", units or [ListingUnit(source, "parquet")], carried, meta.num_rows)
+
+
+def open_corpus(source: str) -> CorpusSource:
+    """Validate ``source`` and cut it into listing units (reads metadata only; see the module docstring)."""
+    if not source or not str(source).strip():
+        raise ConfigError("--input is empty: give a directory of images or a .parquet/.csv manifest")
+    source = str(source)
+    fs, path = resolve(source)
+    info = _info(fs, path, source)
+    if info.type == pafs.FileType.NotFound:
+        raise ConfigError(f"corpus source not found: {source!r}")
+    if info.type == pafs.FileType.Directory:
+        try:
+            entries, prefixes = split_points(fs, path, source)
+        except OSError as exc:
+            raise ConfigError(f"cannot list corpus directory {source!r}: {exc}") from exc
+        if not prefixes and not isinstance(fs, pafs.LocalFileSystem):
+            # Some GCS APIs (the emulator) list no sub-prefixes without a delimiter reply: one task
+            # walks the whole prefix recursively, which is right whatever the store answered.
+            units = [ListingUnit(source, "prefix", prefix="")]
+        else:
+            units = [ListingUnit(source, "files", entries=tuple(entries))] if entries else []
+            units += [ListingUnit(source, "prefix", prefix=p) for p in prefixes]
+        return CorpusSource(source, "directory", units, pa.schema([]))
+    if path.lower().endswith(MANIFEST_EXTENSIONS):
+        return _open_manifest(fs, path, source)
+    raise ConfigError(
+        f"{source!r} is a file but not a manifest: give a directory, or a manifest ending in "
+        f"{', '.join(MANIFEST_EXTENSIONS)}"
+    )
+
+
+# --------------------------------------------------------------------------- listing a unit
+def _entry_rows(entries, schema: pa.Schema) -> pa.Table:
+    ids, uris, versions, errors = [], [], [], []
+    for e in entries:
+        ids.append(e.image_id)
+        uris.append(e.uri)
+        versions.append(f"{e.size}:{e.mtime_ns}" if e.size is not None and e.mtime_ns is not None else None)
+        errors.append(e.error)
+    return pa.table([pa.array(ids, pa.string()), pa.array(uris, pa.string()), pa.array(versions, pa.string()),
+                     pa.array(errors, pa.string())], schema=schema)
+
+
+def _batched(it, n: int):
+    chunk = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _stat_versions(uris: list[str]) -> list[str | None]:
+    """``size:mtime_ns`` of local files (one vectorised stat call), None for missing ones and URIs."""
+    local = [i for i, u in enumerate(uris) if not is_uri(u)]
+    out: list[str | None] = [None] * len(uris)
+    if local:
+        infos = pafs.LocalFileSystem().get_file_info([uris[i] for i in local])
+        for i, info in zip(local, infos):
+            if info.type == pafs.FileType.File:
+                out[i] = f"{info.size}:{info.mtime_ns}"
+    return out
 
 
 def _where(fs: pafs.FileSystem, path: str, rows: list[int]) -> str:
@@ -105,28 +243,28 @@ def _where(fs: pafs.FileSystem, path: str, rows: list[int]) -> str:
     return "lines " + ", ".join(str(lines[i]) if i < len(lines) else f"data row {i + 1}" for i in rows[:_SHOW])
 
 
-def _manifest_table(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
-    raw = _read_manifest(fs, path, source)
-    col = "uri" if "uri" in raw.column_names else "path" if "path" in raw.column_names else None
-    if col is None:
-        raise ConfigError(f"manifest {source!r} needs a 'uri' or 'path' column; it has {raw.column_names}")
+def _manifest_rows(raw: pa.Table, fs: pafs.FileSystem, path: str, source: str, offset: int,
+                   schema: pa.Schema) -> pa.Table:
+    """One batch of manifest rows → listing rows. ``offset``: index of the batch's first data row."""
+    col = _uri_column(raw.column_names, source)
     values = raw.column(col).cast(pa.string()).to_pylist()
-    empty = [i for i, v in enumerate(values) if v is None or not str(v).strip()]
+    empty = [offset + i for i, v in enumerate(values) if v is None or not str(v).strip()]
     if empty:
         raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells ({_where(fs, path, empty)})")
     base = posixpath.dirname(path)
     manifest_uri_base = source.rsplit("/", 1)[0] if is_uri(source) else None
+    local_fs = isinstance(fs, pafs.LocalFileSystem)
     uris, default_ids = [], []
     for v in values:
         v = str(v)
         if is_uri(v):
             uri = v[len("file://"):] if v.startswith("file://") else v
-        elif isinstance(fs, pafs.LocalFileSystem):
+        elif local_fs:
             uri = v if posixpath.isabs(v) else posixpath.normpath(posixpath.join(base, v))
         else:  # relative path inside a manifest that lives in an object store
             uri = f"{manifest_uri_base}/{v.lstrip('/')}" if manifest_uri_base else v
         uris.append(uri)
-        local = isinstance(fs, pafs.LocalFileSystem) and not is_uri(uri)
+        local = local_fs and not is_uri(uri)
         if local and (uri + "/").startswith(base.rstrip("/") + "/"):
             default_ids.append(posixpath.relpath(uri, base))
         elif not local and manifest_uri_base and uri.startswith(manifest_uri_base + "/"):
@@ -138,43 +276,79 @@ def _manifest_table(fs: pafs.FileSystem, path: str, source: str) -> pa.Table:
         ids = [g if g is not None and str(g) != "" else d for g, d in zip(given, default_ids)]
     else:
         ids = default_ids
-    cols = {"image_id": pa.array(ids, pa.string()), "uri": pa.array(uris, pa.string())}
-    for c in CARRIED_COLUMNS:
-        if c in raw.column_names:
-            cols[c] = raw.column(c).combine_chunks()
-    return pa.table(cols)
+    vcol = next((c for c in VERSION_COLUMNS if c in raw.column_names), None)
+    versions = raw.column(vcol).cast(pa.string()) if vcol else pa.array(_stat_versions(uris), pa.string())
+    cols = [pa.array(ids, pa.string()), pa.array(uris, pa.string()), versions, pa.nulls(len(ids), pa.string())]
+    for f in schema:
+        if f.name in CARRIED_COLUMNS:
+            cols.append(raw.column(f.name).cast(f.type))
+    return pa.Table.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols],
+                                schema=schema)
 
 
-def _check_duplicates(table: pa.Table, source: str) -> None:
-    counts = pc.value_counts(table.column("image_id")).to_pylist()
-    dups = sorted((d["values"], d["counts"]) for d in counts if d["counts"] > 1)
-    if dups:
-        shown = ", ".join(f"{v!r}×{n}" for v, n in dups[:_SHOW])
-        more = f", … ({len(dups)} duplicated ids in all)" if len(dups) > _SHOW else ""
-        raise ConfigError(f"duplicate image_id values in {source!r}: {shown}{more}. Every image_id must be unique.")
+def list_unit(unit: ListingUnit, carried: pa.Schema, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
+    """Stream the listing rows of one unit in batches of at most ``batch_rows`` (unsorted)."""
+    schema = listing_schema(carried)
+    fs, path = resolve(unit.source)
+    if unit.kind == "files":
+        for chunk in _batched(unit.entries, batch_rows):
+            yield _entry_rows(chunk, schema)
+        return
+    if unit.kind == "prefix":
+        try:
+            for chunk in _batched(walk(fs, path, unit.source, start=unit.prefix), batch_rows):
+                yield _entry_rows(chunk, schema)
+        except OSError as exc:
+            raise ConfigError(f"cannot list corpus directory {unit.source!r}: {exc}") from exc
+        return
+    try:
+        if unit.kind == "csv":
+            reader = _csv_reader(fs, path, {f.name: f.type for f in carried})
+            batches = (pa.Table.from_batches([b]) for b in reader)
+        else:
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(fs.open_input_file(path))
+            batches = (pa.Table.from_batches([b]) for b in pf.iter_batches(batch_size=batch_rows,
+                                                                         row_groups=list(unit.row_groups)))
+        offset = unit.row_offset
+        for raw in batches:
+            for start in range(0, raw.num_rows, batch_rows):
+                piece = raw.slice(start, batch_rows)
+                yield _manifest_rows(piece, fs, path, unit.source, offset, schema)
+                offset += piece.num_rows
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ConfigError(f"cannot read manifest {unit.source!r}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- checks shared with the job
+def duplicate_ids(table: pa.Table) -> tuple[list[tuple[str, int]], int]:
+    """``(first 50 (id, count) pairs, number of duplicated ids)`` among ``table``'s image_ids."""
+    counts = table.group_by("image_id").aggregate([("image_id", "count")])
+    dups = counts.filter(pc.greater(counts.column("image_id_count"), 1))
+    shown = sorted(zip(dups.column("image_id").to_pylist(), dups.column("image_id_count").to_pylist()))[:_SHOW]
+    return shown, dups.num_rows
+
+
+def duplicate_error(source: str, shown: list[tuple[str, int]], n_dups: int) -> ConfigError:
+    text = ", ".join(f"{v!r}×{n}" for v, n in sorted(shown)[:_SHOW])
+    more = f", … ({n_dups} duplicated ids in all)" if n_dups > _SHOW else ""
+    return ConfigError(f"duplicate image_id values in {source!r}: {text}{more}. Every image_id must be unique.")
+
+
+def empty_error(source: str, kind: str) -> ConfigError:
+    what = f"no files ending in {', '.join(IMAGE_EXTENSIONS)}" if kind == "directory" else "no rows"
+    return ConfigError(f"empty corpus: {source!r} has {what}")
 
 
 def load_corpus(source: str) -> Corpus:
-    """List ``source`` (directory or manifest) → :class:`Corpus`; see the module docstring."""
-    if not source or not str(source).strip():
-        raise ConfigError("--input is empty: give a directory of images or a .parquet/.csv manifest")
-    source = str(source)
-    fs, path = resolve(source)
-    info = _info(fs, path, source)
-    if info.type == pafs.FileType.NotFound:
-        raise ConfigError(f"corpus source not found: {source!r}")
-    if info.type == pafs.FileType.Directory:
-        table, kind = _list_directory(fs, path, source), "directory"
-    elif path.lower().endswith(MANIFEST_EXTENSIONS):
-        table, kind = _manifest_table(fs, path, source), "manifest"
-    else:
-        raise ConfigError(
-            f"{source!r} is a file but not a manifest: give a directory, or a manifest ending in "
-            f"{', '.join(MANIFEST_EXTENSIONS)}"
-        )
+    """List ``source`` (directory or manifest) in this process → :class:`Corpus`, sorted by image_id."""
+    src = open_corpus(source)
+    parts = [t for unit in src.units for t in list_unit(unit, src.carried)]
+    table = pa.concat_tables(parts) if parts else src.schema.empty_table()
     if table.num_rows == 0:
-        what = f"no files ending in {', '.join(IMAGE_EXTENSIONS)}" if kind == "directory" else "no rows"
-        raise ConfigError(f"empty corpus: {source!r} has {what}")
-    _check_duplicates(table, source)
-    table = table.sort_by("image_id")
-    return Corpus(table=table, source=source, kind=kind)
+        raise empty_error(src.source, src.kind)
+    shown, n_dups = duplicate_ids(table)
+    if n_dups:
+        raise duplicate_error(src.source, shown, n_dups)
+    return Corpus(table=table.sort_by("image_id"), source=src.source, kind=src.kind)

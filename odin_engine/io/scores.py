@@ -56,6 +56,7 @@ def output_schema(carried: pa.Schema | None = None, metadata: dict | None = None
         pa.field("model_id", pa.string()),
         pa.field("run_id", pa.string()),
         pa.field("scored_at", pa.timestamp("us", tz="UTC")),
+        pa.field("version", pa.string()),  # the listed version of the bytes scored (size:mtime_ns, ETag, …)
     ]
     fields += list(carried or [])
     return pa.schema(fields, metadata=metadata)
