@@ -160,9 +160,8 @@ def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_hel
     # night 2, in distribution: the config file keeps the held-out set (as deploy/audit.toml does) and
     # names the nightly keys; the held-out set is ignored, not scored
     history = tmp_path / "history"
-    # TODO(lead): same --output for every night once incremental scoring (#10 item 1) lands; until
-    # then a changed corpus in one output directory is refused, so each night has its own.
-    out2, out3 = tmp_path / "audits" / "night2", tmp_path / "audits" / "night3"
+    # the deploy recipe: one --output per model, every night (incremental scoring reuses its rows)
+    out2 = out3 = tmp_path / "audits" / "model"
     toml = tmp_path / "audit.toml"
     toml.write_text(f'[audit]\ncorpus = "{root / "night2"}"\nheldout = "{root / "heldout"}"\n'
                     f'calibration = "{cal_dir}"\nhistory = "{history}"\nfail-on-drift = 0.01\n'
