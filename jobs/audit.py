@@ -1,14 +1,14 @@
 """The whole audit in one command: score held-out and corpus → calibrate δ → flag → evaluate → HTML report.
 
-Stages (each a function below, so that a frozen δ or a history append can slot in):
-``_check`` (everything that can be checked before anything is written) → ``_score`` →
-``_open_tables`` → ``_calibrate`` → ``flagging.prepare`` (the flag pass's checks and rank
-plan) → ``_evaluate`` → ``_write`` (flags, summaries, calibration.json, report.html,
-audit.json last). Nothing after scoring writes until every check of the decision stage passed.
+Stages (each a function below):
+``_check`` (everything that can be checked before anything is written, including a frozen
+``--calibration`` against this model and these settings) → ``_score`` → ``_open_tables`` →
+``_calibrate`` (δ from the held-out set, or the frozen calibration's) → ``flagging.prepare`` (the
+flag pass's checks and rank plan) → ``_evaluate`` → ``_write`` (flags, summaries,
+calibration.json, the drift test, the ``--history`` row, report.html, audit.json last). Nothing
+after scoring writes until every check of the decision stage passed.
 
-Exit codes: 0 done; 1 a score run did not verify exactly-once; 2 bad configuration, nothing
-written; 3 scoring finished (its outputs are kept, a rerun resumes them) but the decision stage
-could not run on what was scored — e.g. too few held-out images decoded.
+Exit codes: :data:`EXIT_CODES`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,20 @@ from typing import Any, Sequence
 
 from jobs import options
 from jobs.calibrate import CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, publish_flags
-from jobs.options import describe, run_main
+from jobs.options import EXIT_CONFIG, describe, run_main
 from odin_engine.errors import ConfigError
-from odin_engine.settings import CalibrationSettings, OdinSettings, check_heldout_size
+from odin_engine.settings import DEFAULT_METHOD, DEFAULT_TPR, CalibrationSettings, OdinSettings, check_heldout_size
 
-EXIT_AFTER_SCORING = 4
+EXIT_OK, EXIT_EXACTLY_ONCE, EXIT_DRIFT, EXIT_AFTER_SCORING = 0, 1, 3, 4
+#: every exit code of `odin-audit audit` (README "Scheduled audits" lists them for users)
+EXIT_CODES = {
+    EXIT_OK: "done; no drift alarm (or no --fail-on-drift)",
+    EXIT_EXACTLY_ONCE: "a score run finished but failed its exactly-once verification (see its run.json)",
+    EXIT_CONFIG: "bad configuration: the message says what to fix; nothing is written",
+    EXIT_DRIFT: "drift alarm: the drift test's p-value < --fail-on-drift; every output is written first",
+    EXIT_AFTER_SCORING: "scoring finished (its outputs are kept, a rerun resumes them) but the decision stage "
+                        "could not run on what was scored, e.g. too few held-out images decoded",
+}
 EVALUATION_JSON, REPORT_HTML, AUDIT_JSON = "evaluation.json", "report.html", "audit.json"
 
 
@@ -37,15 +46,28 @@ class DecisionError(Exception):
 def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpus", metavar="SRC", help="images to audit: directory or manifest (as `score --input`)")
     parser.add_argument("--heldout", metavar="SRC",
-                        help="held-out in-distribution images (directory or manifest) used to calibrate δ")
+                        help="held-out in-distribution images (directory or manifest) used to calibrate δ "
+                             "(ignored with --calibration)")
     parser.add_argument("--heldout-split", metavar="NAME", default=None,
                         help="instead of --heldout: the corpus manifest rows whose `split` column equals NAME "
                              "are the held-out set (and are not flagged)")
     parser.add_argument("--output", metavar="DIR", help="audit output directory (local, s3://, gs://); rerun the same command to resume")
     options.add_model_options(parser)
+    parser.add_argument("--calibration", metavar="PATH",
+                        help="reuse δ, T, ε and the score method of an earlier audit's calibration.json (or the "
+                             "directory holding it; local, s3://, gs://) instead of scoring a held-out set; "
+                             "refused when made for another model or other settings")
+    parser.add_argument("--history", metavar="URI",
+                        help="append one Parquet row per audit to this directory (local, s3://, gs://); "
+                             "the report plots it")
+    parser.add_argument("--fail-on-drift", metavar="ALPHA", type=float, default=None,
+                        help="exit 3 (after writing every output) when the drift test's p-value < ALPHA, e.g. 0.01")
     options.add_odin_options(parser)
-    options.add_tpr_option(parser)
+    options.add_tpr_option(parser, help=f"share of held-out in-distribution images kept at or above δ; "
+                                        f"{DEFAULT_TPR:g} unless --calibration sets it")
     options.add_method_option(parser)
+    # with --calibration, the TPR and method come from the file: None here means "not given"
+    parser.set_defaults(tpr=None, method=None)
     parser.add_argument("--ood", metavar="NAME=SRC", action="append", default=None,
                         help="labelled OOD set for evaluation (repeatable)")
     parser.add_argument("--class-names", default=None, help="comma-separated class names for the report")
@@ -72,45 +94,112 @@ class AuditPlan:
     ood: list[tuple[str, str]]
     class_names: list[str] | None
     jobs: list[tuple[str, str, str]] = field(default_factory=list)  # (name, source, sub-folder of out)
+    frozen: dict[str, Any] | None = None  # the --calibration in use (load_frozen_calibration's result)
+    history: Any = None  # Store of --history
+    alpha: float | None = None  # --fail-on-drift
+    notes: list[str] = field(default_factory=list)  # info lines for the user
+
+
+def _load_model(args: argparse.Namespace):
+    from odin_engine.loading import load_model
+
+    return load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
+                      unsafe_pickle=args.unsafe_pickle)
+
+
+def _frozen(args: argparse.Namespace, loaded) -> tuple[dict[str, Any], OdinSettings, CalibrationSettings]:
+    """Load ``--calibration`` and refuse it unless it was made for this model and these settings.
+
+    T, ε, the method and the TPR come from the file; given explicitly (flags, a config file or a
+    tuning file) they must agree with it.
+    """
+    from odin_engine.decide.frozen import load_frozen_calibration
+
+    expect: dict[str, Any] = {"model_id": loaded.model_id, "mean": list(loaded.mean), "std": list(loaded.std),
+                              "input_size": loaded.input_size, "resize": args.resize, "method": args.method}
+    if args.tuning or args.temperature is not None or args.epsilon is not None:
+        given = (OdinSettings.from_tuning(args.tuning, expect_model_id=loaded.model_id) if args.tuning and
+                 args.temperature is None and args.epsilon is None
+                 else OdinSettings.resolve(args.tuning, args.temperature, args.epsilon))
+        if args.temperature is not None or args.tuning:
+            expect["temperature"] = given.temperature
+        if args.epsilon is not None or args.tuning:
+            expect["epsilon"] = given.epsilon
+    cal = load_frozen_calibration(str(args.calibration), expect)
+    if args.tpr is not None and abs(float(args.tpr) - float(cal["target_tpr"])) > 1e-12:
+        raise ConfigError(f"calibration {args.calibration} was made for other settings than this run (target_tpr: "
+                          f"{cal['target_tpr']!r} there vs {args.tpr!r} now): drop --tpr (δ comes from the "
+                          "calibration) or recalibrate with --heldout instead of --calibration")
+    odin = OdinSettings(cal["temperature"], cal["epsilon"], origin=f"calibration {args.calibration}")
+    return cal, odin, CalibrationSettings(float(cal["target_tpr"]), cal["method"])
+
+
+def _output_store(flag: str, uri: str):
+    from odin_engine.io.store import Store
+
+    store = Store(str(uri))
+    try:
+        if store.is_file():
+            raise ConfigError(f"{flag} {uri} is a file; give a directory (local, s3://, gs://)")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {flag} {uri}: {exc}") from exc
+    return store
 
 
 def _check(args: argparse.Namespace) -> AuditPlan:
-    """Every check that needs no scoring: flags, settings, tuning file, sources listed, held-out size."""
-    from odin_engine.io.store import Store
+    """Every check that needs no scoring: flags, settings, tuning file, a frozen calibration against
+    this model, sources listed, held-out size."""
+    from odin_engine.decide.drift import validate_alpha
 
     for name in ("corpus", "output", "model"):
         if not getattr(args, name):
             raise ConfigError(f"--{name} is required")
-    if bool(args.heldout) == bool(args.heldout_split):
-        raise ConfigError("give exactly one of --heldout SRC or --heldout-split NAME")
-    cal = CalibrationSettings(args.tpr, args.method)
+    alpha = None
+    if args.fail_on_drift is not None:
+        try:
+            alpha = validate_alpha(args.fail_on_drift)
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ConfigError(f"--fail-on-drift: {exc}") from exc
     if args.gallery < 0:
         raise ConfigError("--gallery must be >= 0")
-    odin = OdinSettings.resolve(args.tuning, args.temperature, args.epsilon)
     ood = parse_ood(args.ood)
-    out = Store(str(args.output))
-    try:
-        if out.is_file():
-            raise ConfigError(f"--output {args.output} is a file; give a directory (local, s3://, gs://)")
-    except OSError as exc:
-        raise ConfigError(f"cannot read --output {args.output}: {exc}") from exc
+    notes: list[str] = []
+    frozen = None
+    loaded = _load_model(args) if (args.class_names or args.calibration) else None
+    if args.calibration:
+        frozen, odin, cal = _frozen(args, loaded)
+        if args.heldout:
+            notes.append(f"--heldout {args.heldout} is ignored (not scored): δ comes from --calibration "
+                         f"{args.calibration}")
+        if args.heldout_split:
+            notes.append(f"--heldout-split {args.heldout_split}: those corpus rows are not flagged and not used "
+                         f"(δ comes from --calibration {args.calibration})")
+        if ood:
+            notes.append(f"--ood {', '.join(n for n, _ in ood)} is ignored: evaluating OOD sets needs held-out "
+                         "scores, and --calibration scores no held-out set")
+            ood = []
+    else:
+        if bool(args.heldout) == bool(args.heldout_split):
+            raise ConfigError("give exactly one of --heldout SRC or --heldout-split NAME (or a frozen "
+                              "--calibration PATH)")
+        cal = CalibrationSettings(DEFAULT_TPR if args.tpr is None else args.tpr, args.method or DEFAULT_METHOD)
+        odin = OdinSettings.resolve(args.tuning, args.temperature, args.epsilon)
+    out = _output_store("--output", args.output)
+    history = _output_store("--history", args.history) if args.history else None
     jobs = [("corpus", str(args.corpus), "corpus")]
-    if args.heldout:
+    if args.heldout and not frozen:
         jobs.insert(0, ("heldout", str(args.heldout), "heldout"))
     jobs += [(f"ood/{name}", src, f"ood/{name}") for name, src in ood]
-    _check_sources(args, jobs, cal)
-    class_names = None
-    if args.class_names:  # one name per model class, checked before anything is scored
-        from odin_engine.loading import load_model
-
-        class_names = load_model(args.model, args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
-                                 unsafe_pickle=args.unsafe_pickle).check_class_names(args.class_names)
-    return AuditPlan(odin, cal, out, ood, class_names, jobs)
+    _check_sources(args, jobs, cal, frozen is None)
+    # one name per model class, checked before anything is scored
+    class_names = loaded.check_class_names(args.class_names) if args.class_names else None
+    return AuditPlan(odin, cal, out, ood, class_names, jobs, frozen, history, alpha, notes)
 
 
-def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], cal: CalibrationSettings) -> None:
-    """List every source (a missing one fails here, not after the first is scored) and check the
-    held-out size on the listing."""
+def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], cal: CalibrationSettings,
+                   calibrating: bool = True) -> None:
+    """List every source (a missing one fails here, not after the first is scored) and, when
+    ``calibrating``, check the held-out size on the listing."""
     from odin_engine.io.corpus import load_corpus
 
     listed = {}
@@ -119,6 +208,8 @@ def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], c
             listed[name] = load_corpus(src)
         except ConfigError as exc:
             raise ConfigError(f"{name} source: {exc}") from exc
+    if not calibrating:
+        return
     if args.heldout:
         n, what = len(listed["heldout"]), f"images in --heldout {args.heldout}"
     else:
@@ -131,30 +222,36 @@ def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], c
 
 
 # --------------------------------------------------------------------------- stages
-def _score(args: argparse.Namespace, plan: AuditPlan) -> dict[str, dict[str, Any]]:
-    """Score every set into ``<output>/<set>/`` (a rerun resumes; finished images are not rescored)."""
+def _score(args: argparse.Namespace, plan: AuditPlan) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    """Score every set into ``<output>/<set>/`` (a rerun resumes; finished images are not rescored).
+
+    Returns the run records (for audit.json) and each run's configuration."""
     from jobs.score import score_corpus
 
     kw = dict(model=args.model, weights=args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
-              # score_corpus refuses a tuning file made for another model before scoring anything
-              **({"tuning": args.tuning} if args.tuning else
+              # score_corpus refuses a tuning file made for another model before scoring anything;
+              # with a frozen calibration T and ε are the calibration's (checked against any tuning file)
+              **({"tuning": args.tuning} if args.tuning and not plan.frozen else
                  {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
               batch_size=args.batch_size, workers=args.workers, resize=args.resize,
               unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
               print_summary=not args.quiet)
     runs: dict[str, dict[str, Any]] = {}
+    configs: dict[str, dict[str, Any]] = {}
     for name, src, sub in plan.jobs:
         r = score_corpus(src, plan.out.uri(sub), **kw)
+        configs[name] = r["config"]
         runs[name] = {"source": src, "output": plan.out.uri(sub), "run_id": r["run_id"],
                       "model_id": r["config"]["model_id"], "counts": r["counts"],
                       "scored_this_run": r["attempts"][-1]["scored"],
                       "already_done": r["attempts"][-1]["already_done"],
                       "exactly_once": r["verification"]["exactly_once"]}
-    return runs
+    return runs, configs
 
 
 def _open_tables(args: argparse.Namespace, plan: AuditPlan):
-    """(corpus, held-out, {ood name: table}) score tables; with --heldout-split, two filters of one table."""
+    """(corpus, held-out, {ood name: table}) score tables; with --heldout-split, two filters of one
+    table; held-out is ``None`` when a frozen calibration replaces it."""
     import pyarrow.compute as pc
 
     from odin_engine.io.scores import ScoreTable
@@ -166,16 +263,27 @@ def _open_tables(args: argparse.Namespace, plan: AuditPlan):
         in_split = pc.field("split") == args.heldout_split
         heldout = corpus.where(in_split)
         corpus = corpus.where(pc.field("split").is_null() | ~in_split)
+    elif plan.frozen:
+        heldout = None
     else:
         heldout = ScoreTable.open(plan.out.uri("heldout"), "held-out scores")
     ood = {name: ScoreTable.open(plan.out.uri("ood", name), f"OOD set {name!r} scores") for name, _ in plan.ood}
     return corpus, heldout, ood
 
 
-def _calibrate(args: argparse.Namespace, plan: AuditPlan, corpus, heldout) -> dict[str, Any]:
+def _calibrate(args: argparse.Namespace, plan: AuditPlan, corpus, heldout, configs) -> dict[str, Any]:
+    """δ from the held-out set (recording the scoring settings it is valid for), or a copy of the
+    frozen calibration (``frozen_from`` says where it came from), checked against the corpus scores."""
     from odin_engine.decide.calibration import calibrate_tables
+    from odin_engine.decide.frozen import check_calibration, with_scoring_settings
 
-    cal = calibrate_tables(corpus, heldout, plan.calibration)
+    if plan.frozen:
+        c_set = corpus.settings("corpus scores")
+        if c_set:  # the score run used the calibration's settings; a table scored otherwise is refused
+            check_calibration(plan.frozen, {k: c_set[k] for k in ("model_id", "temperature", "epsilon")},
+                              where=f"calibration {plan.frozen['frozen_from']}")
+        return dict(plan.frozen)
+    cal = with_scoring_settings(calibrate_tables(corpus, heldout, plan.calibration), configs["corpus"])
     cal["settings_from"] = plan.odin.origin
     cal["sources"] = {"corpus": args.corpus, "heldout": args.heldout or f"corpus split == {args.heldout_split}"}
     return cal
@@ -191,15 +299,17 @@ def _evaluate(args: argparse.Namespace, plan: AuditPlan, heldout, ood):
 
 def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, heldout, evaluation, roc,
            t0: float, t_scored: float) -> dict[str, Any]:
-    """Flags, then the JSON summaries, the report, and audit.json last."""
+    """Flags, then the JSON summaries, the drift test, the history row, the report, and audit.json last."""
     import numpy as np
 
     from odin_engine.decide.calibration import heldout_scores
+    from odin_engine.decide.drift import drift_test
     from odin_engine.decide.flagging import summarize
     from odin_engine.report import display_scale, histogram_edges, render_report
 
     out, method = plan.out, plan.calibration.method
-    h_scores, _ = heldout_scores(heldout, method)
+    # a frozen calibration scores no held-out set: its histogram is absent (calibration.json keeps no scores)
+    h_scores = heldout_scores(heldout, method)[0] if heldout is not None else np.empty(0)
     scale = display_scale(method, cal["delta"], cal["temperature"])
     edges = histogram_edges(scale, h_scores, flag_plan.stats.lo, flag_plan.stats.hi)
     flags = publish_flags(flag_plan, out, gallery=args.gallery, hist_edges=edges)
@@ -210,6 +320,7 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     if evaluation is not None:
         out.write_json(EVALUATION_JSON, evaluation)
     out.write_json(CALIBRATION_JSON, cal)
+    drift = drift_test(cal, summary["overall"]["n_ok"], summary["overall"]["n_outliers"], plan.alpha)
     doc = {
         "version": 1,
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -221,21 +332,36 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "method": method,
         "tpr": plan.calibration.tpr,
         "delta": cal["delta"],
+        "calibration_from": cal.get("frozen_from"),
         "summary": summary["overall"],
+        "drift": drift,
         "score_runs": runs,
         "cluster": _cluster_used(),
         "durations_s": {"scoring": round(t_scored - t0, 3)},
         "outputs": {"calibration": CALIBRATION_JSON, "flags": FLAGS_DIR + "/", "flag_summary": FLAG_SUMMARY_JSON,
                     "report": REPORT_HTML, **({"evaluation": EVALUATION_JSON} if evaluation is not None else {})},
     }
+    history_html = ""
+    if plan.history is not None:
+        from odin_engine.decide.history import append_history, history_row, read_history
+        from odin_engine.report.history import history_plot_html
+
+        row = history_row(doc, cal, drift, summary["per_class"], output=out.uri())
+        doc["outputs"]["history_row"] = append_history(plan.history, row)
+        history_html = history_plot_html(read_history(plan.history))
     metadata = {k: doc[k] for k in ("model_spec", "model_id", "temperature", "epsilon", "settings_from", "method",
                                     "tpr", "finished_at")}
     metadata.update({f"run_id ({k})": v["run_id"] for k, v in runs.items()})
     metadata["scoring seconds (this run)"] = doc["durations_s"]["scoring"]
+    metadata["calibration"] = (f"frozen: {cal['frozen_from']} (created {cal.get('created_at')}); no held-out set "
+                               "scored, so the held-out histogram is absent" if plan.frozen else
+                               "made in this audit from the held-out set")
+    metadata["drift test p-value"] = drift["p_value"]
+    metadata["expected flag rate [95% interval]"] = _rate_interval(drift)
     html_text = render_report(
         calibration=cal, summary=summary, evaluation=evaluation, roc_scores=roc, runs=runs, metadata=metadata,
         histogram={"edges": edges, "heldout": np.histogram(h_scores, edges)[0], "corpus": flags.histogram},
-        gallery=flags.gallery, errors=flags.errors, title=f"odin-audit: {args.corpus}")
+        gallery=flags.gallery, errors=flags.errors, title=f"odin-audit: {args.corpus}", extra_html=history_html)
     out.write_text(REPORT_HTML, html_text)
     doc["durations_s"]["total"] = round(time.time() - t0, 3)
     out.write_json(AUDIT_JSON, doc)
@@ -248,14 +374,16 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     Raises ``ConfigError`` (nothing written) before scoring, ``DecisionError`` after it.
     """
     plan = _check(args)
+    for note in plan.notes:
+        print(f"odin audit: info: {note}", file=sys.stderr, flush=True)
     t0 = time.time()
-    runs = _score(args, plan)
+    runs, configs = _score(args, plan)
     t_scored = time.time()
     try:
         from odin_engine.decide.flagging import prepare
 
         corpus, heldout, ood = _open_tables(args, plan)
-        cal = _calibrate(args, plan, corpus, heldout)
+        cal = _calibrate(args, plan, corpus, heldout, configs)
         flag_plan = prepare(corpus, cal["delta"], plan.calibration.method)
         evaluation, roc = _evaluate(args, plan, heldout, ood)
     except ConfigError as exc:
@@ -263,6 +391,19 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
             f"scoring finished (its outputs are in {plan.out.uri()} and a rerun reuses them), but the decision "
             f"stage cannot run on what was scored: {describe(exc)}") from exc
     return _write(args, plan, runs, cal, flag_plan, heldout, evaluation, roc, t0, t_scored)
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _rate_interval(drift: dict[str, Any]) -> str:
+    lo, hi = drift["expected_rate_ci"]
+    return f"{_pct(drift['expected_rate'])} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _p(drift: dict[str, Any]) -> str:
+    return "n/a (no ok image)" if drift["p_value"] is None else f"{drift['p_value']:.3g}"
 
 
 def _cluster_used() -> dict | None:
@@ -273,22 +414,30 @@ def _cluster_used() -> dict | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit codes: :data:`EXIT_CODES` (2, bad configuration, comes from :func:`jobs.options.run_main`)."""
     try:
         doc = audit(args)
     except DecisionError as exc:
         print(f"odin-audit audit: error: {exc}", file=sys.stderr)
         return EXIT_AFTER_SCORING
-    s = doc["summary"]
+    s, drift = doc["summary"], doc["drift"]
     if not args.quiet:
         where = f" (scored {doc['cluster']['summary']})" if doc.get("cluster") else ""
-        print(f"odin audit: δ={doc['delta']:.6g} ({doc['method']}, T={doc['temperature']:g}, ε={doc['epsilon']:g}); "
-              f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%), "
+        print(f"odin audit: δ={doc['delta']:.6g} ({doc['method']}, T={doc['temperature']:g}, ε={doc['epsilon']:g}"
+              f"{', frozen calibration' if doc['calibration_from'] else ''}); "
+              f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%, "
+              f"expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
               f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)
-        return 1
-    return 0
+        return EXIT_EXACTLY_ONCE
+    if drift["alarm"]:
+        print(f"odin audit: DRIFT ALARM: flagged {drift['n_flagged']} of {drift['n_ok']} ({_pct(drift['flag_rate'])}) "
+              f"vs expected {_rate_interval(drift)}; p = {_p(drift)} < {drift['alpha']:g} (--fail-on-drift)",
+              file=sys.stderr, flush=True)
+        return EXIT_DRIFT
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -174,7 +174,6 @@ def _entrypoints() -> list[tuple[str, str]]:
 
 
 ENTRYPOINTS = _entrypoints()
-NIGHTLY_FLAGS = {"--calibration", "--history", "--fail-on-drift"}  # issue #10; remove the skip once wired
 
 
 @pytest.mark.parametrize("where,command", ENTRYPOINTS, ids=[f"{w}: {c[:40]}" for w, c in ENTRYPOINTS])
@@ -188,8 +187,6 @@ def test_entrypoint_is_a_real_command(where, command, tmp_path):
         # every flag the manifest passes is one the audit command knows
         flags = {t.split("=")[0] for t in shlex.split(command) if t.startswith("--")}
         unknown = {f for f in flags if not re.search(rf"(^|\s){re.escape(f)}[\s,=]", p.stdout)}
-        if unknown and unknown <= NIGHTLY_FLAGS:
-            pytest.skip(f"{where}: {sorted(unknown)} are the nightly flags of issue #10, not yet wired into jobs/audit.py")
         assert not unknown, f"{where}: unknown flags {sorted(unknown)}"
 
 

@@ -19,17 +19,14 @@ are the thin I/O over a :class:`~odin_engine.io.store.Store`.
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 import re
-import uuid
 from datetime import datetime, timezone
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from odin_engine.io.store import Store
@@ -148,17 +145,7 @@ def append_history(store: Store, row: Mapping[str, Any]) -> str:
     Local disks: write a hidden temp file, then rename (readers never see a partial file). Object
     stores: one upload, visible only once complete.
     """
-    # For the lead: replace the write below by Store's atomic Parquet write once that lands (#9).
-    table = pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA)
-    name = history_file_name(row)
-    store.fs.create_dir(store.path, recursive=True)
-    if isinstance(store.fs, pafs.LocalFileSystem):
-        tmp = store.p(f".{name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, tmp, filesystem=store.fs)
-        os.replace(tmp, store.p(name))
-    else:
-        pq.write_table(table, store.p(name), filesystem=store.fs)
-    return store.uri(name)
+    return store.write_parquet(history_file_name(row), pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA))
 
 
 def read_history(store: Store) -> pd.DataFrame:

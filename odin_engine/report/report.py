@@ -213,6 +213,7 @@ def render_report(
     metadata: Mapping[str, Any] | None = None,
     image_loader: ImageLoader | None = default_image_loader,
     title: str = "odin-audit report",
+    extra_html: str = "",
 ) -> str:
     """The report as one HTML string (see the module docstring).
 
@@ -221,7 +222,9 @@ def render_report(
     ``image_id, uri, score, margin, rank, is_outlier[, pred]``), ascending; ``errors``: the first
     error rows as ``(image_id, message)``; ``roc_scores``: as returned by
     :func:`odin_engine.decide.evaluation.evaluate_tables`; ``runs``: the score runs
-    (``counts``, ``scored_this_run``, ``already_done``, ``exactly_once``).
+    (``counts``, ``scored_this_run``, ``already_done``, ``exactly_once``); ``extra_html``: a
+    trusted HTML fragment (e.g. :func:`odin_engine.report.history.history_plot_html`) shown after
+    the score distributions.
     """
     method = calibration["method"]
     delta = float(calibration["delta"])
@@ -256,6 +259,8 @@ def render_report(
     parts.append(_img_tag(histogram_png(edges, histogram["heldout"], histogram["corpus"], scale), "score histograms"))
     parts.append(f"<p class='note'>Images left of the red line (score &lt; δ) are flagged as outliers. "
                  f"{_esc(scale.note)}</p>")
+    if extra_html:
+        parts.append(extra_html)
 
     if evaluation and roc_scores:
         parts.append("<h2>Labelled OOD sets</h2><div class='rocs'>")
