@@ -421,13 +421,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"odin-audit audit: error: {exc}", file=sys.stderr)
         return EXIT_AFTER_SCORING
     s, drift = doc["summary"], doc["drift"]
-    if not args.quiet:
-        where = f" (scored {doc['cluster']['summary']})" if doc.get("cluster") else ""
-        print(f"odin audit: δ={doc['delta']:.6g} ({doc['method']}, T={doc['temperature']:g}, ε={doc['epsilon']:g}"
-              f"{', frozen calibration' if doc['calibration_from'] else ''}); "
-              f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%, "
-              f"expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
-              f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
+    # the one-line result, also under --quiet (which silences progress and Ray, not the answer)
+    where = f" (scored {doc['cluster']['summary']})" if doc.get("cluster") else ""
+    print(f"odin audit: δ={doc['delta']:.6g} ({doc['method']}, T={doc['temperature']:g}, ε={doc['epsilon']:g}"
+          f"{', frozen calibration' if doc['calibration_from'] else ''}); "
+          f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%, "
+          f"expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
+          f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)

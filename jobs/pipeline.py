@@ -148,9 +148,9 @@ class ScoreBatch:
             "run_id": pa.array([self.run_id] * n, pa.string()),
             "scored_at": pa.array(stamps, pa.timestamp("us")).cast(pa.timestamp("us", tz="UTC")),
         }
-        for f in self.schema:
+        for f in self.schema:  # carried manifest columns, version, bucket: as listed (null when not listed)
             if f.name not in data:
-                data[f.name] = batch.column(f.name)
+                data[f.name] = batch.column(f.name) if f.name in batch.column_names else pa.nulls(n, f.type)
         table = pa.Table.from_pydict(data, schema=self.schema)
         if self.staging is None:
             return table

@@ -198,6 +198,9 @@ def test_quiet_output_is_only_the_tools_own_lines(foreign_gpu_head, tmp_path, we
     assert proc.returncode == 0, proc.stdout + proc.stderr
     foreign = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip() and not ln.startswith(TOOL_LINE)]
     assert not foreign, foreign
+    # ... and the one-line result is kept (#12: --quiet silences Ray, not the answer)
+    result = [ln for ln in proc.stdout.splitlines() if ln.startswith("odin score:")]
+    assert len(result) == 1 and "8 rows" in result[0] and "exactly once: True" in result[0], proc.stdout
     assert json.loads((out / "run.json").read_text())["counts"]["total"] == 8
 
 
