@@ -143,5 +143,8 @@ def test_a_run_that_fails_its_exactly_once_check_exits_1(tmp_path, tiny_model):
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 1, second.stdout[-3000:] + second.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
-    assert run["verification"]["exactly_once"] is False and run["verification"]["duplicates"] == copied
+    # the copy is no bucket's file: its rows would be every image a second time in the table readers see
+    assert run["verification"]["exactly_once"] is False
+    assert any("copy-of-" in f for f in run["verification"]["stray_files"]), run["verification"]
+    assert copied == 12 and run["verification"]["rows"] == 12  # the buckets themselves still hold each image once
     assert "exactly once: False" in second.stdout + second.stderr
