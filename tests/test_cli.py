@@ -85,8 +85,11 @@ def test_a_shared_option_means_the_same_in_every_command(flag):
     """Each shared flag is one definition (jobs/options.py): same type, default, choices and help everywhere.
 
     Exceptions are deliberate and listed: tune's --temperature is the fixed T of its id-only mode, the
-    demo's T/ε are its own fixed defaults, and --tpr's help names what δ keeps in each context."""
-    deliberate = {("tune", "--temperature"), ("demo", "--temperature"), ("demo", "--epsilon")}
+    demo's T/ε are its own fixed defaults, --tpr's help names what δ keeps in each context, and audit's
+    --tpr/--method default to None so that a value given beside --calibration can be told apart (and
+    checked against the frozen file); without --calibration they fall back to the same 0.95 / odin."""
+    deliberate = {("tune", "--temperature"), ("demo", "--temperature"), ("demo", "--epsilon"),
+                  ("audit", "--tpr"), ("audit", "--method")}
     seen = {}
     for command in COMMANDS:
         actions = {s: a for a in _parser(command)._actions for s in a.option_strings}
