@@ -77,7 +77,7 @@ class ScoreBatch:
         import torch
 
         from odin_engine.loading import load_model
-        from odin_engine.scorer import OdinScorer
+        from odin_engine.scorer import SCORE_COLUMNS, OdinScorer  # torch: only the actors import it
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -93,6 +93,7 @@ class ScoreBatch:
         self.temperature, self.epsilon = float(temperature), float(epsilon)
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))
         self.batch_size = int(batch_size)
+        self.columns = SCORE_COLUMNS
         self.staging = staging  # (filesystem, directory): stage each call's rows there, return counts
 
     def _score(self, pixels: list[bytes]) -> dict[str, np.ndarray]:
@@ -106,13 +107,11 @@ class ScoreBatch:
         With ``staging``, the block's rows are written as one staging file and the call returns
         one row of counts (``rows``, ``ok``, ``files``): the unit a killed run keeps is a block.
         """
-        from odin_engine.scorer import SCORE_COLUMNS  # torch: only the actors import it
-
         n = batch.num_rows
         status = batch.column("status").to_pylist()
         error = batch.column("error").to_pylist()
         ok = [i for i, st in enumerate(status) if st == "ok"]
-        values = {c: np.zeros(n, np.int64 if c == "pred" else np.float64) for c in SCORE_COLUMNS}
+        values = {c: np.zeros(n, np.int64 if c == "pred" else np.float64) for c in self.columns}
         scored = np.zeros(n, bool)  # rows without scores are written as nulls
         stamps = np.full(n, np.datetime64(datetime.now(timezone.utc).replace(tzinfo=None), "us"))
         pix = batch.column("pixels").to_pylist() if ok else []
@@ -120,14 +119,14 @@ class ScoreBatch:
             part = ok[start:start + self.batch_size]
             try:
                 res = self._score([pix[i] for i in part])
-                for c in SCORE_COLUMNS:
+                for c in self.columns:
                     values[c][part] = res[c]
                 scored[part] = True
             except Exception:  # noqa: BLE001 - isolate the image that breaks the batch
                 for i in part:
                     try:
                         one = self._score([pix[i]])
-                        for c in SCORE_COLUMNS:
+                        for c in self.columns:
                             values[c][i] = one[c][0]
                         scored[i] = True
                     except Exception as exc:  # noqa: BLE001
