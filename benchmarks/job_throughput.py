@@ -89,8 +89,8 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def _tree_rss(root: int) -> int:
-    """Sum of PSS (bytes) of ``root`` and all its descendants, from /proc."""
+def _tree_pids(root: int) -> set[int]:
+    """``root`` and all its descendants, from /proc."""
     parent = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -105,7 +105,12 @@ def _tree_rss(root: int) -> int:
         new = {p for p, pp in parent.items() if pp in tree and p not in tree}
         tree |= new
         grew = bool(new)
-    return sum(_pss(p) for p in tree)
+    return tree
+
+
+def _tree_rss(root: int) -> int:
+    """Sum of PSS (bytes) of ``root`` and all its descendants, from /proc."""
+    return sum(_pss(p) for p in _tree_pids(root))
 
 
 def run_job(corpus: Path, out: Path, weights: Path, cpus: int, workers: int, batch_size: int,

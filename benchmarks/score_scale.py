@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import posixpath
 import shutil
 import subprocess
 import sys
@@ -69,20 +70,53 @@ def write_manifest(path: Path, n: int, uris: list[str], start: int = 0) -> None:
     writer.close()
 
 
-def run_sampled(cmd: list[str], sample_s: float) -> tuple[int, float, float, str]:
-    """Run ``cmd``; return (exit code, peak PSS MiB of its process tree, wall seconds, stderr tail)."""
-    from benchmarks.job_throughput import _tree_rss
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            argv = fh.read().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("ray::"):
+        return first.split()[0]  # ray::IDLE, ray::ScoreBatch, ray::plan_partition, ...
+    words = [a.decode(errors="replace") for a in argv if a]
+    for w in words[1:]:
+        if w.endswith(".py") or w == "-m":
+            return posixpath.basename(w) if w != "-m" else words[words.index("-m") + 1]
+    return posixpath.basename(first)
 
+
+def _tree_pss_by_process(root: int) -> dict[int, tuple[str, int]]:
+    """``{pid: (name, PSS bytes)}`` of ``root`` and all its descendants."""
+    from benchmarks.job_throughput import _pss, _tree_pids
+
+    return {pid: (_process_name(pid), _pss(pid)) for pid in _tree_pids(root)}
+
+
+def run_sampled(cmd: list[str], sample_s: float) -> tuple[int, float, float, str, dict]:
+    """Run ``cmd``; return (exit code, peak PSS MiB of its process tree, wall seconds, stderr tail, peak detail).
+
+    The detail: seconds from the start to the peak sample, and the PSS (MiB) at that sample summed
+    per process name (driver, raylet, gcs_server, ray::ScoreBatch, ray::IDLE, ...).
+    """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    peak, stop = [0], threading.Event()
+    peak, detail, stop = [0], {}, threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            procs = _tree_pss_by_process(proc.pid)
+            total = sum(v for _, v in procs.values())
+            if total > peak[0]:
+                peak[0] = total
+                by_name: dict[str, float] = {}
+                for name, v in procs.values():
+                    by_name[name] = by_name.get(name, 0.0) + v / 2**20
+                detail.clear()
+                detail.update(at_s=time.perf_counter() - t0, by_name=by_name)
             stop.wait(sample_s)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -90,7 +124,14 @@ def run_sampled(cmd: list[str], sample_s: float) -> tuple[int, float, float, str
     out, err = proc.communicate()
     stop.set()
     th.join()
-    return proc.returncode, peak[0] / 2**20, time.perf_counter() - t0, (out[-2000:] + err[-3000:])
+    return proc.returncode, peak[0] / 2**20, time.perf_counter() - t0, (out[-2000:] + err[-3000:]), detail
+
+
+def _describe_peak(detail: dict) -> str:
+    if not detail:
+        return "no sample"
+    parts = sorted(detail["by_name"].items(), key=lambda kv: -kv[1])
+    return f"peak at {detail['at_s']:.0f}s: " + ", ".join(f"{k} {v:.0f}" for k, v in parts[:8]) + " MiB"
 
 
 def score_cmd(manifest: Path, out: Path, weights: Path, args) -> list[str]:
@@ -115,7 +156,7 @@ def part_memory(work: Path, weights: Path, args) -> None:
         print(f"wrote a {n}-row manifest in {time.perf_counter() - t:.1f}s", flush=True)
         out = work / f"out{n}"
         for label in ("first run", "rerun"):
-            rc, peak, wall, tail = run_sampled(score_cmd(manifest, out, weights, args), args.sample_s)
+            rc, peak, wall, tail, detail = run_sampled(score_cmd(manifest, out, weights, args), args.sample_s)
             if rc != 0:
                 raise SystemExit(f"score failed (rc={rc}):\n{tail}")
             a = _attempt(out)
@@ -125,6 +166,9 @@ def part_memory(work: Path, weights: Path, args) -> None:
                   f"plan {a['plan_s']:.1f}s, scoring {a['pipeline_s']:.1f}s ({a['scored']} rows), "
                   f"commit {a['commit_s']:.1f}s; buckets {a['buckets']['total']} ({a['buckets']['written']} written); "
                   f"exactly once {a['exactly_once']} ({a['total']} rows)", flush=True)
+            print(f"    {_describe_peak(detail)}; stages end at listing {a['list_s']:.0f}s + plan "
+                  f"{a['plan_s']:.0f}s + scoring {a['pipeline_s']:.0f}s + commit {a['commit_s']:.0f}s after Ray's "
+                  f"start ({a.get('ray_init_s', 0):.0f}s)", flush=True)
         shutil.rmtree(out, ignore_errors=True)
         manifest.unlink()
 
@@ -147,7 +191,7 @@ def part_incremental(work: Path, weights: Path, args) -> None:
     for label in ("first run", f"+{extra} rows (1%)"):
         if runs:
             write_manifest(manifest, n + extra, pngs)
-        rc, _, wall, tail = run_sampled(score_cmd(manifest, out, weights, args), 60.0)
+        rc, _, wall, tail, _ = run_sampled(score_cmd(manifest, out, weights, args), 60.0)
         if rc != 0:
             raise SystemExit(f"score failed (rc={rc}):\n{tail}")
         a = {**_attempt(out), "wall_s": wall}

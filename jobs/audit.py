@@ -2,7 +2,9 @@
 
 Stages (each a function below):
 ``_check`` (everything that can be checked before anything is written, including a frozen
-``--calibration`` against this model and these settings) → ``_score`` → ``_open_tables`` →
+``--calibration`` against this model and these settings; sources checked in bounded memory) →
+``_check_outputs`` (every set's score directory accepts this model and these settings, before the
+first set is scored) → ``_score`` → ``_open_tables`` →
 ``_calibrate`` (δ from the held-out set, or the frozen calibration's) → ``flagging.prepare`` (the
 flag pass's checks and rank plan) → ``_evaluate`` → ``_write`` (flags, summaries,
 calibration.json, the drift test, the ``--history`` row, report.html, audit.json last). Nothing
@@ -198,27 +200,54 @@ def _check(args: argparse.Namespace) -> AuditPlan:
 
 def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], cal: CalibrationSettings,
                    calibrating: bool = True) -> None:
-    """List every source (a missing one fails here, not after the first is scored) and, when
-    ``calibrating``, check the held-out size on the listing."""
-    from odin_engine.io.corpus import load_corpus
+    """Open every source (a missing one fails here, not after the first is scored) and check the
+    held-out size, in bounded memory: metadata, one manifest column, or a streamed walk — never a
+    listing of the corpus in this process (the score job lists it in Ray tasks)."""
+    from odin_engine.io.corpus import count_rows, open_corpus
 
-    listed = {}
+    opened = {}
     for name, src, _ in jobs:
         try:
-            listed[name] = load_corpus(src)
+            opened[name] = open_corpus(src)
         except ConfigError as exc:
             raise ConfigError(f"{name} source: {exc}") from exc
+    if args.heldout_split:  # also with --calibration: those rows are excluded from flagging by this column
+        if "split" not in opened["corpus"].carried.names:
+            raise ConfigError(f"--heldout-split needs a corpus manifest with a `split` column; {args.corpus!r} "
+                              "has none")
     if not calibrating:
         return
     if args.heldout:
-        n, what = len(listed["heldout"]), f"images in --heldout {args.heldout}"
+        n, what = count_rows(opened["heldout"]), f"images in --heldout {args.heldout}"
     else:
-        table = listed["corpus"].table
-        if "split" not in table.column_names:
-            raise ConfigError("--heldout-split needs a corpus manifest with a `split` column")
-        n = sum(1 for v in table.column("split").to_pylist() if v is not None and str(v) == args.heldout_split)
+        n = count_rows(opened["corpus"], split=args.heldout_split)
         what = f"corpus rows with split == {args.heldout_split!r}"
     check_heldout_size(n, cal.tpr, what)
+
+
+def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
+    """The ``score_corpus`` options every set of this audit is scored with."""
+    return dict(model=args.model, weights=args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
+                # score_corpus refuses a tuning file made for another model before scoring anything;
+                # with a frozen calibration T and ε are the calibration's (checked against any tuning file)
+                **({"tuning": args.tuning} if args.tuning and not plan.frozen else
+                   {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
+                batch_size=args.batch_size, workers=args.workers, resize=args.resize,
+                unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
+                print_summary=not args.quiet)
+
+
+def _check_outputs(args: argparse.Namespace, plan: AuditPlan) -> None:
+    """Every set's score directory accepts this model and these settings (``jobs.score.prepare``,
+    which writes nothing), checked for all sets before the first is scored."""
+    from jobs.score import ScoreConfig, prepare
+
+    kw = _score_options(args, plan)
+    for name, src, sub in plan.jobs:
+        try:
+            prepare(ScoreConfig(src, plan.out.uri(sub), **kw).checked())
+        except ConfigError as exc:
+            raise ConfigError(f"{name} scores: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- stages
@@ -228,14 +257,7 @@ def _score(args: argparse.Namespace, plan: AuditPlan) -> tuple[dict[str, dict[st
     Returns the run records (for audit.json) and each run's configuration."""
     from jobs.score import score_corpus
 
-    kw = dict(model=args.model, weights=args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
-              # score_corpus refuses a tuning file made for another model before scoring anything;
-              # with a frozen calibration T and ε are the calibration's (checked against any tuning file)
-              **({"tuning": args.tuning} if args.tuning and not plan.frozen else
-                 {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
-              batch_size=args.batch_size, workers=args.workers, resize=args.resize,
-              unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
-              print_summary=not args.quiet)
+    kw = _score_options(args, plan)
     runs: dict[str, dict[str, Any]] = {}
     configs: dict[str, dict[str, Any]] = {}
     for name, src, sub in plan.jobs:
@@ -374,6 +396,7 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     Raises ``ConfigError`` (nothing written) before scoring, ``DecisionError`` after it.
     """
     plan = _check(args)
+    _check_outputs(args, plan)
     for note in plan.notes:
         print(f"odin audit: info: {note}", file=sys.stderr, flush=True)
     t0 = time.time()

@@ -30,6 +30,20 @@ from odin_engine.io.scores import FLOAT_COLUMNS
 from jobs import shards
 
 MAX_FILE_BYTES = 256 * 1024 * 1024  # bigger files become error rows, never a worker OOM
+MIN_OBJECT_STORE_BUDGET = 256 * 2**20  # the scoring pipeline's object-store budget is never set below this
+MIN_TARGET_BLOCK_BYTES = 1 << 20  # Ray Data's block-size target for the pipeline: block_rows × 1 KiB, ≥ 1 MiB
+
+
+def object_store_budget(block_rows: int, input_size: int, workers: int) -> int:
+    """Default object-store bytes the scoring pipeline may hold: 4 decoded blocks per actor, plus 4, ≥ 256 MiB.
+
+    A decoded block is ``block_rows × (input_size² × 3 + 512)`` bytes (pixels plus ids, uris and
+    status). Without a budget Ray Data allows half the cluster's object store, and the plan
+    reader, far faster than the actors, fills it with listing blocks: memory that grows with
+    the corpus (1.5× from 2·10⁵ to 5·10⁶ rows, docs/scoring-job.md "Scale").
+    """
+    block = block_rows * (input_size * input_size * 3 + 512)
+    return max(MIN_OBJECT_STORE_BUDGET, 4 * (workers + 1) * block)
 
 _DECODED_FIELDS = [
     pa.field("status", pa.string()),
@@ -238,12 +252,14 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple], num_cpus: float = 1.0)
 def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, schema: pa.Schema, *,
                   scorer_kwargs: dict[str, Any], batch_size: int, block_rows: int, decode_cpus: float,
                   input_size: int, resize: str, workers: int, gpus: int, actor_cpus: float, threads: int,
-                  verbose: bool, decode_device: str = "cpu") -> dict[str, int]:
+                  verbose: bool, decode_device: str = "cpu", object_store_bytes: int | None = None) -> dict[str, int]:
     """Score the planned rows into staging files: plan files → read_and_decode → ScoreBatch (stages each block).
 
     ``schema``: the score table's schema plus ``bucket``. ``decode_device="cuda"``: the read tasks
     only fetch bytes and the GPU actors decode (``jobs.gpu_decode``). Returns the totals (rows, ok, files).
     A scoring actor that cannot start ends the job in one line (``ConfigError``, exit 2).
+    ``object_store_bytes``: Ray Data's object-store limit for this pipeline (default
+    :func:`object_store_budget`; Ray caps it at its own share of the cluster's object store).
     """
     import ray
 
@@ -252,6 +268,16 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
+    # Bounded in-flight data, whatever the corpus size:
+    # * a fixed object-store budget: the plan reader is far faster than the actors and would
+    #   otherwise queue listing blocks up to half the object store;
+    # * blocks of about block_rows rows: Ray Data coalesces a read task's output into blocks of up
+    #   to target_max_block_size (128 MiB: ~650,000 listing rows buffered per read task, then
+    #   mapped whole by an actor), which is what made 5·10⁶ rows peak 1.5× 2·10⁵ (docs/scoring-job.md).
+    budget = object_store_bytes or object_store_budget(block_rows, input_size, workers)
+    saved = ctx.execution_options.resource_limits, ctx.target_max_block_size  # restored when done
+    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
+    ctx.target_max_block_size = max(MIN_TARGET_BLOCK_BYTES, block_rows * 1024)
     # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
     # two long read tasks stream all the files (not a short task, maybe a fresh worker, per block).
     # override_num_blocks = the read tasks: Ray Data would otherwise split every block to reach its
@@ -282,4 +308,6 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
     except Exception as exc:
         raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
         raise
+    finally:
+        ctx.execution_options.resource_limits, ctx.target_max_block_size = saved
     return totals

@@ -68,6 +68,7 @@ class ScoreConfig:
     print_summary: bool = True  # the one-line result (kept under `--quiet`; `audit` prints its own)
     decode_device: str = "cpu"  # where JPEGs are decoded: CPU tasks, or the scoring GPU (jobs/gpu_decode.py)
     partition_rows: int = PARTITION_ROWS  # listing rows per plan/commit task (tests make it small)
+    object_store_mib: int | None = None  # the scoring pipeline's object-store budget (None: derived)
 
     def checked(self) -> "ScoreConfig":
         for name, value in (("--input", self.input), ("--output", self.output), ("--model", self.model)):
@@ -80,6 +81,9 @@ class ScoreConfig:
                             ("partition_rows", self.partition_rows)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1; got {value!r}")
+        if self.object_store_mib is not None and (not isinstance(self.object_store_mib, int)
+                                                  or self.object_store_mib < 64):
+            raise ConfigError(f"--object-store-mib must be an integer >= 64 (MiB); got {self.object_store_mib!r}")
         if self.workers is not None and (not isinstance(self.workers, int) or self.workers < 1):
             raise ConfigError(f"--workers must be an integer >= 1; got {self.workers!r}")
         for name, value in (("--cpus-per-worker", self.cpus_per_worker), ("--decode-cpus", self.decode_cpus)):
@@ -339,18 +343,22 @@ def plan(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) 
 
 
 def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str]) -> dict[str, int]:
-    from jobs.pipeline import score_planned as run_pipeline
+    from jobs.pipeline import object_store_budget, score_planned as run_pipeline
 
     cfg = prep.cfg
+    budget = (cfg.object_store_mib * 2**20 if cfg.object_store_mib
+              else object_store_budget(cfg.shard_rows, prep.input_size, ray_info["workers"]))
     schema = prep.schema().append(pa.field("bucket", pa.int64()))
     scorer_kwargs = dict(spec=cfg.model, weights=cfg.weights, mean=prep.mean, std=prep.std,
                          input_size=prep.input_size, temperature=cfg.temperature, epsilon=cfg.epsilon,
                          model_id=prep.model_id, run_id=prep.run_id, unsafe_pickle=cfg.unsafe_pickle)
-    return run_pipeline(prep.out.fs, sorted(plan_files), prep.out.p(STAGING_DIR), schema,
-                        scorer_kwargs=scorer_kwargs, batch_size=cfg.batch_size, block_rows=cfg.shard_rows,
-                        decode_cpus=cfg.decode_cpus, input_size=prep.input_size, resize=cfg.resize,
-                        workers=ray_info["workers"], gpus=ray_info["gpus"], actor_cpus=ray_info["actor_cpus"],
-                        threads=ray_info["threads"], verbose=cfg.verbose, decode_device=cfg.decode_device)
+    totals = run_pipeline(prep.out.fs, sorted(plan_files), prep.out.p(STAGING_DIR), schema,
+                          scorer_kwargs=scorer_kwargs, batch_size=cfg.batch_size, block_rows=cfg.shard_rows,
+                          decode_cpus=cfg.decode_cpus, input_size=prep.input_size, resize=cfg.resize,
+                          workers=ray_info["workers"], gpus=ray_info["gpus"], actor_cpus=ray_info["actor_cpus"],
+                          threads=ray_info["threads"], verbose=cfg.verbose, decode_device=cfg.decode_device,
+                          object_store_bytes=budget)
+    return {**totals, "object_store_mib": round(budget / 2**20, 1)}
 
 
 def commit(prep: Prepared, listing: dict[str, Any], n_buckets: int) -> dict[str, Any]:
@@ -456,7 +464,8 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
         "images_per_s": round(scored_now / pipeline_s, 2) if pipeline_s > 0 and scored_now else 0.0,
         "execution": {"workers": stats["ray"]["workers"], "gpus_per_worker": 1 if stats["ray"]["gpus"] else 0,
                       "cpus_per_worker": 0 if stats["ray"]["gpus"] else stats["ray"]["actor_cpus"],
-                      "listing_tasks": stats["listing"]["tasks"], "decode_device": stats["ray"]["decode_device"]},
+                      "listing_tasks": stats["listing"]["tasks"], "decode_device": stats["ray"]["decode_device"],
+                      "object_store_mib": stats["scored"].get("object_store_mib")},
         "cluster": stats["ray"]["cluster"],
         "argv": sys.argv,
     }
@@ -572,6 +581,10 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-rows", type=int, default=1024,
                         help="rows per bucket of the score table (fixed when the output is created) and per "
                              "staged block (the unit a killed run keeps)")
+    parser.add_argument("--object-store-mib", type=int, default=None,
+                        help="object-store memory (MiB) the scoring pipeline may hold in flight (default: 4 "
+                             "decoded blocks per scoring actor plus 4, at least 256; Ray caps it at half the "
+                             "cluster's object store)")
     parser.add_argument("--decode-device", choices=DECODE_DEVICES, default="cpu",
                         help="where JPEGs are decoded: CPU tasks, or the scoring GPU (nvJPEG, in batches)")
     options.add_ray_options(parser)
@@ -585,6 +598,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
         ray_address=args.ray_address, verbose=not args.quiet, decode_device=args.decode_device,
+        object_store_mib=args.object_store_mib,
     )
     return 0 if result["verification"]["exactly_once"] else 1
 

@@ -159,6 +159,17 @@ def test_bad_configuration_exits_2_and_writes_nothing(data, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err, (msg, err)
         assert not out.exists()
+    # every set's score directory is checked before the first set is scored: a corpus/ of another
+    # configuration refuses the audit before heldout/ is scored (or created)
+    out = tmp_path / "other_config"
+    (out / "corpus").mkdir(parents=True)
+    job = {"run_id": "r", "config": {"temperature": 5.0, "epsilon": 0.0}, "layout": {"buckets": 1}}
+    (out / "corpus" / "_odin_job.json").write_text(json.dumps(job))
+    assert cli([*base, "--heldout", str(root / "held"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "corpus scores:" in err and "another configuration" in err, err
+    assert sorted(p.name for p in out.iterdir()) == ["corpus"]
+    assert [p.name for p in (out / "corpus").iterdir()] == ["_odin_job.json"]
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert cli([*base, "--heldout", str(root / "held"), "--output", str(a_file)]) == 2

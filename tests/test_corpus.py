@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 import pyarrow as pa
+import pyarrow.csv  # noqa: F401 - pa.csv
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_images
-from odin_engine.io.corpus import load_corpus
+from odin_engine.io.corpus import count_rows, load_corpus, open_corpus
 from odin_engine.io.store import read_bytes
 from odin_engine.errors import ConfigError
 
@@ -54,6 +55,28 @@ def test_manifest_parquet_with_image_id(tmp_path):
     c = load_corpus(str(tmp_path / "m.parquet"))
     assert c.table.column("image_id").to_pylist() == ["a", "b"]
     assert c.table.column("uri").to_pylist() == [str(paths[1]), str(paths[0])]
+
+
+def test_count_rows_agrees_with_the_listing_in_bounded_memory(tmp_path):
+    """count_rows (what `audit` checks held-out sizes with, instead of listing the corpus in the
+    driver) gives the listing's count for a tree and both manifest kinds, and the split counts."""
+    make_images(tmp_path / "tree" / "a", 3)
+    make_images(tmp_path / "tree" / "b" / "c", 2)
+    tree = str(tmp_path / "tree")
+    assert count_rows(open_corpus(tree)) == len(load_corpus(tree)) == 5
+    n = 70_000  # more than one listing batch (65,536 rows)
+    splits = ["heldout" if i % 7 == 0 else ("train" if i % 7 == 1 else None) for i in range(n)]
+    table = pa.table({"uri": [f"x/{i}.png" for i in range(n)], "split": splits})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=20_000)
+    pa.csv.write_csv(table, tmp_path / "m.csv")
+    want = sum(1 for v in splits if v == "heldout")
+    for name in ("m.parquet", "m.csv"):
+        src = open_corpus(str(tmp_path / name))
+        assert count_rows(src) == n
+        assert count_rows(src, split="heldout") == want
+        assert count_rows(src, split="nope") == 0
+    with pytest.raises(ConfigError, match="`split` column"):
+        count_rows(open_corpus(tree), split="heldout")
 
 
 def test_duplicates_are_listed(tmp_path):

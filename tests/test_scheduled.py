@@ -67,6 +67,8 @@ def test_frozen_calibration_for_other_settings_or_bad_alpha_exits_2_and_writes_n
         ([*m0, "--calibration", str(root / "cal"), "--fail-on-drift", "nan"], "--fail-on-drift"),
         ([*m0, "--heldout", str(root / "corpus"), "--fail-on-drift", "1"], "--fail-on-drift"),
         ([*m0, "--calibration", cal, "--history", str(root / "w0.pt")], "--history"),  # a file, not a directory
+        # the split column is checked before scoring, also when δ comes from --calibration
+        ([*m0, "--calibration", cal, "--heldout-split", "heldout"], "`split` column"),
     ]
     for i, (argv, msg) in enumerate(cases):
         out = tmp_path / f"out{i}"

@@ -21,8 +21,9 @@ read) and the carried columns.
 top level) and cuts it into :class:`ListingUnit`\\ s: row-group ranges of a Parquet manifest,
 the whole of a CSV manifest (read as a stream), the top-level files and each sub-prefix of a
 directory. :func:`list_unit` streams one unit's rows in batches; the scoring job runs the units
-as parallel tasks, so no process holds the whole listing. :func:`load_corpus` lists everything
-in this process into one sorted table (small corpora, held-out sets, tuning).
+as parallel tasks, so no process holds the whole listing. :func:`count_rows` counts a source
+(or a manifest's split) in bounded memory. :func:`load_corpus` lists everything in this process
+into one sorted table (small corpora, held-out sets, tuning).
 
 Versions: a directory entry's version is its ``size:mtime_ns`` (pyarrow's ``FileInfo``: the
 local stat, or an object's size and last-modified time). A manifest row's version is its
@@ -319,6 +320,38 @@ def list_unit(unit: ListingUnit, carried: pa.Schema, batch_rows: int = BATCH_ROW
                 offset += piece.num_rows
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError(f"cannot read manifest {unit.source!r}: {exc}") from exc
+
+
+def count_rows(source: CorpusSource, split: str | None = None) -> int:
+    """Listed rows of ``source`` in bounded memory; with ``split``, only manifest rows whose ``split`` == it.
+
+    A manifest reads one column in batches (a Parquet manifest without ``split`` answers from its
+    metadata); a directory streams its walk. Nothing is sorted or kept: this is a size check,
+    not a listing (duplicate ids are found by the job's plan stage).
+    """
+    if split is not None:
+        if "split" not in source.carried.names:
+            raise ConfigError(f"--heldout-split needs a corpus manifest with a `split` column; {source.source!r} "
+                              "has none")
+        fs, path = resolve(source.source)
+        try:
+            if path.lower().endswith(".csv"):
+                import pyarrow.csv as pacsv
+
+                reader = pacsv.open_csv(fs.open_input_stream(path), read_options=pacsv.ReadOptions(block_size=8 << 20),
+                                        convert_options=pacsv.ConvertOptions(column_types={"split": pa.string()},
+                                                                             include_columns=["split"]))
+                return sum(int(pc.sum(pc.equal(b.column(0), split)).as_py() or 0) for b in reader)
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(fs.open_input_file(path))
+            return sum(int(pc.sum(pc.equal(b.column(0).cast(pa.string()), split)).as_py() or 0)
+                       for b in pf.iter_batches(batch_size=BATCH_ROWS, columns=["split"]))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ConfigError(f"cannot read manifest {source.source!r}: {exc}") from exc
+    if source.rows_hint is not None:
+        return source.rows_hint
+    return sum(t.num_rows for unit in source.units for t in list_unit(unit, source.carried))
 
 
 # --------------------------------------------------------------------------- checks shared with the job
