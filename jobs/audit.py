@@ -327,13 +327,17 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     from odin_engine.decide.calibration import heldout_scores
     from odin_engine.decide.drift import drift_test
     from odin_engine.decide.flagging import summarize
-    from odin_engine.report import display_scale, histogram_edges, render_report
+    from odin_engine.report import counts_from_quantiles, display_scale, histogram_edges, render_report
 
     out, method = plan.out, plan.calibration.method
-    # a frozen calibration scores no held-out set: its histogram is absent (calibration.json keeps no scores)
-    h_scores = heldout_scores(heldout, method)[0] if heldout is not None else np.empty(0)
+    # a frozen calibration scores no held-out set: its histogram comes from the quantiles the
+    # calibration kept (none in files written before they were kept: then it is absent)
+    quantiles = (cal.get("heldout_quantiles") or []) if heldout is None else []
+    h_scores = heldout_scores(heldout, method)[0] if heldout is not None else np.asarray(quantiles, np.float64)
     scale = display_scale(method, cal["delta"], cal["temperature"])
     edges = histogram_edges(scale, h_scores, flag_plan.stats.lo, flag_plan.stats.hi)
+    h_counts = (np.histogram(h_scores, edges)[0] if heldout is not None
+                else counts_from_quantiles(quantiles, int(cal.get("n_heldout") or 0), edges))
     flags = publish_flags(flag_plan, out, gallery=args.gallery, hist_edges=edges)
     summary = summarize(flag_plan.stats, plan.class_names)
     cal["summary"] = summary["overall"]
@@ -375,14 +379,15 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
                                     "tpr", "finished_at")}
     metadata.update({f"run_id ({k})": v["run_id"] for k, v in runs.items()})
     metadata["scoring seconds (this run)"] = doc["durations_s"]["scoring"]
+    held = (f"the held-out histogram is drawn from its {len(quantiles)} held-out quantiles (n = {cal.get('n_heldout')})"
+            if quantiles else "it keeps no held-out quantiles (an older file), so the held-out histogram is absent")
     metadata["calibration"] = (f"frozen: {cal['frozen_from']} (created {cal.get('created_at')}); no held-out set "
-                               "scored, so the held-out histogram is absent" if plan.frozen else
-                               "made in this audit from the held-out set")
+                               f"scored: {held}" if plan.frozen else "made in this audit from the held-out set")
     metadata["drift test p-value"] = drift["p_value"]
     metadata["expected flag rate [95% interval]"] = _rate_interval(drift)
     html_text = render_report(
         calibration=cal, summary=summary, evaluation=evaluation, roc_scores=roc, runs=runs, metadata=metadata,
-        histogram={"edges": edges, "heldout": np.histogram(h_scores, edges)[0], "corpus": flags.histogram},
+        histogram={"edges": edges, "heldout": h_counts, "corpus": flags.histogram},
         gallery=flags.gallery, errors=flags.errors, title=f"odin-audit: {args.corpus}", extra_html=history_html)
     out.write_text(REPORT_HTML, html_text)
     doc["durations_s"]["total"] = round(time.time() - t0, 3)

@@ -16,7 +16,7 @@ from odin_engine.decide.evaluation import evaluate_tables
 from odin_engine.decide.flagging import prepare, summarize, write_flags
 from odin_engine.io.scores import ScoreTable
 from odin_engine.io.store import Store
-from odin_engine.report import display_scale, histogram_edges, render_report
+from odin_engine.report import counts_from_quantiles, display_scale, histogram_edges, render_report
 from odin_engine.settings import CalibrationSettings
 
 _PROBE = """<script>
@@ -80,6 +80,22 @@ def test_histogram_scale_is_readable_and_counts_every_image(report):
     assert report["corpus_hist"].sum() == report["n_ok"]
     assert "T = 1000" in report["text"] and "ln(score/δ)" in report["text"]
     np.testing.assert_allclose(scale.inverse(scale.forward(edges)), edges, rtol=1e-12)
+
+
+def test_histogram_from_a_frozen_calibrations_quantiles_is_close_to_the_real_one():
+    """A frozen calibration keeps 201 quantiles of the held-out scores; the piecewise-linear CDF
+    between them is off by at most 1/200 of the mass anywhere, so each bin by at most n/100."""
+    from odin_engine.decide.calibration import heldout_quantiles
+
+    rng = np.random.default_rng(0)
+    for scores in (rng.beta(8, 2, 10_000), np.r_[np.full(3_000, 0.9), rng.uniform(0.1, 0.9, 7_000)]):
+        q = heldout_quantiles(scores)
+        edges = np.linspace(scores.min(), scores.max(), 61)
+        approx, exact = counts_from_quantiles(q, scores.size, edges), np.histogram(scores, edges)[0]
+        assert len(q) == 201 and approx.sum() == pytest.approx(scores.size)
+        assert np.abs(approx - exact).max() <= scores.size / 100
+    assert counts_from_quantiles([0.5] * 201, 100, np.array([0.0, 0.5, 1.0])).sum() == pytest.approx(100)
+    assert counts_from_quantiles([], 100, np.array([0.0, 1.0])).tolist() == [0.0]
 
 
 def test_resumed_runs_are_reported_as_reused_not_as_nothing(report):

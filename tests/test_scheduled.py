@@ -157,6 +157,7 @@ def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_hel
     assert cal["n_heldout"] == n_heldout and (cal["temperature"], cal["epsilon"]) == (1000.0, 0.0014)
     assert (cal["input_size"], cal["resize"], len(cal["mean"])) == (32, "crop", 3)  # the scoring settings
     assert "frozen_from" not in cal
+    assert len(cal["heldout_quantiles"]) == 201 and cal["heldout_quantiles"] == sorted(cal["heldout_quantiles"])
     assert json.loads((cal_dir / "audit.json").read_text())["drift"]["p_value"] is not None
 
     # night 2, in distribution: the config file keeps the held-out set (as deploy/audit.toml does) and
@@ -180,7 +181,9 @@ def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_hel
     rows = read_history(Store(str(history)))
     assert len(rows) == 1 and rows["n_ok"].iloc[0] == n_night and not rows["alarm"].iloc[0]
     assert rows["calibration_from"].iloc[0] == str(cal_dir) and rows["delta"].iloc[0] == cal["delta"]
-    assert "<h2>History</h2>" in (out2 / "report.html").read_text()
+    report2 = (out2 / "report.html").read_text()
+    assert "<h2>History</h2>" in report2
+    assert "drawn from its 201 held-out quantiles" in report2  # the frozen audit still shows the held-out side
 
     # night 3, a third of it OOD: the deploy recipe's flags; exit 3 after every output is written
     third = _audit(["--config", str(toml), "--corpus", str(root / "night3"), "--output", str(out3),

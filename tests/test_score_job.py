@@ -51,7 +51,7 @@ def run_job(args, env, timeout=300) -> subprocess.CompletedProcess:
 # --------------------------------------------------------------------------- bad configuration: exit 2, nothing written
 @pytest.mark.parametrize("case", ["empty_corpus", "missing_corpus", "missing_weights", "unknown_model", "bad_T",
                                   "zero_T", "bad_eps", "bad_batch", "bad_mean", "no_input", "bad_config_key",
-                                  "tuning_and_T", "tuning_other_model", "tuning_missing"])
+                                  "tuning_and_T", "tuning_other_model", "tuning_missing", "small_object_store"])
 def test_bad_configuration_exits_2_and_writes_nothing(tmp_path, tiny_model, case, capsys):
     corpus = tmp_path / "corpus"
     make_images(corpus, 3)
@@ -76,6 +76,8 @@ def test_bad_configuration_exits_2_and_writes_nothing(tmp_path, tiny_model, case
         args += ["--batch-size", "0"]
     elif case == "bad_mean":
         args += ["--mean", "0.5,0.5"]
+    elif case == "small_object_store":
+        args += ["--object-store-mib", "8"]
     elif case == "no_input":
         args = ["score", "--output", str(out), *tiny_model.cli]
     elif case == "bad_config_key":

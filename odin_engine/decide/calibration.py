@@ -80,6 +80,15 @@ def calibrate(heldout_scores, settings: CalibrationSettings | float = Calibratio
     }
 
 
+HELDOUT_QUANTILES = 200  # calibration.json keeps the held-out scores' 0, 0.5, 1, …, 100 % quantiles
+
+
+def heldout_quantiles(scores: np.ndarray, n: int = HELDOUT_QUANTILES) -> list[float]:
+    """The ``i/n`` quantiles (i = 0 … n) of the held-out scores: min, …, max, for display (not for δ)."""
+    s = np.asarray(scores, np.float64)
+    return np.quantile(s, np.linspace(0.0, 1.0, n + 1)).tolist() if s.size else []
+
+
 def heldout_scores(heldout: ScoreTable, method: str) -> tuple[np.ndarray, int]:
     """The ok held-out ``method`` scores (only that column and ``status`` are read) and the error count."""
     heldout.require([method], "held-out scores")
@@ -115,5 +124,8 @@ def calibrate_tables(corpus: ScoreTable, heldout: ScoreTable,
         "temperature": c_set["temperature"],
         "epsilon": c_set["epsilon"],
         "n_heldout_errors": n_errors,
+        # the held-out distribution in HELDOUT_QUANTILES + 1 points: a later audit that reuses this
+        # file (a frozen --calibration) scores no held-out set and draws its histogram from these
+        "heldout_quantiles": heldout_quantiles(scores),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -129,6 +129,21 @@ def histogram_edges(scale: DisplayScale, heldout: np.ndarray, lo: float, hi: flo
     return np.maximum.accumulate(edges)
 
 
+def counts_from_quantiles(quantiles, n: int, edges: np.ndarray) -> np.ndarray:
+    """Approximate counts of ``n`` scores in bins ``edges`` from their evenly spaced quantiles.
+
+    F(x) = the quantile levels interpolated at x (piecewise linear between quantiles); bin i gets
+    n·(F(edges[i+1]) − F(edges[i])). Used for a frozen calibration's held-out histogram.
+    """
+    q = np.asarray(quantiles, np.float64)
+    if q.size < 2 or n <= 0:
+        return np.zeros(len(edges) - 1)
+    e = np.asarray(edges, np.float64)
+    cdf = np.interp(e, q, np.linspace(0.0, 1.0, q.size))
+    cdf[e <= q[0]], cdf[e >= q[-1]] = 0.0, 1.0  # tied quantiles at either end: all of their mass inside
+    return n * np.diff(cdf)
+
+
 def histogram_png(edges: np.ndarray, heldout: np.ndarray, corpus: np.ndarray, scale: DisplayScale) -> str:
     """Both count vectors (in bins ``edges`` of raw scores) as densities on ``scale``'s axis."""
     plt = _mpl()
