@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
           f"images ({images.corpus_manifest})", flush=True)
     ood_sets = write_ood_sets(root / "images", args.eval_ood)
     if ood_sets:
-        print(f"[demo] wrote labelled OOD sets for the evaluation: "
+        print("[demo] wrote labelled OOD sets for the evaluation: "
               + ", ".join(f"{k} ({args.eval_ood} images) {v}" for k, v in ood_sets.items()), flush=True)
     t_images = time.perf_counter()
     # 3. the audit: score → calibrate → flag → report, on a local Ray cluster

@@ -189,44 +189,47 @@ def stage(fs: pafs.FileSystem, directory: str, table: pa.Table) -> dict[str, int
 
 
 class CorpusShards(Datasource):
-    """Ray Data source: Parquet files as blocks of at most ``block_rows`` rows (default: one block per file).
+    """Ray Data source: the plan files' row groups (``block_rows`` rows each) as blocks, in read units.
 
-    ``read_parquet`` bin-packs small files into big blocks; here blocks keep a bounded size (the
-    unit each write task stages), and the files are read by a few long read tasks
-    (``read_tasks``, default 2): a block is a few KB of listing, and each extra short task may
-    cost a fresh Ray worker process on a busy node.
+    A read unit is a run of consecutive row groups, read by one short task (no CPU reserved).
+    There are as many units as blocks, up to ``max_units`` (then a unit holds several blocks), so
+    the scoring actors get many small inputs whatever the corpus size: a few long read tasks
+    would have Ray Data coalesce their output into blocks of up to 128 MiB, and one such block
+    (a whole small run) goes to one actor while the others wait. Files written with bigger row
+    groups are still cut into ``block_rows`` batches.
     """
 
-    def __init__(self, filesystem: pafs.FileSystem, files: list[str], read_tasks: int = 2,
-                 block_rows: int | None = None):
+    def __init__(self, filesystem: pafs.FileSystem, files: list[str], block_rows: int, max_units: int = 4096):
         super().__init__()
-        self._fs, self._files = filesystem, list(files)
-        self._meta = [pq.ParquetFile(filesystem.open_input_file(f)).metadata for f in self._files]
-        self._read_tasks = max(1, min(int(read_tasks), len(self._files)))
-        self._block_rows = block_rows
+        self._fs, self._files, self._block_rows = filesystem, list(files), int(block_rows)
+        groups = []  # (file index, row group, rows)
+        for i, f in enumerate(self._files):
+            meta = pq.ParquetFile(filesystem.open_input_file(f)).metadata
+            groups += [(i, g, meta.row_group(g).num_rows) for g in range(meta.num_row_groups)]
+        per_unit = max(1, -(-len(groups) // max(1, int(max_units))))
+        self._units = [groups[k:k + per_unit] for k in range(0, len(groups), per_unit)]
 
     @property
     def read_tasks(self) -> int:
-        return self._read_tasks
+        return len(self._units)
 
     def estimate_inmemory_data_size(self) -> int | None:
-        return sum(m.serialized_size + 200 * m.num_rows for m in self._meta)
+        return sum(200 * rows for unit in self._units for _, _, rows in unit)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None) -> list[ReadTask]:
-        groups = [list(range(i, len(self._files), self._read_tasks)) for i in range(self._read_tasks)]
         tasks = []
-        for group in groups:
-            paths = [self._files[i] for i in group]
+        for unit in self._units:
+            paths = sorted({self._files[i] for i, _, _ in unit})
 
-            def read(paths=paths, fs=self._fs, block_rows=self._block_rows):
-                for path in paths:
-                    if block_rows is None:
-                        yield pq.read_table(path, filesystem=fs)
-                        continue
-                    for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=block_rows):
+            def read(unit=unit, files=self._files, fs=self._fs, block_rows=self._block_rows):
+                opened: dict[int, pq.ParquetFile] = {}
+                for i, g, _ in unit:
+                    if i not in opened:
+                        opened = {i: pq.ParquetFile(fs.open_input_file(files[i]))}
+                    for batch in opened[i].iter_batches(batch_size=block_rows, row_groups=[g]):
                         yield pa.Table.from_batches([batch])
 
-            rows = sum(self._meta[i].num_rows for i in group)
+            rows = sum(r for _, _, r in unit)
             block_meta = BlockMetadata(num_rows=rows, size_bytes=200 * rows, input_files=paths, exec_stats=None)
             tasks.append(ReadTask(read, block_meta, per_task_row_limit=per_task_row_limit))
         return tasks
@@ -278,11 +281,11 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
     saved = ctx.execution_options.resource_limits, ctx.target_max_block_size  # restored when done
     ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
     ctx.target_max_block_size = max(MIN_TARGET_BLOCK_BYTES, block_rows * 1024)
-    # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
-    # two long read tasks stream all the files (not a short task, maybe a fresh worker, per block).
-    # override_num_blocks = the read tasks: Ray Data would otherwise split every block to reach its
-    # default parallelism, and a block is the unit a write task stages.
-    source = CorpusShards(fs, plan_files, read_tasks=2, block_rows=block_rows)
+    # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, at
+    # most two at a time. One read unit per block (up to 4,096 units): each actor input is about
+    # one block, so every actor gets work even on a small run. override_num_blocks = the units:
+    # Ray Data would otherwise split or merge them, and a block is the unit an actor stages.
+    source = CorpusShards(fs, plan_files, block_rows=block_rows)
     ds = ray.data.read_datasource(source, num_cpus=0, concurrency=2, override_num_blocks=source.read_tasks)
     # One call per block (block_rows rows): the actor scores it in sub-batches of batch_size and
     # stages it itself, so a block is staged the moment it is scored.

@@ -324,7 +324,7 @@ def plan(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) 
     chunks = ray.put(listing["chunks"])
     schema = prep.source.schema
     calls = [(out.fs, out.path, schema, chunks, n_buckets, lo, hi, per[k][0], per[k][1],
-              out.p(PLAN_DIR, attempt, f"p{k:06d}.parquet")) for k, (lo, hi) in enumerate(parts)]
+              out.p(PLAN_DIR, attempt, f"p{k:06d}.parquet"), prep.cfg.shard_rows) for k, (lo, hi) in enumerate(parts)]
     totals: dict[str, Any] = {"plan_files": [], "partitions": len(parts)}
     dups, n_dups = [], 0
     for res in run_tasks(shards.plan_partition, calls):

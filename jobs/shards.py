@@ -236,9 +236,10 @@ def classify(listing: pa.Table, prior: pa.Table | None) -> dict[str, np.ndarray]
 
 
 def plan_partition(fs: pafs.FileSystem, root: str, listing_schema: pa.Schema, chunks: list[str], n_buckets: int,
-                   lo: int, hi: int, committed: dict[int, str], staged: list[str], plan_path: str
-                   ) -> dict[str, Any]:
-    """Buckets ``[lo, hi)``: write the rows to score to ``plan_path``; return counts (and duplicate ids)."""
+                   lo: int, hi: int, committed: dict[int, str], staged: list[str], plan_path: str,
+                   block_rows: int = 1 << 20) -> dict[str, Any]:
+    """Buckets ``[lo, hi)``: write the rows to score to ``plan_path`` (row groups of ``block_rows``:
+    the scoring pipeline's blocks); return counts (and duplicate ids)."""
     from odin_engine.io.corpus import duplicate_ids
 
     listing = read_listing(fs, chunks, Buckets(n_buckets), lo, hi, listing_schema)
@@ -256,7 +257,7 @@ def plan_partition(fs: pafs.FileSystem, root: str, listing_schema: pa.Schema, ch
     masks = classify(listing, prior)
     todo = listing.filter(pa.array(masks["todo"])).drop_columns([LISTING_ERROR])
     if todo.num_rows:
-        pq.write_table(todo, plan_path, filesystem=fs)
+        pq.write_table(todo, plan_path, filesystem=fs, row_group_size=block_rows)
     counts = {k: int(v.sum()) for k, v in masks.items()}
     counts.update(listed=listing.num_rows, torn_staging=torn, plan=plan_path if todo.num_rows else None)
     return counts

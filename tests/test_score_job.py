@@ -398,25 +398,33 @@ def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tin
 
 
 # --------------------------------------------------------------------------- the pieces of the exactly-once scheme
-def test_corpus_shards_stream_each_shard_as_its_own_block_from_few_read_tasks(tmp_path):
-    """The checkpoint unit is a block = one shard, whichever read task streams it."""
+def test_corpus_shards_read_each_block_in_its_own_small_read_unit(tmp_path):
+    """A block (``block_rows`` rows: the unit an actor stages) is a plan file's row group; there is
+    one read unit per block up to ``max_units``, so a small run still has an input per actor."""
     from pyarrow import fs as pafs
 
     from jobs.pipeline import CorpusShards
 
-    files = []
-    for k in range(5):
-        path = tmp_path / f"part-{k:05d}.parquet"
-        pq.write_table(pa.table({"image_id": [f"{k}-{i}" for i in range(k + 1)], "uri": ["u"] * (k + 1)}), path)
+    files, want = [], []
+    for k, n in enumerate((10, 3, 7)):
+        path = tmp_path / f"p{k:06d}.parquet"
+        ids = [f"{k}-{i}" for i in range(n)]
+        pq.write_table(pa.table({"image_id": ids, "uri": ["u"] * n}), path, row_group_size=4)
         files.append(str(path))
-    for read_tasks, expect_tasks in ((2, 2), (1, 1), (9, 5)):
-        tasks = CorpusShards(pafs.LocalFileSystem(), files, read_tasks=read_tasks).get_read_tasks(100)
-        assert len(tasks) == expect_tasks
-        blocks = [b for t in tasks for b in t()]
-        assert sorted(b.num_rows for b in blocks) == [1, 2, 3, 4, 5]  # one block per shard
-        assert sum(t.metadata.num_rows for t in tasks) == 15
+        want += ids
+    bigger = tmp_path / "big.parquet"  # an older plan file in one row group: still cut into 4-row blocks
+    pq.write_table(pa.table({"image_id": [f"b-{i}" for i in range(9)], "uri": ["u"] * 9}), bigger)
+    for max_units, n_tasks, per_task in ((4096, 7, 3), (4, 4, 3), (1, 1, 10)):  # 7 row groups; big.parquet: 3 blocks
+        tasks = CorpusShards(pafs.LocalFileSystem(), [*files, str(bigger)], block_rows=4,
+                             max_units=max_units).get_read_tasks(100)
+        assert len(tasks) == n_tasks
+        outputs = [list(t()) for t in tasks]
+        blocks = [b for out in outputs for b in out]
+        assert sorted(b.num_rows for b in blocks) == sorted([4, 4, 2, 3, 4, 3, 4, 4, 1])  # row groups of 4, 9 → 4,4,1
+        assert max(len(out) for out in outputs) <= per_task
+        assert sum(t.metadata.num_rows for t in tasks) == 29
         ids = [i for b in blocks for i in b.column("image_id").to_pylist()]
-        assert sorted(ids) == sorted(f"{k}-{i}" for k in range(5) for i in range(k + 1))
+        assert sorted(ids) == sorted(want + [f"b-{i}" for i in range(9)])
 
 
 @pytest.mark.slow
