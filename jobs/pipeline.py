@@ -39,8 +39,8 @@ def object_store_budget(block_rows: int, input_size: int, workers: int) -> int:
 
     A decoded block is ``block_rows × (input_size² × 3 + 512)`` bytes (pixels plus ids, uris and
     status). Without a budget Ray Data allows half the cluster's object store, and the plan
-    reader, far faster than the actors, fills it with listing blocks: memory that grows with
-    the corpus (1.5× from 2·10⁵ to 5·10⁶ rows, docs/scoring-job.md "Scale").
+    reader, far faster than the actors, may queue listing blocks up to that: in-flight data
+    would grow with the corpus instead of with the actors.
     """
     block = block_rows * (input_size * input_size * 3 + 512)
     return max(MIN_OBJECT_STORE_BUDGET, 4 * (workers + 1) * block)
@@ -221,12 +221,13 @@ class CorpusShards(Datasource):
         for unit in self._units:
             paths = sorted({self._files[i] for i, _, _ in unit})
 
-            def read(unit=unit, files=self._files, fs=self._fs, block_rows=self._block_rows):
-                opened: dict[int, pq.ParquetFile] = {}
-                for i, g, _ in unit:
-                    if i not in opened:
-                        opened = {i: pq.ParquetFile(fs.open_input_file(files[i]))}
-                    for batch in opened[i].iter_batches(batch_size=block_rows, row_groups=[g]):
+            # the task carries its own (path, row group) pairs only, not the list of every plan file
+            def read(groups=[(self._files[i], g) for i, g, _ in unit], fs=self._fs, block_rows=self._block_rows):
+                path, pf = None, None
+                for p, g in groups:
+                    if p != path:
+                        path, pf = p, pq.ParquetFile(fs.open_input_file(p))
+                    for batch in pf.iter_batches(batch_size=block_rows, row_groups=[g]):
                         yield pa.Table.from_batches([batch])
 
             rows = sum(r for _, _, r in unit)
