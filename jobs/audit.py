@@ -76,6 +76,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gallery", type=int, default=24, help="anomalous images shown in the report")
     options.add_batch_size_option(parser)
     options.add_workers_option(parser)
+    options.add_scale_options(parser)
     options.add_resize_option(parser)
     options.add_ray_options(parser)
     options.add_quiet_option(parser)
@@ -233,7 +234,7 @@ def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
                 **({"tuning": args.tuning} if args.tuning and not plan.frozen else
                    {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
                 batch_size=args.batch_size, workers=args.workers, resize=args.resize,
-                unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
+                shard_rows=args.shard_rows, object_store_mib=args.object_store_mib, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
                 print_summary=not args.quiet)
 
 

@@ -110,6 +110,17 @@ def add_workers_option(parser: argparse.ArgumentParser) -> None:
                              "which is 1 unless score's --cpus-per-worker says otherwise)")
 
 
+def add_scale_options(parser: argparse.ArgumentParser) -> None:
+    """Scoring-job layout and in-flight memory, for large corpora (score and audit)."""
+    parser.add_argument("--shard-rows", type=int, default=1024,
+                        help="rows per bucket of the score table (fixed when the output is created) and per "
+                             "staged block (the unit a killed run keeps)")
+    parser.add_argument("--object-store-mib", type=int, default=None,
+                        help="object-store memory (MiB) the scoring pipeline may hold in flight (default: 4 "
+                             "decoded blocks per scoring actor plus 4, at least 256; Ray caps it at half the "
+                             "cluster's object store)")
+
+
 def add_resize_option(parser: argparse.ArgumentParser) -> None:
     from odin_engine.io.images import RESIZE_POLICIES
 

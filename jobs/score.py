@@ -578,13 +578,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     options.add_resize_option(parser)
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs (and torch threads) per CPU actor")
     parser.add_argument("--decode-cpus", type=float, default=1.0, help="CPUs reserved per read/decode task")
-    parser.add_argument("--shard-rows", type=int, default=1024,
-                        help="rows per bucket of the score table (fixed when the output is created) and per "
-                             "staged block (the unit a killed run keeps)")
-    parser.add_argument("--object-store-mib", type=int, default=None,
-                        help="object-store memory (MiB) the scoring pipeline may hold in flight (default: 4 "
-                             "decoded blocks per scoring actor plus 4, at least 256; Ray caps it at half the "
-                             "cluster's object store)")
+    options.add_scale_options(parser)
     parser.add_argument("--decode-device", choices=DECODE_DEVICES, default="cpu",
                         help="where JPEGs are decoded: CPU tasks, or the scoring GPU (nvJPEG, in batches)")
     options.add_ray_options(parser)

@@ -147,6 +147,8 @@ def test_bad_configuration_exits_2_and_writes_nothing(data, tmp_path, capsys):
         ([*base, "--heldout", str(root / "held"), "--ood", f"a={root}", "--ood", f"a={root}"], "differ"),
         ([*base, "--heldout", str(root / "held"), "--tpr", "1"], "tpr"),
         ([*base, "--heldout", str(root / "held"), "--epsilon", "3"], "epsilon"),
+        ([*base, "--heldout", str(root / "held"), "--shard-rows", "0"], "--shard-rows"),
+        ([*base, "--heldout", str(root / "held"), "--object-store-mib", "8"], "--object-store-mib"),
         ([*base, "--heldout-split", "heldout"], "split"),
         (["audit", "--corpus", str(root / "corpus"), "--heldout", str(root / "held"), "--model", "nope"], "model"),
         # every source is listed before the first is scored: a missing corpus or OOD set writes nothing
