@@ -331,8 +331,7 @@ def count_rows(source: CorpusSource, split: str | None = None) -> int:
     """
     if split is not None:
         if "split" not in source.carried.names:
-            raise ConfigError(f"--heldout-split needs a corpus manifest with a `split` column; {source.source!r} "
-                              "has none")
+            raise ConfigError(f"{source.source!r} has no `split` column (only a manifest can have one)")
         fs, path = resolve(source.source)
         try:
             if path.lower().endswith(".csv"):
