@@ -8,6 +8,7 @@ triable without a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import uuid
 from datetime import datetime, timezone
@@ -253,6 +254,18 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple], num_cpus: float = 1.0)
 
 
 # --------------------------------------------------------------------------- the Ray Data pipeline
+@contextlib.contextmanager
+def _bounded_blocks(ctx, object_store_bytes: int, target_block_bytes: int):
+    """Ray Data's object-store limit and block-size target for one pipeline, restored however it ends."""
+    saved = ctx.execution_options.resource_limits, ctx.target_max_block_size
+    ctx.execution_options.resource_limits = saved[0].copy(object_store_memory=object_store_bytes)
+    ctx.target_max_block_size = target_block_bytes
+    try:
+        yield
+    finally:
+        ctx.execution_options.resource_limits, ctx.target_max_block_size = saved
+
+
 def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, schema: pa.Schema, *,
                   scorer_kwargs: dict[str, Any], batch_size: int, block_rows: int, decode_cpus: float,
                   input_size: int, resize: str, workers: int, gpus: int, actor_cpus: float, threads: int,
@@ -279,39 +292,35 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
     #   to target_max_block_size (128 MiB: ~650,000 listing rows buffered per read task, then
     #   mapped whole by an actor), which is what made 5·10⁶ rows peak 1.5× 2·10⁵ (docs/scoring-job.md).
     budget = object_store_bytes or object_store_budget(block_rows, input_size, workers)
-    saved = ctx.execution_options.resource_limits, ctx.target_max_block_size  # restored when done
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(object_store_memory=budget)
-    ctx.target_max_block_size = max(MIN_TARGET_BLOCK_BYTES, block_rows * 1024)
-    # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, at
-    # most two at a time. One read unit per block (up to 4,096 units): each actor input is about
-    # one block, so every actor gets work even on a small run. override_num_blocks = the units:
-    # Ray Data would otherwise split or merge them, and a block is the unit an actor stages.
-    source = CorpusShards(fs, plan_files, block_rows=block_rows)
-    ds = ray.data.read_datasource(source, num_cpus=0, concurrency=2, override_num_blocks=source.read_tasks)
-    # One call per block (block_rows rows): the actor scores it in sub-batches of batch_size and
-    # stages it itself, so a block is staged the moment it is scored.
-    read_fn, read_kwargs, actor_cls, actor_extra = decode_stages(decode_device, input_size, resize)
-    ds = ds.map_batches(read_fn, batch_format="pyarrow", batch_size=block_rows, num_cpus=decode_cpus,
-                        fn_kwargs=read_kwargs)
-    ds = ds.map_batches(
-        reporting_start_failures(actor_cls),
-        fn_constructor_kwargs=dict(**scorer_kwargs, batch_size=batch_size, threads=None if gpus else threads,
-                                   schema_bytes=schema.serialize().to_pybytes(), device="cuda" if gpus else "cpu",
-                                   staging=(fs, staging_dir), **actor_extra),
-        batch_size=block_rows,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=workers),
-        num_gpus=1 if gpus else 0,
-        num_cpus=0 if gpus else actor_cpus,
-    )
-    totals = {"rows": 0, "ok": 0, "files": 0}
-    try:
-        for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for k in totals:
-                totals[k] += int(pc.sum(counts.column(k)).as_py() or 0)
-    except Exception as exc:
-        raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
-        raise
-    finally:
-        ctx.execution_options.resource_limits, ctx.target_max_block_size = saved
-    return totals
+    with _bounded_blocks(ctx, budget, max(MIN_TARGET_BLOCK_BYTES, block_rows * 1024)):
+        # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, at
+        # most two at a time. One read unit per block (up to 4,096 units): each actor input is about
+        # one block, so every actor gets work even on a small run. override_num_blocks = the units:
+        # Ray Data would otherwise split or merge them, and a block is the unit an actor stages.
+        source = CorpusShards(fs, plan_files, block_rows=block_rows)
+        ds = ray.data.read_datasource(source, num_cpus=0, concurrency=2, override_num_blocks=source.read_tasks)
+        # One call per block (block_rows rows): the actor scores it in sub-batches of batch_size and
+        # stages it itself, so a block is staged the moment it is scored.
+        read_fn, read_kwargs, actor_cls, actor_extra = decode_stages(decode_device, input_size, resize)
+        ds = ds.map_batches(read_fn, batch_format="pyarrow", batch_size=block_rows, num_cpus=decode_cpus,
+                            fn_kwargs=read_kwargs)
+        ds = ds.map_batches(
+            reporting_start_failures(actor_cls),
+            fn_constructor_kwargs=dict(**scorer_kwargs, batch_size=batch_size, threads=None if gpus else threads,
+                                       schema_bytes=schema.serialize().to_pybytes(), device="cuda" if gpus else "cpu",
+                                       staging=(fs, staging_dir), **actor_extra),
+            batch_size=block_rows,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers),
+            num_gpus=1 if gpus else 0,
+            num_cpus=0 if gpus else actor_cpus,
+        )
+        totals = {"rows": 0, "ok": 0, "files": 0}
+        try:
+            for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                for k in totals:
+                    totals[k] += int(pc.sum(counts.column(k)).as_py() or 0)
+        except Exception as exc:
+            raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
+            raise
+        return totals
