@@ -155,7 +155,8 @@ class ScoreBatch:
             "width": batch.column("width"),
             "height": batch.column("height"),
             "pred": pa.array(values["pred"], pa.int64(), mask=~scored),
-            **{c: pa.array(values[c], pa.float64(), mask=~scored) for c in FLOAT_COLUMNS},
+            # NaN = not computed (a fitted method without --fit, a feature method without a head): null
+            **{c: pa.array(values[c], pa.float64(), mask=~scored | np.isnan(values[c])) for c in FLOAT_COLUMNS},
             "temperature": pa.array([self.temperature] * n, pa.float64()),
             "epsilon": pa.array([self.epsilon] * n, pa.float64()),
             "model_id": pa.array([self.model_id] * n, pa.string()),

@@ -35,6 +35,7 @@ class FirstPass:
 
     logits: torch.Tensor  # N×C, float32
     pred: torch.Tensor  # N, int64
+    grad: torch.Tensor | None = None  # ∂L/∂x (float32), kept only when asked for (AdaSCALE shares it)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,7 @@ def perturbation_direction(
     std: torch.Tensor,
     temperature: float,
     autocast_dtype: torch.dtype | None = None,
+    keep_grad: bool = False,
 ) -> tuple[torch.Tensor, FirstPass]:
     """Steps 1–3: the per-channel-scaled gradient sign ``g`` and the clean first pass.
 
@@ -86,7 +88,7 @@ def perturbation_direction(
     grad = _wide(grad)
     sign = torch.where(grad >= 0, 1.0, -1.0).to(grad.dtype)
     direction = sign / std.to(sign).view(1, -1, 1, 1)
-    return direction, FirstPass(logits=logits.detach(), pred=pred)
+    return direction, FirstPass(logits=logits.detach(), pred=pred, grad=grad if keep_grad else None)
 
 
 def perturb(x: torch.Tensor, direction: torch.Tensor, epsilon: float) -> torch.Tensor:

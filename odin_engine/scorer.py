@@ -1,27 +1,34 @@
-"""``OdinScorer``: a thin class over :func:`odin_engine.odin.odin_scores`.
+"""``OdinScorer``: a thin class over :func:`odin_engine.detectors.passes.run_pass` and the registry.
 
-It turns images into normalized batches on the right device, runs the pure
-functions chunk by chunk and returns numpy columns ``pred, msp, max_logit, energy, odin``.
+It turns images into normalized batches on the right device, runs one scoring pass per chunk
+(ODIN's forward + input gradient + perturbed forward, the head's input ``h`` taken on the way)
+and returns numpy columns ``pred`` and one per method of :data:`odin_engine.methods.TABLE_METHODS`
+(NaN where a method is not computed: no classifier head, or a fitted method without a fit).
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Iterator
+import logging
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from .errors import ConfigError
-from .methods import TABLE_METHODS
+from .detectors.features import Head, find_head
+from .detectors.fit import FitStats
+from .detectors.passes import ScoringPass, run_pass
+from .methods import REGISTRY, TABLE_METHODS, get_method
 from .loading import LoadedModel
-from .odin import odin_scores, perturbation_direction, perturbed_scores, baseline_scores
+from .odin import perturbation_direction, perturbed_scores, baseline_scores
 from .optimize import optimize_for_inference
 from .settings import validate_epsilon, validate_temperature
 
 SCORE_COLUMNS = ("pred", *TABLE_METHODS)  # one column per score-table method
 _AUTOCAST = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger(__name__)
 
 
 def to_unit_tensor(images) -> torch.Tensor:
@@ -40,10 +47,15 @@ def to_unit_tensor(images) -> torch.Tensor:
 
 
 class OdinScorer:
-    """Score images with ODIN and the free baselines of the same forward pass.
+    """Score images with every registered method from the pass ODIN already runs.
 
-    ``score(images)`` → ``{"pred", "msp", "max_logit", "energy", "odin"}`` as 1-D numpy arrays.
-    Each image's scores are independent of the batch it rides in.
+    ``score(images)`` → ``{"pred", <one array per method>}`` as 1-D numpy arrays (NaN where a
+    method is not computed). Each image's scores are independent of the batch it rides in.
+
+    ``head``: the classifier head's module name (default: found, :func:`find_head`); ``fit``: the
+    reference statistics of the fitted methods; ``methods``: the methods to compute (default:
+    every table method this model and fit allow; naming one that cannot be computed is a
+    ``ConfigError``).
     """
 
     def __init__(
@@ -57,6 +69,9 @@ class OdinScorer:
         energy_temperature: float = 1.0,
         autocast: str | None = None,
         optimize: bool = True,
+        head: str | None = None,
+        fit: FitStats | None = None,
+        methods: Sequence[str] | None = None,
     ) -> None:
         self.model = model
         self.temperature = validate_temperature(temperature)
@@ -71,7 +86,45 @@ class OdinScorer:
         self.device = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # a private copy: the caller's LoadedModel keeps its device and layout
         module: nn.Module = copy.deepcopy(model.module).to(self.device)
+        self.head: Head | None = None
+        self.head_note = ""
+        wanted = list(methods) if methods is not None else None
+        for name in wanted or ():
+            get_method(name)
+        must = head is not None or fit is not None or any(REGISTRY[m].needs_features for m in wanted or ())
+        try:
+            self.head = find_head(module, model.input_size, head)
+        except ConfigError as exc:
+            if must:
+                raise
+            self.head_note = str(exc)
         self.module = optimize_for_inference(module, self.device) if optimize else module
+        if self.head is not None:
+            try:
+                sub = self.module.get_submodule(self.head.name)
+            except AttributeError:
+                sub = None
+            if not isinstance(sub, nn.Linear):  # the rewrite lost the head's name: hook the plain model
+                log.info("head %s not found after optimization; scoring the unoptimized model", self.head.name)
+                self.module = module
+            else:
+                bias = sub.bias if sub.bias is not None else torch.zeros(sub.out_features, device=self.device)
+                self.head = Head(self.head.name, sub.weight.detach(), bias.detach())
+        if fit is not None:
+            fit.check_model(model.model_id, self.head.name, self.temperature)
+        self.fit = fit
+        available = [m for m, meth in REGISTRY.items()
+                     if (self.head is not None or not meth.needs_features) and (fit is not None or not meth.needs_fit)]
+        if wanted is None:
+            self.methods = [m for m in TABLE_METHODS if m in available]
+        else:
+            missing = [m for m in wanted if m not in available]
+            if missing:
+                from .methods import require_fit
+
+                for m in missing:
+                    require_fit(m, fit is not None, "method")
+            self.methods = wanted
         self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1)
 
@@ -86,15 +139,27 @@ class OdinScorer:
         for start in range(0, len(images), self.batch_size):
             yield self.normalize(to_unit_tensor(images[start : start + self.batch_size]))
 
-    def score(self, images) -> dict[str, np.ndarray]:
-        parts: dict[str, list[np.ndarray]] = {c: [] for c in SCORE_COLUMNS}
+    def run_pass(self, x: torch.Tensor) -> ScoringPass:
+        """One scoring pass over a normalized batch (what every method reads)."""
+        return run_pass(self.module, x, self.std.flatten(), temperature=self.temperature, epsilon=self.epsilon,
+                        head=self.head, fit=self.fit, adascale="adascale" in self.methods,
+                        energy_temperature=self.energy_temperature, autocast_dtype=self.autocast_dtype)
+
+    def passes(self, images) -> Iterator[ScoringPass]:
         for x in self.batches(images):
-            out = odin_scores(
-                self.module, x, self.std.flatten(), self.temperature, self.epsilon,
-                self.energy_temperature, self.autocast_dtype,
-            )
-            for c in SCORE_COLUMNS:
-                parts[c].append(out[c].detach().cpu().numpy())
+            yield self.run_pass(x)
+
+    def score(self, images) -> dict[str, np.ndarray]:
+        columns = [*SCORE_COLUMNS, *(m for m in self.methods if m not in SCORE_COLUMNS)]
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
+        for p in self.passes(images):
+            parts["pred"].append(p.pred.cpu().numpy())
+            n = p.pred.shape[0]
+            for c in columns[1:]:
+                if c in self.methods:
+                    parts[c].append(REGISTRY[c].score(p).detach().float().cpu().numpy())
+                else:
+                    parts[c].append(np.full(n, np.nan, np.float32))
         return {
             c: (np.concatenate(v) if v else np.empty(0, dtype=np.int64 if c == "pred" else np.float32))
             for c, v in parts.items()

@@ -39,7 +39,8 @@ def table(n: int, start: int = 0, prefix: str = "img", errors: int = 0, **settin
 def test_schema_columns_come_from_the_one_method_registry():
     names = output_schema().names
     assert [c for c in names if c in methods.REGISTRY] == list(methods.TABLE_METHODS)
-    assert set(methods.TABLE_METHODS) == {"msp", "max_logit", "energy", "odin"}
+    assert set(methods.TABLE_METHODS) == {"msp", "max_logit", "energy", "odin", "gen", "scale", "ash_s", "react",
+                                          "knn", "vim", "nci", "fdbd", "adascale"}
 
 
 def test_any_parquet_layout_is_one_dataset_and_state_is_ignored(tmp_path):
