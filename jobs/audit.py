@@ -25,6 +25,7 @@ from typing import Any, Sequence
 from jobs import options
 from jobs.calibrate import CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, publish_flags
 from jobs.options import EXIT_CONFIG, describe, run_main
+from odin_engine.detectors.fit import DEFAULT_BANK_SIZE
 from odin_engine.errors import ConfigError
 from odin_engine.settings import DEFAULT_METHOD, DEFAULT_TPR, CalibrationSettings, OdinSettings, check_heldout_size
 
@@ -68,6 +69,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     options.add_tpr_option(parser, help=f"share of held-out in-distribution images kept at or above δ; "
                                         f"{DEFAULT_TPR:g} unless --calibration sets it")
     options.add_method_option(parser)
+    options.add_detector_options(parser)
+    parser.add_argument("--reference", metavar="SRC", default=None,
+                        help="in-distribution reference images to fit the fitted detectors on first "
+                             "(`odin-audit fit`, written to <output>/fit.npz); must not be the --heldout set")
+    parser.add_argument("--bank-size", type=int, default=None, help="with --reference: `fit --bank-size`")
     # with --calibration, the TPR and method come from the file: None here means "not given"
     parser.set_defaults(tpr=None, method=None)
     parser.add_argument("--ood", metavar="NAME=SRC", action="append", default=None,
@@ -101,6 +107,8 @@ class AuditPlan:
     history: Any = None  # Store of --history
     alpha: float | None = None  # --fail-on-drift
     notes: list[str] = field(default_factory=list)  # info lines for the user
+    fit: str | None = None  # the fit the score runs use (--fit, or <output>/fit.npz made from --reference)
+    fit_ready: bool = False  # --reference: set once the fit is written
 
 
 def _load_model(args: argparse.Namespace):
@@ -185,8 +193,12 @@ def _check(args: argparse.Namespace) -> AuditPlan:
         if bool(args.heldout) == bool(args.heldout_split):
             raise ConfigError("give exactly one of --heldout SRC or --heldout-split NAME (or a frozen "
                               "--calibration PATH)")
-        cal = CalibrationSettings(DEFAULT_TPR if args.tpr is None else args.tpr, args.method or DEFAULT_METHOD)
+        from odin_engine.decide.tuning import tuned_method
+
+        method = args.method or (tuned_method(args.tuning) if args.tuning else None) or DEFAULT_METHOD
+        cal = CalibrationSettings(DEFAULT_TPR if args.tpr is None else args.tpr, method)
         odin = OdinSettings.resolve(args.tuning, args.temperature, args.epsilon)
+    fit = _check_fit(args, cal.method)
     out = _output_store("--output", args.output)
     history = _output_store("--history", args.history) if args.history else None
     jobs = [("corpus", str(args.corpus), "corpus")]
@@ -196,7 +208,49 @@ def _check(args: argparse.Namespace) -> AuditPlan:
     _check_sources(args, jobs, cal, frozen is None)
     # one name per model class, checked before anything is scored
     class_names = loaded.check_class_names(args.class_names) if args.class_names else None
-    return AuditPlan(odin, cal, out, ood, class_names, jobs, frozen, history, alpha, notes)
+    ready = False
+    if args.reference:
+        fit = out.uri("fit.npz")
+        ready = _earlier_fit(out, args.reference)
+        if ready:
+            notes.append(f"reusing {fit}, fitted on --reference {args.reference} by an earlier run of this audit "
+                         "(delete it to refit)")
+    return AuditPlan(odin, cal, out, ood, class_names, jobs, frozen, history, alpha, notes, fit, ready)
+
+
+def _earlier_fit(out, reference: str) -> bool:
+    """A rerun of an audit with --reference reuses its fit (the score runs it resumes were made with it)."""
+    from odin_engine.detectors.fit import FitStats
+    from odin_engine.detectors.reference import same_source
+
+    if not out.is_file("fit.npz"):
+        return False
+    return same_source(FitStats.from_bytes(out.read_bytes("fit.npz")).sources.get("reference"), reference)
+
+
+def _check_fit(args: argparse.Namespace, method: str) -> str | None:
+    """``--fit``/``--reference``: one at most; never the held-out set (a bank holding the held-out images
+    puts each at distance 0 from itself: their KNN scores, and so δ, would mean nothing); a method that
+    needs a fit gets one."""
+    from odin_engine.detectors.reference import same_source
+    from odin_engine.methods import require_fit
+
+    if args.fit and args.reference:
+        raise ConfigError("give --fit FIT or --reference SRC (which fits first), not both")
+    require_fit(method, bool(args.fit or args.reference))
+    held = args.heldout
+    if args.reference and same_source(args.reference, held):
+        raise ConfigError(f"--reference {args.reference} is the --heldout set: the reference set must not be the "
+                          "held-out set that calibrates δ (a feature bank holding the held-out images makes their "
+                          "scores meaningless); fit on other in-distribution images, e.g. a training-set sample")
+    if args.fit:
+        from odin_engine.detectors.fit import load_fit
+
+        ref = load_fit(args.fit).sources.get("reference")
+        if same_source(ref, held):
+            raise ConfigError(f"--fit {args.fit} was fitted on {ref}, the --heldout set: the reference set must not "
+                              "be the held-out set that calibrates δ; refit on other in-distribution images")
+    return args.fit
 
 
 def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], cal: CalibrationSettings,
@@ -235,7 +289,9 @@ def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
                    {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
                 batch_size=args.batch_size, workers=args.workers, resize=args.resize,
                 shard_rows=args.shard_rows, object_store_mib=args.object_store_mib, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
-                print_summary=not args.quiet)
+                print_summary=not args.quiet, head=args.head,
+                # with --reference the fit does not exist yet when the outputs are checked
+                fit=None if args.reference and not plan.fit_ready else plan.fit)
 
 
 def _check_outputs(args: argparse.Namespace, plan: AuditPlan) -> None:
@@ -315,9 +371,9 @@ def _calibrate(args: argparse.Namespace, plan: AuditPlan, corpus, heldout, confi
 def _evaluate(args: argparse.Namespace, plan: AuditPlan, heldout, ood):
     if not ood:
         return None, None
-    from odin_engine.decide.evaluation import evaluate_tables
+    from odin_engine.decide.evaluation import computed_methods, evaluate_tables
 
-    return evaluate_tables(heldout, ood, tpr=plan.calibration.tpr)
+    return evaluate_tables(heldout, ood, computed_methods(heldout), tpr=plan.calibration.tpr)
 
 
 def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, heldout, evaluation, roc,
@@ -368,16 +424,20 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "outputs": {"calibration": CALIBRATION_JSON, "flags": FLAGS_DIR + "/", "flag_summary": FLAG_SUMMARY_JSON,
                     "report": REPORT_HTML, **({"evaluation": EVALUATION_JSON} if evaluation is not None else {})},
     }
-    history_html = ""
+    history_html = _comparison_html(args, method)
     if plan.history is not None:
         from odin_engine.decide.history import append_history, history_row, read_history
         from odin_engine.report.history import history_plot_html
 
         row = history_row(doc, cal, drift, summary["per_class"], output=out.uri())
         doc["outputs"]["history_row"] = append_history(plan.history, row)
-        history_html = history_plot_html(read_history(plan.history))
+        history_html += history_plot_html(read_history(plan.history))
     metadata = {k: doc[k] for k in ("model_spec", "model_id", "temperature", "epsilon", "settings_from", "method",
                                     "tpr", "finished_at")}
+    metadata["method chosen by"] = ("--method" if args.method else f"tuning file {args.tuning}" if args.tuning
+                                    else (f"calibration {plan.frozen['frozen_from']}" if plan.frozen else "default"))
+    if plan.fit:
+        metadata["fit"] = plan.fit
     metadata.update({f"run_id ({k})": v["run_id"] for k, v in runs.items()})
     metadata["scoring seconds (this run)"] = doc["durations_s"]["scoring"]
     held = (f"the held-out histogram is drawn from its {len(quantiles)} held-out quantiles (n = {cal.get('n_heldout')})"
@@ -406,6 +466,15 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     for note in plan.notes:
         print(f"odin audit: info: {note}", file=sys.stderr, flush=True)
     t0 = time.time()
+    if args.reference and not plan.fit_ready:
+        from jobs.fit import fit_reference
+
+        fit_reference(args.reference, plan.fit, args.model, args.weights, head=args.head,
+                      temperature=plan.odin.temperature, bank_size=args.bank_size or DEFAULT_BANK_SIZE,
+                      resize=args.resize, batch_size=args.batch_size, mean=args.mean, std=args.std,
+                      input_size=args.input_size, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address,
+                      quiet=args.quiet)
+        plan.fit_ready = True
     runs, configs = _score(args, plan)
     t_scored = time.time()
     try:
@@ -420,6 +489,21 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
             f"scoring finished (its outputs are in {plan.out.uri()} and a rerun reuses them), but the decision "
             f"stage cannot run on what was scored: {describe(exc)}") from exc
     return _write(args, plan, runs, cal, flag_plan, heldout, evaluation, roc, t0, t_scored)
+
+
+def _comparison_html(args: argparse.Namespace, method: str) -> str:
+    """The report's detector comparison, when --tuning holds one (``odin-audit tune`` with OOD sets)."""
+    if not args.tuning:
+        return ""
+    import json
+
+    from odin_engine.io.store import read_bytes
+    from odin_engine.report.report import comparison_html
+
+    doc = json.loads(read_bytes(str(args.tuning)).decode())
+    if not doc.get("comparison"):
+        return ""
+    return comparison_html(doc["comparison"], method, f"tuning file {args.tuning}")
 
 
 def _pct(v: float | None) -> str:

@@ -25,6 +25,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="held-out in-distribution scores, made with the same model and settings")
     options.add_tpr_option(parser)
     options.add_method_option(parser)
+    parser.add_argument("--tuning", metavar="JSON", default=None,
+                        help="tuning.json from `odin-audit tune`: δ thresholds the method it chose (unless --method)")
+    parser.set_defaults(method=None)
     parser.add_argument("--output", metavar="DIR",
                         help="writes calibration.json, flags/part-*.parquet, flag_summary.json (local, s3://, gs://)")
     options.add_config_option(parser)
@@ -73,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
     for flag_name in ("scores", "heldout_scores", "output"):
         if not getattr(args, flag_name):
             raise ConfigError(f"--{flag_name.replace('_', '-')} is required")
-    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, CalibrationSettings(args.tpr, args.method))
+    from odin_engine.decide.tuning import tuned_method
+    from odin_engine.settings import DEFAULT_METHOD
+
+    method = args.method or (tuned_method(args.tuning) if args.tuning else None) or DEFAULT_METHOD
+    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, CalibrationSettings(args.tpr, method))
     s = cal["summary"]
     lo, hi = cal["tpr_ci"]
     print(

@@ -12,6 +12,7 @@ COMMANDS = {
     "score": "jobs.score",
     "calibrate": "jobs.calibrate",
     "tune": "jobs.tune",
+    "fit": "jobs.fit",
     "audit": "jobs.audit",
     "demo": "jobs.demo",
 }

@@ -100,6 +100,16 @@ def add_method_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="odin", choices=SCORE_METHODS, help="score column that δ thresholds")
 
 
+def add_detector_options(parser: argparse.ArgumentParser) -> None:
+    """``--fit`` (the fitted methods' reference statistics) and ``--head`` (the classifier head's name)."""
+    parser.add_argument("--fit", metavar="FIT", default=None,
+                        help="fitted reference statistics from `odin-audit fit` (local or bucket): computes the "
+                             "fitted methods react, knn, vim, nci, fdbd, adascale (their columns are null without it)")
+    parser.add_argument("--head", metavar="MODULE_NAME", default=None,
+                        help="the classifier head whose input is the penultimate feature h (default: the last "
+                             "nn.Linear the forward calls)")
+
+
 def add_batch_size_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="images per scoring call")
 

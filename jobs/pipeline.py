@@ -88,7 +88,8 @@ class ScoreBatch:
     """Ray Data stage 2 (actor pool): load the model once per actor, score decoded batches."""
 
     def __init__(self, spec, weights, mean, std, input_size, temperature, epsilon, batch_size, model_id, run_id,
-                 threads, unsafe_pickle, schema_bytes, device=None, staging=None):
+                 threads, unsafe_pickle, schema_bytes, device=None, staging=None, fit=None, head=None,
+                 params=None):
         import torch
 
         from odin_engine.loading import load_model
@@ -103,7 +104,13 @@ class ScoreBatch:
                 "make --weights the same file on every node"
             )
         self.size = model.input_size
-        self.scorer = OdinScorer(model, temperature, epsilon, device=device, batch_size=batch_size)
+        fitted = None
+        if fit:
+            from odin_engine.detectors.fit import load_fit
+
+            fitted = load_fit(fit)
+        self.scorer = OdinScorer(model, temperature, epsilon, device=device, batch_size=batch_size, head=head,
+                                 fit=fitted, params=params)
         self.model_id, self.run_id = model_id, run_id
         self.temperature, self.epsilon = float(temperature), float(epsilon)
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import platform
@@ -21,7 +22,7 @@ import pyarrow as pa
 from pyarrow import fs as pafs
 
 from odin_engine import __version__ as ENGINE_VERSION
-from odin_engine.decide.tuning import load_tuning, resolve_settings
+from odin_engine.decide.tuning import load_tuning, resolve_settings, tuned_params
 from odin_engine.errors import ConfigError
 from odin_engine.io.corpus import CorpusSource, duplicate_error, empty_error, open_corpus
 from odin_engine.io.images import RESIZE_POLICIES
@@ -37,7 +38,8 @@ JOB_FILE = "_odin_job.json"  # the model + settings this output directory belong
 RUN_JSON = "run.json"
 LAYOUT = 2  # 1: Ray Data row checkpoints + one corpus listing per directory; 2: hash buckets, incremental
 PARTITION_ROWS = 131072  # listing rows a plan/commit task holds (whole buckets; at least one)
-IDENTITY = ("schema_version", "layout", "model_id", "mean", "std", "input_size", "resize", "temperature", "epsilon")
+IDENTITY = ("schema_version", "layout", "model_id", "mean", "std", "input_size", "resize", "temperature", "epsilon",
+            "head", "fit_id", "params")  # None for runs without --head/--fit/tuned parameters (and older runs)
 
 
 # --------------------------------------------------------------------------- 1. configuration
@@ -69,6 +71,8 @@ class ScoreConfig:
     decode_device: str = "cpu"  # where JPEGs are decoded: CPU tasks, or the scoring GPU (jobs/gpu_decode.py)
     partition_rows: int = PARTITION_ROWS  # listing rows per plan/commit task (tests make it small)
     object_store_mib: int | None = None  # the scoring pipeline's object-store budget (None: derived)
+    fit: str | None = None  # fitted reference statistics (`odin-audit fit`): the fitted methods' columns
+    head: str | None = None  # the classifier head's module name (default: found)
 
     def checked(self) -> "ScoreConfig":
         for name, value in (("--input", self.input), ("--output", self.output), ("--model", self.model)):
@@ -159,12 +163,15 @@ def prepare(cfg: ScoreConfig) -> Prepared:
                         unsafe_pickle=cfg.unsafe_pickle)
     if cfg.tuning:  # a file tuned for another model is refused
         load_tuning(cfg.tuning, expect_model_id=loaded.model_id)
+    fit_id = check_fit(loaded, cfg.fit, cfg.head, cfg.temperature)
+    params = json.loads(json.dumps(tuned_params(cfg.tuning))) or None  # the tuned hyperparameters, JSON-shaped
     config = {
         "schema_version": SCHEMA_VERSION, "layout": LAYOUT, "model": cfg.model,
         "weights": str(cfg.weights) if cfg.weights else None, "model_id": loaded.model_id,
         "mean": list(loaded.mean), "std": list(loaded.std), "input_size": loaded.input_size, "resize": cfg.resize,
         "temperature": cfg.temperature, "epsilon": cfg.epsilon, "carried": _carried_spec(source.carried),
-        "input": cfg.input, "corpus_kind": source.kind,
+        "input": cfg.input, "corpus_kind": source.kind, "head": cfg.head, "fit_id": fit_id, "fit": cfg.fit,
+        "params": params,
     }
     out = Store(cfg.output)
     lock = RunLock(out.fs, out.path, display=cfg.output)
@@ -203,6 +210,27 @@ def prepare(cfg: ScoreConfig) -> Prepared:
         run_id = str(run_id) if run_id else _default_run_id()
     return Prepared(cfg, loaded.model_id, list(loaded.mean), list(loaded.std), loaded.input_size, source, out, lock,
                     existing, existing is None and not entries, run_id, config, started_at)
+
+
+def check_fit(loaded, fit: str | None, head: str | None, temperature: float) -> str | None:
+    """Refuse (exit 2) a --fit of another model/head/T, or a --head the model lacks; the fit's digest or None."""
+    if fit is None and head is None:
+        return None
+    import hashlib
+
+    from odin_engine.detectors.features import find_head
+    from odin_engine.detectors.fit import FitStats
+    from odin_engine.io.store import read_bytes
+
+    found = find_head(loaded.module, loaded.input_size, head)
+    if fit is None:
+        return None
+    try:
+        data = read_bytes(str(fit))
+    except OSError as exc:
+        raise ConfigError(f"--fit {fit}: cannot read it ({exc}); write one with `odin-audit fit`") from exc
+    FitStats.from_bytes(data, f"--fit {fit}").check_model(loaded.model_id, found.name)
+    return hashlib.sha256(data).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- 3. the Ray part
@@ -351,7 +379,8 @@ def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str
     schema = prep.schema().append(pa.field("bucket", pa.int64()))
     scorer_kwargs = dict(spec=cfg.model, weights=cfg.weights, mean=prep.mean, std=prep.std,
                          input_size=prep.input_size, temperature=cfg.temperature, epsilon=cfg.epsilon,
-                         model_id=prep.model_id, run_id=prep.run_id, unsafe_pickle=cfg.unsafe_pickle)
+                         model_id=prep.model_id, run_id=prep.run_id, unsafe_pickle=cfg.unsafe_pickle,
+                         fit=cfg.fit, head=cfg.head, params=prep.config.get("params"))
     totals = run_pipeline(prep.out.fs, sorted(plan_files), prep.out.p(STAGING_DIR), schema,
                           scorer_kwargs=scorer_kwargs, batch_size=cfg.batch_size, block_rows=cfg.shard_rows,
                           decode_cpus=cfg.decode_cpus, input_size=prep.input_size, resize=cfg.resize,
@@ -572,6 +601,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                                          "rerun the same command to resume or to score what is new")
     options.add_model_options(parser)
     options.add_odin_options(parser)
+    options.add_detector_options(parser)
     options.add_batch_size_option(parser)
     options.add_workers_option(parser)
     parser.add_argument("--run-id", default=None, help="id stored in every row (default: generated; kept on resume)")
@@ -592,7 +622,7 @@ def run(args: argparse.Namespace) -> int:
         workers=args.workers, run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
         ray_address=args.ray_address, verbose=not args.quiet, decode_device=args.decode_device,
-        object_store_mib=args.object_store_mib,
+        object_store_mib=args.object_store_mib, fit=args.fit, head=args.head,
     )
     return 0 if result["verification"]["exactly_once"] else 1
 

@@ -1,4 +1,4 @@
-"""Choose ODIN's temperature and perturbation (T, ε) on validation data; writes tuning.json."""
+"""Choose the detector (and its one hyperparameter; ODIN's T, ε) on validation data; writes tuning.json."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="held-out OOD images (repeatable; NAME=SRC names the set, else it is named after the "
                              "file); needed for --mode paper")
     options.add_model_options(parser)
+    options.add_detector_options(parser)
     parser.add_argument("--mode", default="paper", choices=MODES,
                         help="paper: minimize FPR@TPR vs OOD; id-only: maximize mean ID score at fixed T")
     parser.add_argument("--output", metavar="FILE", default=None, help="tuning.json to write")
@@ -102,6 +103,20 @@ class _GridWithProgress:
         return {"odin": np.concatenate(odin, axis=2), "msp": np.concatenate(msp), "pred": np.concatenate(pred)}
 
 
+def _compare(args, model, heldout, ood, odin_result, progress):
+    """Every other available method on the same sets (one scoring pass per set), ODIN's row from its grid."""
+    from odin_engine.decide.comparison import compare_methods
+    from odin_engine.detectors.fit import load_fit
+    from odin_engine.scorer import OdinScorer
+
+    fit = load_fit(args.fit) if args.fit else None
+    t = fit.temperature if fit is not None else args.temperature
+    scorer = OdinScorer(model, temperature=t, epsilon=0.0, device=args.device, batch_size=args.batch_size,
+                        head=args.head, fit=fit)
+    progress(f"comparing methods {', '.join(scorer.methods)} (one scoring pass per set)")
+    return compare_methods(scorer, heldout, ood, args.tpr, odin=odin_result)
+
+
 def run(args: argparse.Namespace) -> int:
     from odin_engine.io.store import Store
     from odin_engine.decide.tuning import load_source, tune_id_only, tune_paper, tuning_document
@@ -140,8 +155,10 @@ def run(args: argparse.Namespace) -> int:
     heldout = sets["held-out"]
     ood = {n: sets[f"OOD {n}"] for n, _ in ood_specs}
     graded = _GridWithProgress(scorer, {id(v): k for k, v in sets.items()}, progress)
+    comparison = None
     if args.mode == "paper":
         result = tune_paper(graded, heldout, ood, temps, eps, args.tpr)
+        comparison = _compare(args, model, heldout, ood, result, progress)
     else:
         result = tune_id_only(graded, heldout, args.temperature, eps)
     sources = {"heldout": {"source": args.heldout, "n": int(len(heldout)), "undecodable": errors["held-out"][:50],
@@ -151,9 +168,20 @@ def run(args: argparse.Namespace) -> int:
                "resize": args.resize}
     doc = tuning_document(result, model.model_id, sources)
     doc["model_spec"] = args.model
+    if comparison is not None:
+        from odin_engine.decide.comparison import format_table
+
+        doc["method"] = comparison["winner"]["method"]
+        doc["params"] = {m: b["value"] for m, b in comparison["best"].items() if b["value"] is not None}
+        doc["comparison"] = comparison
+        doc["fit"] = args.fit
+        print(format_table(comparison))
+    else:
+        doc["method"] = "odin"
     folder, name = posixpath.split(str(args.output).rstrip("/"))
     written = Store(folder or ".").write_json(name, doc)
-    print(f"{args.mode}: T={doc['temperature']:g} ε={doc['epsilon']:g} (objective {doc['objective']:.4f}, "
+    print(f"{args.mode}: method {doc['method']}; ODIN T={doc['temperature']:g} ε={doc['epsilon']:g} "
+          f"(objective {doc['objective']:.4f}, "
           f"{doc['scoring_seconds']:.1f}s of scoring); wrote {written}")
     return 0
 

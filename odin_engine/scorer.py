@@ -55,7 +55,7 @@ class OdinScorer:
     ``head``: the classifier head's module name (default: found, :func:`find_head`); ``fit``: the
     reference statistics of the fitted methods; ``methods``: the methods to compute (default:
     every table method this model and fit allow; naming one that cannot be computed is a
-    ``ConfigError``).
+    ``ConfigError``); ``params``: ``{method: hyperparameter}`` overriding the defaults (``tune``'s choice).
     """
 
     def __init__(
@@ -72,6 +72,7 @@ class OdinScorer:
         head: str | None = None,
         fit: FitStats | None = None,
         methods: Sequence[str] | None = None,
+        params: dict | None = None,
     ) -> None:
         self.model = model
         self.temperature = validate_temperature(temperature)
@@ -111,10 +112,11 @@ class OdinScorer:
                 bias = sub.bias if sub.bias is not None else torch.zeros(sub.out_features, device=self.device)
                 self.head = Head(self.head.name, sub.weight.detach(), bias.detach())
         if fit is not None:
-            fit.check_model(model.model_id, self.head.name, self.temperature)
+            fit.check_model(model.model_id, self.head.name, self.temperature if "adascale" in (wanted or ()) else None)
         self.fit = fit
         available = [m for m, meth in REGISTRY.items()
-                     if (self.head is not None or not meth.needs_features) and (fit is not None or not meth.needs_fit)]
+                     if (self.head is not None or not meth.needs_features) and (fit is not None or not meth.needs_fit)
+                     and not (m == "adascale" and fit is not None and not fit.same_temperature(self.temperature))]
         if wanted is None:
             self.methods = [m for m in TABLE_METHODS if m in available]
         else:
@@ -125,6 +127,9 @@ class OdinScorer:
                 for m in missing:
                     require_fit(m, fit is not None, "method")
             self.methods = wanted
+        self.params = dict(params or {})  # {method: hyperparameter value} (tune's choice); default otherwise
+        for name in self.params:
+            get_method(name)
         self.mean = torch.tensor(model.mean, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(model.std, device=self.device).view(1, 3, 1, 1)
 
@@ -157,7 +162,7 @@ class OdinScorer:
             n = p.pred.shape[0]
             for c in columns[1:]:
                 if c in self.methods:
-                    parts[c].append(REGISTRY[c].score(p).detach().float().cpu().numpy())
+                    parts[c].append(REGISTRY[c].score(p, self.params.get(c)).detach().float().cpu().numpy())
                 else:
                     parts[c].append(np.full(n, np.nan, np.float32))
         return {

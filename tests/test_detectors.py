@@ -275,7 +275,9 @@ def test_fit_refuses_another_model():
     fit = fit_images(_loaded(net), rng.integers(0, 256, (8, 32, 32, 3), np.uint8), temperature=T, device="cpu")
     with pytest.raises(ConfigError, match="fitted for another model"):
         OdinScorer(_loaded(net, "other"), temperature=T, device="cpu", fit=fit)
+    other_t = OdinScorer(_loaded(net), temperature=10.0, device="cpu", fit=fit)  # AdaSCALE's Q' was at T = 1000
+    assert "knn" in other_t.methods and "adascale" not in other_t.methods
     with pytest.raises(ConfigError, match="temperature"):
-        OdinScorer(_loaded(net), temperature=10.0, device="cpu", fit=fit)
+        OdinScorer(_loaded(net), temperature=10.0, device="cpu", fit=fit, methods=["adascale"])
     with pytest.raises(ConfigError, match="odin-audit fit"):
         OdinScorer(_loaded(net), device="cpu", methods=["knn"])

@@ -93,6 +93,14 @@ def heldout_scores(heldout: ScoreTable, method: str) -> tuple[np.ndarray, int]:
     """The ok held-out ``method`` scores (only that column and ``status`` are read) and the error count."""
     heldout.require([method], "held-out scores")
     ok = heldout.read([method], OK).column(method)
+    if ok.null_count:
+        from odin_engine.methods import REGISTRY
+
+        m = REGISTRY.get(method)
+        why = ("it needs fitted reference statistics: score with --fit FIT (`odin-audit fit`)" if m and m.needs_fit
+               else "it needs the model's classifier head (see --head)" if m and m.needs_features
+               else "those rows were scored without it")
+        raise ConfigError(f"{ok.null_count} of {len(ok)} ok held-out rows have no {method} score: {why}")
     return ok.to_numpy(zero_copy_only=False).astype(np.float64), heldout.count(NOT_OK)
 
 

@@ -41,6 +41,16 @@ def evaluate_arrays(
     }
 
 
+def computed_methods(table: ScoreTable) -> list[str]:
+    """The score-table methods whose column every ok row of ``table`` has (those scored; a fitted
+    method scored without a fit is null)."""
+    from odin_engine.methods import TABLE_METHODS
+
+    present = [m for m in TABLE_METHODS if m in table.columns]
+    ok = table.read(present, OK)
+    return [m for m in present if ok.num_rows and ok.column(m).null_count == 0]
+
+
 def method_scores(table: ScoreTable, methods: Sequence[str], what: str) -> tuple[dict[str, np.ndarray], int]:
     """The ok rows' ``methods`` columns (only those and ``status`` are read) and the error count."""
     table.require(methods, what)

@@ -157,6 +157,35 @@ def tuning_document(result: Mapping[str, Any], model_id: str, sources: Mapping[s
     }
 
 
+def tuned_method(path: str | Path) -> str | None:
+    """The method a ``tuning.json`` chose (``None`` in files written before methods were compared)."""
+    import json
+
+    from odin_engine.io.store import read_bytes
+
+    try:
+        doc = json.loads(read_bytes(str(path)).decode())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--tuning {path}: cannot read it ({exc})") from exc
+    return doc.get("method") if isinstance(doc, dict) else None
+
+
+def tuned_params(path: str | Path | None) -> dict[str, Any]:
+    """``{method: value}`` of the hyperparameters a ``tuning.json`` chose (empty without a comparison)."""
+    import json
+
+    from odin_engine.io.store import read_bytes
+
+    if not path:
+        return {}
+    try:
+        doc = json.loads(read_bytes(str(path)).decode())
+    except (OSError, ValueError):
+        return {}
+    params = doc.get("params") if isinstance(doc, dict) else None
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in (params or {}).items() if k != "odin"}
+
+
 def load_tuning(path: str | Path, *, expect_model_id: str | None = None) -> tuple[float, float]:
     """``(T, ε)`` from a ``tuning.json`` (:meth:`odin_engine.settings.OdinSettings.from_tuning`)."""
     s = OdinSettings.from_tuning(path, expect_model_id=expect_model_id)

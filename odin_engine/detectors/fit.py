@@ -89,15 +89,21 @@ class FitStats:
                    n_reference=int(head["n_reference"]), vim_alpha=float(head["vim_alpha"]),
                    sources=head.get("sources", {}), **arrays)
 
-    def check_model(self, model_id: str, head: str, temperature: float, source: str = "--fit") -> None:
-        """Refuse a fit of another model, head or temperature (exit 2, saying what to rerun)."""
+    def same_temperature(self, temperature: float) -> bool:
+        """AdaSCALE's reference ``Q'`` was measured with ODIN's gradient at the fit's T: only a scorer at
+        that T computes ``adascale`` (the other fitted methods do not depend on T)."""
+        return bool(np.isclose(self.temperature, temperature, rtol=1e-9, atol=0.0))
+
+    def check_model(self, model_id: str, head: str, temperature: float | None = None, source: str = "--fit") -> None:
+        """Refuse a fit of another model or head — or, when ``temperature`` is given, of another T
+        (exit 2, saying what to rerun)."""
         diffs = []
         if self.model_id != model_id:
             diffs.append(f"model {self.model_id} vs {model_id}")
         if self.head != head:
             diffs.append(f"head {self.head!r} vs {head!r}")
-        if not np.isclose(self.temperature, temperature, rtol=1e-9, atol=0.0):
-            diffs.append(f"temperature {self.temperature:g} vs {temperature:g}")
+        if temperature is not None and not self.same_temperature(temperature):
+            diffs.append(f"temperature {self.temperature:g} vs {temperature:g} (adascale)")
         if diffs:
             raise ConfigError(f"{source} was fitted for another model or settings ({'; '.join(diffs)}): "
                               "rerun `odin-audit fit` with this --model/--weights/--head/--temperature")

@@ -56,3 +56,47 @@ def fit_images(model, images, *, temperature: float, head: str | None = None, ba
     acc = new_accumulator(scorer, bank_size, seed)
     accumulate(scorer, np.asarray(images), acc)
     return finish(acc, scorer, model.model_id, sources)
+
+
+def fit_uris(uris, *, spec: str, weights, mean, std, input_size: int, temperature: float, head: str | None,
+             model_id: str, bank_size: int, seed: int, resize: str = "crop", batch_size: int = 256,
+             unsafe_pickle: bool = False, device=None) -> tuple[FitAccumulator, list[dict[str, str]]]:
+    """One worker's share of a fit: read and decode ``uris`` batch by batch (memory: one batch of
+    images plus the bank) and fold them into a fresh accumulator. Undecodable files are skipped and
+    returned as ``[{"uri", "error"}]``."""
+    from odin_engine.errors import ConfigError
+    from odin_engine.io.images import ImageDecodeError, decode_image
+    from odin_engine.io.store import read_bytes
+    from odin_engine.loading import load_model
+
+    model = load_model(spec, weights, mean=mean, std=std, input_size=input_size, unsafe_pickle=unsafe_pickle)
+    if model.model_id != model_id:
+        raise ConfigError(f"the weights this worker loaded ({model.model_id}) differ from the driver's ({model_id})")
+    scorer = fit_scorer(model, temperature=temperature, head=head, device=device, batch_size=batch_size)
+    acc = new_accumulator(scorer, bank_size, seed)
+    errors: list[dict[str, str]] = []
+    for start in range(0, len(uris), batch_size):
+        images = []
+        for uri in uris[start:start + batch_size]:
+            try:
+                images.append(decode_image(read_bytes(uri), model.input_size, resize)[0])
+            except (ImageDecodeError, OSError) as exc:
+                errors.append({"uri": str(uri), "error": str(exc)[:300]})
+        if images:
+            accumulate(scorer, np.stack(images), acc)
+    return acc, errors
+
+
+def same_source(a: str | None, b: str | None) -> bool:
+    """Whether two image-source specs name the same images (paths compared resolved, slices ignored)."""
+    if not a or not b:
+        return False
+    from pathlib import Path
+
+    def norm(s: str) -> str:
+        s = str(s).split("[")[0].rstrip("/")
+        if s.startswith("file://"):
+            s = s[len("file://"):]
+        return s if "://" in s else str(Path(s).resolve())
+
+    return norm(a) == norm(b)

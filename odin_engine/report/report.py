@@ -342,3 +342,18 @@ def _compact(v: Any) -> str:
     import json
 
     return json.dumps(v, default=str)[:2000]
+
+
+def comparison_html(comparison: Mapping[str, Any], decided: str, source: str) -> str:
+    """The method comparison ``odin-audit tune`` made (each method at its best value) and which method decided."""
+    names = list(comparison["ood_sets"])
+    tpr_pct = f"{100 * comparison['tpr']:g}"
+    rows = []
+    for m, r in sorted(comparison["best"].items(), key=lambda kv: (kv[1]["mean_fpr"], -kv[1]["mean_auroc"])):
+        rows.append([m + (" (decided)" if m == decided else ""), "" if r["value"] is None else r["value"],
+                     *(f"{100 * r['fpr'][n]:.2f} / {100 * r['auroc'][n]:.2f}" for n in names),
+                     f"{100 * r['mean_fpr']:.2f}", f"{100 * r['mean_auroc']:.2f}"])
+    return (f"<h2>Detector comparison (from {_esc(source)})</h2><p class='note'>FPR at {tpr_pct}% TPR (ID "
+            f"positive) / AUROC, in %, on the tuning sets; each method at its best hyperparameter. "
+            f"The winner was {_esc(comparison['winner']['method'])}; {_esc(decided)} set δ in this audit.</p>"
+            + _table(rows, ["method", "value", *(f"{n}: FPR / AUROC" for n in names), "mean FPR", "mean AUROC"]))
