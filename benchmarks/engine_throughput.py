@@ -1,6 +1,12 @@
-"""Engine throughput on the CPU: plain forward vs ODIN (batched, per-image) and what each change buys.
+"""Engine throughput on the CPU: plain forward vs ODIN (batched, per-image) and what each change buys;
+and the cost of scoring every registered method against ODIN alone (same run, ratio).
 
     python -m benchmarks.engine_throughput [--data ../shared/data] [--images 2048] [--repeats 5]
+
+Every-method variants (``OdinScorer.score`` on uint8 images, so both sides pay the same
+conversion): ``methods=["odin"]`` (today's ODIN-only scoring) vs every table method with a fit
+whose KNN bank holds ``--bank`` rows (the fit's features tiled: a bank of that size costs the same),
+with and without AdaSCALE (its perturbed forward is the one extra pass).
 
 ResNet-20, batch 256, one process. Each variant is timed ``--repeats`` times, interleaved
 with the others (the machine is noisy); the median is reported. Every variant is given as a
@@ -53,6 +59,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow to build on CPU)")
+    ap.add_argument("--no-methods", action="store_true", help="skip the every-method variants")
+    ap.add_argument("--bank", type=int, default=50_000, help="KNN bank rows for the every-method variants")
+    ap.add_argument("--fit-images", type=int, default=512, help="images the every-method variants' fit sees")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = args.data if args.data.is_dir() else None
@@ -108,6 +117,31 @@ def main(argv=None) -> None:
         "ODIN + BN folding + channels-last (OdinScorer)": (odin(folded_cl, cl_chunks), n),
         "ODIN per-image loop (batch 1, as loaded)": (per_image_loop, per_image_x.shape[0]),
     }
+    if not args.no_methods:
+        import dataclasses
+
+        from odin_engine.detectors.reference import fit_images
+        from odin_engine.methods import TABLE_METHODS
+
+        fit = fit_images(loaded, imgs[:args.fit_images], temperature=T, device=dev, batch_size=bs)
+        reps = -(-args.bank // fit.bank.shape[0])
+        fit = dataclasses.replace(fit, bank=np.tile(fit.bank, (reps, 1))[:args.bank])
+        only = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, methods=["odin"])
+        every = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit)
+        no_ada = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit,
+                               methods=[m for m in TABLE_METHODS if m != "adascale"])
+        no_fit = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs)
+
+        def scorer(sc):
+            def run():
+                sc.score(imgs)
+                sync()
+            return run
+
+        variants["OdinScorer, ODIN only (methods=['odin'])"] = (scorer(only), n)
+        variants[f"OdinScorer, all 13 methods (fit, bank {args.bank:,})"] = (scorer(every), n)
+        variants["OdinScorer, all but adascale (fit)"] = (scorer(no_ada), n)
+        variants["OdinScorer, no fit (7 methods: no fitted ones)"] = (scorer(no_fit), n)
     if args.compile:
         compiled = torch.compile(folded_cl)
         odin(compiled, cl_chunks[:1])()  # build outside the timing
@@ -134,6 +168,10 @@ def main(argv=None) -> None:
     engine = rates["ODIN + BN folding + channels-last (OdinScorer)"]
     print(f"ODIN (OdinScorer) runs at {engine / fast:.3f}× the equally optimized forward (stricter) and "
           f"{engine / base:.3f}× the plain forward.")
+    if not args.no_methods:
+        only = rates["OdinScorer, ODIN only (methods=['odin'])"]
+        for name in [k for k in rates if k.startswith("OdinScorer, ") and "ODIN only" not in k]:
+            print(f"{name}: cost {only / rates[name]:.3f}× ODIN-only scoring (time ratio, same run)")
 
 
 if __name__ == "__main__":
