@@ -85,6 +85,10 @@ class DisplayScale:
     inverse: Callable[[np.ndarray], np.ndarray]
 
 
+#: methods whose scores are logits or log-sum-exps of logits
+_LOGIT_UNITS = frozenset({"max_logit", "energy", "scale", "ash_s", "react", "vim", "adascale"})
+
+
 def display_scale(method: str, delta: float, temperature: float = 1.0) -> DisplayScale:
     """A readable axis for ``method``'s scores, with δ at 0.
 
@@ -109,7 +113,8 @@ def display_scale(method: str, delta: float, temperature: float = 1.0) -> Displa
             lambda x: d * np.exp(np.asarray(x, np.float64) / t))
     return DisplayScale(
         f"{method} score − δ   (0 = δ; higher = more in-distribution)",
-        f"{method} scores are in logit units; the axis shows score − δ (δ = {d:.6g}), so 0 is the threshold.",
+        (f"{method} scores are in logit units" if method in _LOGIT_UNITS else f"{method} scores") +
+        f"; the axis shows score − δ (δ = {d:.6g}), so 0 is the threshold.",
         lambda s: np.asarray(s, np.float64) - d,
         lambda x: np.asarray(x, np.float64) + d)
 
