@@ -22,8 +22,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                              "directory or .csv/.parquet manifest, local, s3://, gs://, file://; NOT the held-out set "
                              "that calibrates δ")
     options.add_model_options(parser)
-    parser.add_argument("--head", metavar="MODULE_NAME", default=None,
-                        help="the classifier head (default: the last nn.Linear the forward calls)")
+    options.add_head_option(parser)
     parser.add_argument("--temperature", type=float, default=None,
                         help="ODIN's T (AdaSCALE shares ODIN's gradient at T); default: --tuning's, else 1000")
     parser.add_argument("--tuning", metavar="JSON", default=None, help="tuning.json whose T the fit uses")

@@ -105,6 +105,10 @@ def add_detector_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fit", metavar="FIT", default=None,
                         help="fitted reference statistics from `odin-audit fit` (local or bucket): computes the "
                              "fitted methods react, knn, vim, nci, fdbd, adascale (their columns are null without it)")
+    add_head_option(parser)
+
+
+def add_head_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", metavar="MODULE_NAME", default=None,
                         help="the classifier head whose input is the penultimate feature h (default: the last "
                              "nn.Linear the forward calls)")

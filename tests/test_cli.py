@@ -78,7 +78,7 @@ def _signature(action: argparse.Action) -> tuple:
 
 SHARED = ["--model", "--weights", "--mean", "--std", "--input-size", "--unsafe-pickle", "--temperature", "--epsilon",
           "--tuning", "--tpr", "--method", "--batch-size", "--workers", "--resize", "--ray-address", "--config",
-          "--shard-rows", "--object-store-mib"]
+          "--shard-rows", "--object-store-mib", "--fit", "--head"]
 
 
 @pytest.mark.parametrize("flag", SHARED)
@@ -88,9 +88,13 @@ def test_a_shared_option_means_the_same_in_every_command(flag):
     Exceptions are deliberate and listed: tune's --temperature is the fixed T of its id-only mode, the
     demo's T/ε are its own fixed defaults, --tpr's help names what δ keeps in each context, and audit's
     --tpr/--method default to None so that a value given beside --calibration can be told apart (and
-    checked against the frozen file); without --calibration they fall back to the same 0.95 / odin."""
+    checked against the frozen file); without --calibration they fall back to the same 0.95 / odin.
+    calibrate's --method defaults to None so that --tuning's chosen method applies unless --method is
+    given (its --tuning sets only the method: its scores are already made); fit's --temperature/--tuning set
+    only T (AdaSCALE's shared gradient), there is no ε."""
     deliberate = {("tune", "--temperature"), ("demo", "--temperature"), ("demo", "--epsilon"),
-                  ("audit", "--tpr"), ("audit", "--method")}
+                  ("audit", "--tpr"), ("audit", "--method"),
+                  ("fit", "--temperature"), ("fit", "--tuning"), ("calibrate", "--tuning")}
     seen = {}
     for command in COMMANDS:
         actions = {s: a for a in _parser(command)._actions for s in a.option_strings}
