@@ -157,8 +157,7 @@ def tuning_document(result: Mapping[str, Any], model_id: str, sources: Mapping[s
     }
 
 
-def tuned_method(path: str | Path) -> str | None:
-    """The method a ``tuning.json`` chose (``None`` in files written before methods were compared)."""
+def _tuning_doc(path: str | Path) -> dict[str, Any]:
     import json
 
     from odin_engine.io.store import read_bytes
@@ -167,23 +166,20 @@ def tuned_method(path: str | Path) -> str | None:
         doc = json.loads(read_bytes(str(path)).decode())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--tuning {path}: cannot read it ({exc})") from exc
-    return doc.get("method") if isinstance(doc, dict) else None
+    return doc if isinstance(doc, dict) else {}
+
+
+def tuned_method(path: str | Path) -> str | None:
+    """The method a ``tuning.json`` chose (``None`` in files written before methods were compared)."""
+    return _tuning_doc(path).get("method")
 
 
 def tuned_params(path: str | Path | None) -> dict[str, Any]:
     """``{method: value}`` of the hyperparameters a ``tuning.json`` chose (empty without a comparison)."""
-    import json
-
-    from odin_engine.io.store import read_bytes
-
     if not path:
         return {}
-    try:
-        doc = json.loads(read_bytes(str(path)).decode())
-    except (OSError, ValueError):
-        return {}
-    params = doc.get("params") if isinstance(doc, dict) else None
-    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in (params or {}).items() if k != "odin"}
+    params = _tuning_doc(path).get("params") or {}
+    return {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items() if k != "odin"}
 
 
 def load_tuning(path: str | Path, *, expect_model_id: str | None = None) -> tuple[float, float]:
