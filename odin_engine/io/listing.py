@@ -355,6 +355,7 @@ def split_points(fs: pafs.FileSystem, root: str, source: str) -> tuple[list[Entr
 # --------------------------------------------------------------------------- splitting among listing tasks
 SHARD_ENTRIES = 65536  # directory entries per listing task when a folder's own entries are split
 MAX_PREFIX_PARTS = 4096  # more sub-directories than this: they are split among the shards too
+PAGE_KEYS = 1000  # keys per listing request (the S3 API's maximum)
 PAGES_PER_PART = 16  # object-store listing pages (1,000 keys each) one task lists before it hands off the rest
 
 
@@ -507,7 +508,7 @@ def list_keys(root: str, source: str, part: Part, more: list | None = None) -> I
         raise OSError("listing s3:// by key ranges needs boto3 (pip install boto3)")
     bucket, key_prefix = _root_key(root)
     scheme = source.split("://", 1)[0]
-    kwargs = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": 1000}
+    kwargs = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": PAGE_KEYS}
     after, pages = max(part.after, ""), 0
     while True:
         args = dict(kwargs, StartAfter=after) if after else kwargs
