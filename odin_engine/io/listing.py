@@ -379,8 +379,9 @@ class Part:
     upto: str | None = None
 
 
+@functools.lru_cache(maxsize=1)
 def _s3_client():
-    """A boto3 S3 client (honours ``AWS_*`` variables, ``AWS_ENDPOINT_URL`` included), or None without boto3."""
+    """A boto3 S3 client, one per process (honours ``AWS_*`` variables, ``AWS_ENDPOINT_URL`` included), or None without boto3."""
     try:
         import boto3
         from botocore.config import Config
@@ -475,16 +476,19 @@ def _next_char(c: str) -> str | None:
     return chr(n) if n <= 0x10FFFF else None
 
 
-def split_range(last: str, upto: str | None, floor: str) -> list[tuple[str, str | None]]:
+def split_range(last: str, upto: str | None, floor: str, first: str | None = None) -> list[tuple[str, str | None]]:
     """``(last, upto]`` → consecutive ranges ``(a, b]`` covering it, geometrically growing.
 
     Boundaries are ``last`` with one character incremented, from the last character back to the
-    first one after ``floor`` (the root's key prefix): for ``img_0000999.png`` they fall after
+    first one after ``floor`` (the root's key prefix) — starting, when ``first`` (the first key the
+    part listed) is given, at the first character where ``first`` and ``last`` differ, so that the
+    first range is about one part's worth of keys: for ``img_0000999.png`` they fall after
     ``img_000099*``, ``img_00009*``, ``img_0000*``, … so the ranges hold about 10, 100, 1,000, …
     keys of a dense numbered folder, and the last, open one is split again when it is listed.
     """
     bounds = []
-    for j in range(len(last) - 1, len(floor) - 1, -1):
+    top = len(last) - 1 if first is None else min(len(last) - 1, len(os.path.commonprefix([first, last])))
+    for j in range(top, len(floor) - 1, -1):
         nxt = _next_char(last[j])
         if nxt is None:
             continue
@@ -509,7 +513,7 @@ def list_keys(root: str, source: str, part: Part, more: list | None = None) -> I
     bucket, key_prefix = _root_key(root)
     scheme = source.split("://", 1)[0]
     kwargs = {"Bucket": bucket, "Prefix": key_prefix, "MaxKeys": PAGE_KEYS}
-    after, pages = max(part.after, ""), 0
+    after, pages, first = max(part.after, ""), 0, None
     while True:
         args = dict(kwargs, StartAfter=after) if after else kwargs
         try:
@@ -518,6 +522,7 @@ def list_keys(root: str, source: str, part: Part, more: list | None = None) -> I
             raise OSError(f"cannot list s3://{bucket}/{key_prefix}: {short_error(exc)}") from None
         pages += 1
         contents = page.get("Contents", [])
+        first = first or (contents[0]["Key"] if contents else None)
         for obj in contents:
             key = obj["Key"]
             if part.upto is not None and key > part.upto:
@@ -529,5 +534,5 @@ def list_keys(root: str, source: str, part: Part, more: list | None = None) -> I
             return
         after = contents[-1]["Key"]
         if more is not None and pages >= PAGES_PER_PART:
-            more.extend(Part("keys", after=a, upto=b) for a, b in split_range(after, part.upto, key_prefix))
+            more.extend(Part("keys", after=a, upto=b) for a, b in split_range(after, part.upto, key_prefix, first))
             return
