@@ -89,8 +89,12 @@ def _read_local(path: bytes, max_bytes: int | None) -> bytes:
 
 
 def _read_store(uri: str, max_bytes: int | None) -> bytes:
+    from odin_engine.io.listing import odd_key
     from odin_engine.io.store import split_uri
 
+    why = odd_key(uri.split("://", 1)[1].partition("/")[2])
+    if why:  # the client would normalise the key and read another object, or refuse it
+        raise ReadError(f"bad uri: {path_text(uri)} has {why}, which the store client cannot read")
     fs, path = split_uri(uri)
     with fs.open_input_file(path) as fh:
         _check_size(fh.size(), max_bytes)
