@@ -353,7 +353,8 @@ def split_points(fs: pafs.FileSystem, root: str, source: str) -> tuple[list[Entr
 
 
 # --------------------------------------------------------------------------- splitting among listing tasks
-SHARD_ENTRIES = 65536  # directory entries per listing task when a folder's own entries are split
+SHARD_ENTRIES = 262144  # directory entries per listing task when a folder's own entries are split …
+MAX_SHARDS = 64  # … into at most this many tasks (each reads the folder's names once: more costs more readdir)
 MAX_PREFIX_PARTS = 4096  # more sub-directories than this: they are split among the shards too
 PAGE_KEYS = 1000  # keys per listing request (the S3 API's maximum)
 PAGES_PER_PART = 16  # object-store listing pages (1,000 keys each) one task lists before it hands off the rest
@@ -401,7 +402,8 @@ def plan_split(fs: pafs.FileSystem, root: str, source: str) -> list[Part]:
 
     Local disk: one pass over the root's names (``readdir`` only, no ``stat``) counts its own
     entries and collects sub-directory names while there are at most :data:`MAX_PREFIX_PARTS`;
-    the entries are split into ``ceil(n / SHARD_ENTRIES)`` hash shards, each sub-directory is one
+    the entries are split into ``min(MAX_SHARDS, ceil(n / SHARD_ENTRIES))`` hash shards (a task
+    writes its rows in chunks as it goes, so its memory does not grow with its share), each sub-directory is one
     ``prefix`` part (or, beyond the cap, the shards take the sub-directories too). ``s3://`` with
     boto3 installed: one ``keys`` part for the whole prefix, which splits itself as it is listed
     (:func:`list_keys`). Other stores: :func:`split_points`' sub-prefixes plus one part for the
@@ -429,7 +431,7 @@ def plan_split(fs: pafs.FileSystem, root: str, source: str) -> list[Part]:
                         n_files, dirs = n_files + len(dirs), None
             else:
                 n_files += 1
-    shards = max(1, -(-n_files // SHARD_ENTRIES))
+    shards = min(MAX_SHARDS, max(1, -(-n_files // SHARD_ENTRIES)))
     if dirs is None:
         return [Part("shard", k, shards, with_dirs=True) for k in range(shards)]
     return ([Part("shard", k, shards) for k in range(shards)] if n_files else []) + [
