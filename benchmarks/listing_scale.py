@@ -84,7 +84,7 @@ def part_flat(work: Path, sizes: list[int], cpus: int) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def _count_part(args) -> tuple[int, list]:
+def _count_part(args) -> tuple[int, list, int]:
     source, part, pages = args
     from odin_engine.io import listing as L
     from odin_engine.io.store import split_uri
@@ -92,8 +92,9 @@ def _count_part(args) -> tuple[int, list]:
     L.PAGES_PER_PART = pages
     fs, root = split_uri(source)
     more: list = []
+    before = L.list_requests
     n = sum(1 for _ in L.walk_part(fs, root, source, part, more))
-    return n, more
+    return n, more, L.list_requests - before
 
 
 def part_s3(work: Path, n_keys: int, procs: int, pages: int) -> None:
@@ -135,18 +136,19 @@ def part_s3(work: Path, n_keys: int, procs: int, pages: int) -> None:
 
         source = "s3://bench/flat"
         t0 = time.time()
-        total, tasks = 0, 0
+        total, tasks, requests = 0, 0, 0
         with ProcessPoolExecutor(procs) as ex:
             pending = {ex.submit(_count_part, (source, Part("keys"), pages))}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for f in done:
-                    n, more = f.result()
-                    total, tasks = total + n, tasks + 1
+                    n, more, req = f.result()
+                    total, tasks, requests = total + n, tasks + 1, requests + req
                     pending |= {ex.submit(_count_part, (source, p, pages)) for p in more}
         split = time.time() - t0
         print(f"   split key ranges, {procs} processes ({pages} pages per part): {total:,} keys in {split:.1f} s = "
-              f"{total / split:,.0f} keys/s in {tasks} parts (×{one / split:.2f} vs one process)")
+              f"{total / split:,.0f} keys/s in {tasks} parts, {requests} LIST requests vs "
+              f"{-(-n1 // 1000)} for one process (×{one / split:.2f} vs one process)")
         for rate, what in ((n1 / one, "one process"), (total / split, f"split, {procs} processes")):
             print(f"   → 10^8 keys at {rate:,.0f} keys/s ({what}): {1e8 / rate / 3600:.1f} h")
     finally:

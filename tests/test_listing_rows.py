@@ -75,7 +75,7 @@ def _own(root: Path) -> None:
         os.chown(root, TEST_UID, TEST_UID)
 
 
-NAMES = ["a.png", "b.JPG", "c.txt", "d.jpeg", "e", "f.webp"]
+NAMES = ["a.png", "b.JPG", "c.txt", "d.jpeg", "e", "f.webp", os.fsdecode(b"caf\xe9 100%.png")]
 
 
 def _random_tree(root: Path, rng: random.Random) -> list[tuple[Path, int]]:
@@ -117,9 +117,9 @@ def _expected(root: Path) -> tuple[set[str], set[str]]:
     need, dirs = set(), set()
     for p, dnames, fnames in os.walk(root):
         rel = os.path.relpath(p, root)
-        rel = "" if rel == "." else rel + "/"
+        rel = "" if rel == "." else "/".join(L.escape_name(os.fsencode(c)) for c in rel.split("/")) + "/"
         for n in dnames + fnames:
-            full = os.path.join(p, n)
+            full, n = os.path.join(p, n), L.escape_name(os.fsencode(n))
             if os.path.isdir(full) and not os.path.islink(full):
                 dirs.add(rel + n)
             elif L.is_image_name(n) or (os.path.islink(full) and os.path.isdir(full)):

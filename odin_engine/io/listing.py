@@ -357,6 +357,7 @@ SHARD_ENTRIES = 262144  # directory entries per listing task when a folder's own
 MAX_SHARDS = 64  # … into at most this many tasks (each reads the folder's names once: more costs more readdir)
 MAX_PREFIX_PARTS = 4096  # more sub-directories than this: they are split among the shards too
 PAGE_KEYS = 1000  # keys per listing request (the S3 API's maximum)
+list_requests = 0  # ListObjectsV2 requests this process made (the benchmark reports it)
 PAGES_PER_PART = 16  # object-store listing pages (1,000 keys each) one task lists before it hands off the rest
 
 
@@ -509,6 +510,7 @@ def _mtime_ns(dt) -> int:
 
 def list_keys(root: str, source: str, part: Part, more: list | None = None) -> Iterator[Entry]:
     """Keys ``after < k <= upto`` below ``root`` (``bucket/prefix``), as entries (see :func:`walk_part`)."""
+    global list_requests
     client = _s3_client()
     if client is None:
         raise OSError("listing s3:// by key ranges needs boto3 (pip install boto3)")
@@ -522,7 +524,7 @@ def list_keys(root: str, source: str, part: Part, more: list | None = None) -> I
             page = client.list_objects_v2(**args)
         except Exception as exc:  # noqa: BLE001 - botocore retried transient causes already
             raise OSError(f"cannot list s3://{bucket}/{key_prefix}: {short_error(exc)}") from None
-        pages += 1
+        pages, list_requests = pages + 1, list_requests + 1
         contents = page.get("Contents", [])
         first = first or (contents[0]["Key"] if contents else None)
         for obj in contents:
