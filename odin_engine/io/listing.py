@@ -1,9 +1,10 @@
 """Directory walk: every image below a root exactly once, on any tree (no Ray).
 
 :func:`walk` yields one :class:`Entry` per image file, or per thing the walk meets but cannot
-use, sorted by ``image_id``; :func:`split_points` cuts a tree into top-level entries and
-sub-prefixes that parallel tasks each ``walk(..., start=prefix)``, together covering the tree
-exactly once.
+use, sorted by ``image_id``. :func:`plan_split` cuts a tree into :class:`Part` objects that parallel
+tasks list with :func:`walk_part`, together covering the tree exactly once, without this process
+holding any per-file list (hash shards of a flat folder, sub-directories, S3 key ranges that
+split themselves); :func:`split_points` is the older cut (top-level entries + sub-prefixes).
 
 Rules on a local disk (walked with ``os.scandir`` on raw byte names, never following a link):
 
@@ -20,9 +21,11 @@ Rules on a local disk (walked with ``os.scandir`` on raw byte names, never follo
 * Symlinks that cannot be resolved give one error entry each when their name ends in an image
   extension: ``dangling symlink: …`` (target missing), ``symlink loop: …`` (self-looping or
   cyclic links). A non-regular file with an image name (FIFO, socket, device) gives ``not a
-  regular file: …`` (reading a FIFO would block forever). An entry whose ``stat`` fails gives
-  ``unreadable entry: …``; a directory that cannot be listed gives one ``unreadable directory:
-  …`` entry (id: its path). A directory met again below itself (a bind-mount loop: same device
+  regular file: …`` (reading a FIFO would block forever). An entry that cannot be classified —
+  its ``stat`` or ``readlink`` fails — gives ``unreadable entry: …`` *whatever its name*; a
+  directory that cannot be listed (no ``r``) or traversed (no ``x``) gives one ``unreadable
+  directory: …; its contents are not listed`` entry (id: its path), which stands for everything
+  below it. A directory met again below itself (a bind-mount loop: same device
   and inode as an ancestor) gives one ``directory loop: …`` entry and is not entered.
 * **Names that are not UTF-8**: each such path component's ``image_id`` part is escaped
   reversibly: every byte that is not part of valid UTF-8 becomes ``%XX`` (upper-case hex) and
@@ -33,9 +36,14 @@ Rules on a local disk (walked with ``os.scandir`` on raw byte names, never follo
   a valid name spelled like an escaped one (``caf%E9.jpg``) beside its undecodable twin in the
   same directory — gives both the same id, which the listing reports as a duplicate id.
 
-Object stores (``s3://``, ``gs://``) have no symlinks: a prefix is listed with pyarrow's
-``FileSelector`` (recursive below a prefix; non-recursive at the top for :func:`split_points`),
-transient failures retried as reads are (:mod:`odin_engine.io.reading`).
+Object stores (``s3://``, ``gs://``) have no symlinks. With boto3 installed, an ``s3://`` prefix
+is listed as key ranges (:func:`list_keys`: ``ListObjectsV2`` with ``StartAfter``, botocore's
+retries), every key exactly once whatever its slashes; otherwise a prefix is listed with
+pyarrow's ``FileSelector`` (recursive below a prefix; non-recursive at the top for
+:func:`split_points`), transient failures retried as reads are. ``image_id`` is the key after the
+prefix, verbatim; a key that the store clients cannot read (:func:`odd_key`: an empty, ``.`` or
+``..`` segment) is a final ``unreadable key: …`` entry. Paths in messages are text
+(:func:`odin_engine.io.failures.path_text`).
 
 Error entries carry ``error`` (a one-line message starting with one of the kinds above, see
 :data:`LISTING_ERROR_KINDS`) and ``size``/``mtime_ns`` ``None``; the scoring job turns them into
@@ -63,7 +71,7 @@ from odin_engine.io.reading import backoff_s
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 LISTING_ERROR_KINDS = ("directory symlink not followed", "dangling symlink", "symlink loop", "not a regular file",
-                       "unreadable entry", "unreadable directory", "directory loop")
+                       "unreadable entry", "unreadable directory", "directory loop", "unreadable key")
 
 
 NOT_LISTED = "; its contents are not listed"
