@@ -52,13 +52,16 @@ ray.shutdown()
 
 
 def make_flat(path: Path, n: int) -> None:
+    """``n`` zero-byte files in ``path`` (kept from an earlier run with ``--work``)."""
     path.mkdir(parents=True, exist_ok=True)
+    if sum(1 for _ in os.scandir(path)) == n:
+        return
     fd_flags = os.O_CREAT | os.O_WRONLY
     for i in range(n):
         os.close(os.open(path / f"img_{i:08d}.png", fd_flags, 0o644))
 
 
-def part_flat(work: Path, sizes: list[int], cpus: int) -> None:
+def part_flat(work: Path, sizes: list[int], cpus: int, keep: bool) -> None:
     from benchmarks.score_scale import run_sampled
 
     print(f"== flat folder: driver memory (local Ray, {cpus} CPUs)")
@@ -80,7 +83,8 @@ def part_flat(work: Path, sizes: list[int], cpus: int) -> None:
               f"list {r['list_s']:.1f} s ({r['listed'] / max(r['list_s'], 1e-9):,.0f} entries/s); "
               f"peak PSS all processes {peak:,.0f} MiB (×{peak / base[0]:.2f}), driver peak RSS "
               f"{r['driver_rss_mib']:,.0f} MiB (×{r['driver_rss_mib'] / base[1]:.2f}); files made in {made:.0f} s")
-        shutil.rmtree(d)
+        if not keep:
+            shutil.rmtree(d)
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -163,12 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--s3-keys", type=int, default=20000, help="0 to skip")
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--pages-per-part", type=int, default=2)
-    ap.add_argument("--work", default=None)
+    ap.add_argument("--work", default=None, help="keep the flat folders here for the next run (default: a temp dir)")
     args = ap.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="odin-listing-"))
     try:
         if args.flat:
-            part_flat(work, [int(x) for x in args.flat.split(",")], args.cpus)
+            part_flat(work, [int(x) for x in args.flat.split(",")], args.cpus, keep=args.work is not None)
         if args.s3_keys:
             part_s3(work, args.s3_keys, args.procs, args.pages_per_part)
     finally:

@@ -361,7 +361,7 @@ def split_points(fs: pafs.FileSystem, root: str, source: str) -> tuple[list[Entr
 
 
 # --------------------------------------------------------------------------- splitting among listing tasks
-SHARD_ENTRIES = 262144  # directory entries per listing task when a folder's own entries are split …
+SHARD_ENTRIES = 131072  # directory entries per listing task when a folder's own entries are split …
 MAX_SHARDS = 64  # … into at most this many tasks (each reads the folder's names once: more costs more readdir)
 MAX_PREFIX_PARTS = 4096  # more sub-directories than this: they are split among the shards too
 PAGE_KEYS = 1000  # keys per listing request (the S3 API's maximum)
