@@ -324,3 +324,23 @@ def test_every_message_kind_is_documented():
     missing = [k.prefix for k in MESSAGES if f"`{k.prefix}" not in doc]
     assert not missing, f"docs/scoring-job.md does not list {missing}"
     assert {k.prefix for k in MESSAGES if k.retryable} == {"read failed:", "scoring failed:"}
+
+
+def test_every_decode_and_read_message_has_a_kind(bad_images, tmp_path):
+    """The messages the job writes for bad files all belong to a documented kind (and are final)."""
+    from odin_engine.io.images import ImageDecodeError, decode_image
+
+    seen = set()
+    for name, data in bad_images.items():
+        try:
+            decode_image(data, 32)
+        except ImageDecodeError as exc:
+            kind = kind_of(str(exc))
+            assert kind is not None and not kind.retryable, str(exc)
+            seen.add(kind.prefix)
+    big = tmp_path / "big.png"
+    big.write_bytes(b"x" * 100)
+    with pytest.raises(ReadError) as info:
+        read_object(str(big), max_bytes=10)
+    assert kind_of(str(info.value)).prefix == "file too large:"
+    assert {"empty file:", "not an image", "truncated or corrupt:", "decompression bomb:"} <= seen
