@@ -120,8 +120,15 @@ def stable_version(st: os.stat_result) -> str | None:
     return f"pseudo:{fstype}" if fstype in PSEUDO_FILESYSTEMS else None
 
 
+@functools.lru_cache(maxsize=1)
+def _pseudo_prefixes() -> tuple[str, ...]:
+    return tuple(point.rstrip("/") + "/" for point, fstype in _mounts()[1] if fstype in PSEUDO_FILESYSTEMS)
+
+
 def pseudo_version(path: str) -> str | None:
     """:func:`stable_version` by path (longest mount point that contains ``path``), for manifests' local paths."""
+    if not path.startswith(_pseudo_prefixes()):  # the common case, one C call
+        return None
     path = os.path.abspath(path)
     for point, fstype in _mounts()[1]:
         if path == point or path.startswith(point.rstrip("/") + "/"):
