@@ -1,7 +1,8 @@
 """Listing at scale: driver memory over a flat folder, and S3 keys/s of the split listing vs one process.
 
-    python -m benchmarks.listing_scale                         # defaults: flat 1e5,1e6; 20,000 S3 keys
+    python -m benchmarks.listing_scale                         # defaults: flat 1e5,1e6; 8,000 S3 keys
     python -m benchmarks.listing_scale --flat 100000,1000000 --s3-keys 20000 --procs 4
+    python -m benchmarks.listing_scale --flat '' --s3-uri s3://my-bucket/images --procs 32 --pages-per-part 16
 
 1. **Flat folder**: ``--flat`` sizes of zero-byte ``.png`` files in ONE directory. For each, a
    fresh process starts a local Ray cluster of ``--cpus`` CPUs and runs what the job runs before
@@ -9,11 +10,13 @@
    ``jobs.score.list_corpus`` (listing tasks → hash-sorted chunk files). Printed: listed rows,
    tasks, seconds, and the peak of the summed PSS of the whole process tree (driver, GCS, raylet,
    workers) sampled every 0.2 s, and the driver's own peak RSS; ratios against the smallest size.
+   Baseline in the same run: one process walking the folder (``walk``, no Ray, no chunk files).
 2. **S3 keys/s** on a local S3 API (``moto_server``, started here) holding ``--s3-keys`` zero-byte
    keys in one flat prefix: one-process ``pyarrow.fs`` listing (``FileSelector``, recursive)
    against the split listing (``Part("keys")`` ranges that hand off the rest of their range every
    ``--pages-per-part`` pages of 1,000 keys) run by ``--procs`` worker processes, same bucket,
-   same run.
+   same run; with the LIST requests each made, and the time of one request (1,000 keys and 1 key).
+   ``--s3-uri`` runs the same comparison on an existing bucket (a real S3 endpoint) instead.
 """
 
 from __future__ import annotations
@@ -51,6 +54,16 @@ ray.shutdown()
 """
 
 
+_WALK_FLAT = """
+import sys, time
+from pyarrow import fs as pafs
+from odin_engine.io.listing import walk
+t0 = time.time()
+n = sum(1 for _ in walk(pafs.LocalFileSystem(), sys.argv[1], sys.argv[1]))
+print(n, time.time() - t0)
+"""
+
+
 def make_flat(path: Path, n: int) -> None:
     """``n`` zero-byte files in ``path`` (kept from an earlier run with ``--work``)."""
     path.mkdir(parents=True, exist_ok=True)
@@ -78,9 +91,13 @@ def part_flat(work: Path, sizes: list[int], cpus: int, keep: bool) -> None:
             print(f"   n={n}: failed rc={rc}\n{text[-2000:]}")
             continue
         r = json.loads(next(line for line in text.splitlines() if line.startswith('{"listed"')))
+        walked = subprocess.run([sys.executable, "-c", _WALK_FLAT, str(d)], cwd=REPO, capture_output=True, text=True,
+                                check=True).stdout.split()
+        one_s = float(walked[1])
         base = base or (peak, r["driver_rss_mib"])
         print(f"   n={n:>9,}: listed {r['listed']:,} in {r['tasks']} tasks; open_corpus {r['open_s']:.1f} s, "
-              f"list {r['list_s']:.1f} s ({r['listed'] / max(r['list_s'], 1e-9):,.0f} entries/s); "
+              f"list {r['list_s']:.1f} s ({r['listed'] / max(r['list_s'], 1e-9):,.0f} entries/s; one process's "
+              f"walk, no Ray: {one_s:.1f} s = {int(walked[0]) / one_s:,.0f} entries/s); "
               f"peak PSS all processes {peak:,.0f} MiB (×{peak / base[0]:.2f}), driver peak RSS "
               f"{r['driver_rss_mib']:,.0f} MiB (×{r['driver_rss_mib'] / base[1]:.2f}); files made in {made:.0f} s")
         if not keep:
@@ -101,7 +118,45 @@ def _count_part(args) -> tuple[int, list, int]:
     return n, more, L.list_requests - before
 
 
-def part_s3(work: Path, n_keys: int, procs: int, pages: int) -> None:
+def compare_s3(source: str, procs: int, pages: int) -> None:
+    """One-process pyarrow listing vs the split key-range listing of ``source`` (``s3://bucket/prefix``)."""
+    import boto3
+    from pyarrow import fs as pafs
+
+    from odin_engine.io.listing import Part, _root_key
+    from odin_engine.io.store import split_uri
+
+    fs, root = split_uri(source)
+    bucket, key_prefix = _root_key(root)
+    client = boto3.client("s3")
+    for max_keys in (1000, 1):
+        t0 = time.time()
+        for _ in range(3):
+            client.list_objects_v2(Bucket=bucket, Prefix=key_prefix, MaxKeys=max_keys)
+        print(f"   one ListObjectsV2 request of {max_keys:>4} key(s): {(time.time() - t0) / 3 * 1000:,.0f} ms")
+    t0 = time.time()
+    n1 = sum(1 for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File)
+    one = time.time() - t0
+    print(f"   one process, pyarrow.fs FileSelector: {n1:,} keys in {one:.1f} s = {n1 / one:,.0f} keys/s")
+    t0 = time.time()
+    total, tasks, requests = 0, 0, 0
+    with ProcessPoolExecutor(procs) as ex:
+        pending = {ex.submit(_count_part, (source, Part("keys"), pages))}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in done:
+                n, more, req = f.result()
+                total, tasks, requests = total + n, tasks + 1, requests + req
+                pending |= {ex.submit(_count_part, (source, p, pages)) for p in more}
+    split = time.time() - t0
+    print(f"   split key ranges, {procs} processes ({pages} pages per part): {total:,} keys in {split:.1f} s = "
+          f"{total / split:,.0f} keys/s in {tasks} parts, {requests} LIST requests vs {-(-n1 // 1000)} for one "
+          f"process (×{one / split:.2f} vs one process)")
+    for rate, what in ((n1 / one, "one process"), (total / split, f"split, {procs} processes")):
+        print(f"   → 10^8 keys at {rate:,.0f} keys/s ({what}): {1e8 / rate / 3600:.1f} h")
+
+
+def part_s3(n_keys: int, procs: int, pages: int) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import free_port, _wait_port  # noqa: PLC0415 - the test suite's helpers
 
@@ -120,7 +175,6 @@ def part_s3(work: Path, n_keys: int, procs: int, pages: int) -> None:
                           AWS_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
                           AWS_EC2_METADATA_DISABLED="true")
         import boto3
-        from pyarrow import fs as pafs
 
         client = boto3.client("s3")
         client.create_bucket(Bucket="bench")
@@ -129,32 +183,7 @@ def part_s3(work: Path, n_keys: int, procs: int, pages: int) -> None:
             list(ex.map(lambda i: client.put_object(Bucket="bench", Key=f"flat/img_{i:08d}.png", Body=b""),
                         range(n_keys)))
         print(f"== S3 listing, {n_keys:,} keys in one flat prefix (moto_server on loopback; put in {time.time() - t0:.0f} s)")
-        fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http", access_key="testing",
-                               secret_key="testing", region="us-east-1")
-        t0 = time.time()
-        n1 = sum(1 for i in fs.get_file_info(pafs.FileSelector("bench/flat", recursive=True))
-                 if i.type == pafs.FileType.File)
-        one = time.time() - t0
-        print(f"   one process, pyarrow.fs FileSelector: {n1:,} keys in {one:.1f} s = {n1 / one:,.0f} keys/s")
-        from odin_engine.io.listing import Part
-
-        source = "s3://bench/flat"
-        t0 = time.time()
-        total, tasks, requests = 0, 0, 0
-        with ProcessPoolExecutor(procs) as ex:
-            pending = {ex.submit(_count_part, (source, Part("keys"), pages))}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    n, more, req = f.result()
-                    total, tasks, requests = total + n, tasks + 1, requests + req
-                    pending |= {ex.submit(_count_part, (source, p, pages)) for p in more}
-        split = time.time() - t0
-        print(f"   split key ranges, {procs} processes ({pages} pages per part): {total:,} keys in {split:.1f} s = "
-              f"{total / split:,.0f} keys/s in {tasks} parts, {requests} LIST requests vs "
-              f"{-(-n1 // 1000)} for one process (×{one / split:.2f} vs one process)")
-        for rate, what in ((n1 / one, "one process"), (total / split, f"split, {procs} processes")):
-            print(f"   → 10^8 keys at {rate:,.0f} keys/s ({what}): {1e8 / rate / 3600:.1f} h")
+        compare_s3("s3://bench/flat", procs, pages)
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=30)
@@ -164,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--flat", default="100000,1000000", help="flat folder sizes ('' to skip)")
     ap.add_argument("--cpus", type=int, default=2)
-    ap.add_argument("--s3-keys", type=int, default=20000, help="0 to skip")
+    ap.add_argument("--s3-keys", type=int, default=8000, help="0 to skip")
+    ap.add_argument("--s3-uri", default=None, help="list this existing s3://bucket/prefix instead of a local moto one")
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--pages-per-part", type=int, default=2)
     ap.add_argument("--work", default=None, help="keep the flat folders here for the next run (default: a temp dir)")
@@ -173,8 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.flat:
             part_flat(work, [int(x) for x in args.flat.split(",")], args.cpus, keep=args.work is not None)
-        if args.s3_keys:
-            part_s3(work, args.s3_keys, args.procs, args.pages_per_part)
+        if args.s3_uri:
+            print(f"== S3 listing of {args.s3_uri} (AWS_* variables as usual)")
+            compare_s3(args.s3_uri, args.procs, args.pages_per_part)
+        elif args.s3_keys:
+            part_s3(args.s3_keys, args.procs, args.pages_per_part)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
