@@ -123,7 +123,7 @@ def compare_s3(source: str, procs: int, pages: int) -> None:
     import boto3
     from pyarrow import fs as pafs
 
-    from odin_engine.io.listing import Part, _root_key
+    from odin_engine.io.listing import Part, _root_key, walk_part
     from odin_engine.io.store import split_uri
 
     fs, root = split_uri(source)
@@ -138,6 +138,10 @@ def compare_s3(source: str, procs: int, pages: int) -> None:
     n1 = sum(1 for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File)
     one = time.time() - t0
     print(f"   one process, pyarrow.fs FileSelector: {n1:,} keys in {one:.1f} s = {n1 / one:,.0f} keys/s")
+    t0 = time.time()
+    n2 = sum(1 for _ in walk_part(fs, root, source, Part("keys")))  # the same code, never handing off
+    whole = time.time() - t0
+    print(f"   one process, key ranges (boto3) without splitting: {n2:,} keys in {whole:.1f} s = {n2 / whole:,.0f} keys/s")
     t0 = time.time()
     total, tasks, requests = 0, 0, 0
     with ProcessPoolExecutor(procs) as ex:
