@@ -148,8 +148,9 @@ def test_tune_reports_progress_unless_quiet(tune_files, quiet, capsys):
             "--output", str(out), *(["--quiet"] if quiet else [])]
     assert cli(argv) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip().splitlines()[-1].startswith("paper: T=") and out.is_file()
+    assert captured.out.strip().splitlines()[-1].startswith("paper: method ") and out.is_file()
     doc = json.loads(out.read_text())
+    assert doc["method"] in doc["comparison"]["best"] and "FPR at 95% TPR" in captured.out  # the method table
     assert (doc["sources"]["heldout"]["n"], doc["sources"]["ood"]["noise"]["n"]) == (24, 16)
     lines = [line for line in captured.err.splitlines() if line.startswith("[tune")]
     if quiet:
