@@ -20,7 +20,8 @@ from conftest import BAD_EXPECT, REPO, _with_descendants, make_images, pids_matc
 from jobs.cli import main as cli_main
 
 SCORE_COLS = ["image_id", "uri", "status", "error", "width", "height", "pred", "msp", "max_logit", "energy",
-              "odin", "temperature", "epsilon", "model_id", "run_id", "scored_at", "version"]
+              "odin", "gen", "scale", "ash_s", "react", "knn", "vim", "nci", "fdbd", "adascale",
+              "temperature", "epsilon", "model_id", "run_id", "scored_at", "version"]
 DOC = REPO / "docs" / "scoring-job.md"
 
 
@@ -149,6 +150,8 @@ def test_ray_job_submit_end_to_end_then_resume_and_refuse(ray_head, tiny_model, 
     assert rows["b ünï/rgba.png"]["status"] == "ok" and rows["b ünï/rgba.png"]["pred"] is not None
     ok = [r for r in rows.values() if r["status"] == "ok"]
     assert all(0 < r["odin"] <= 1 and 0 < r["msp"] <= 1 and r["run_id"] == "submit-test" for r in ok)
+    # no --fit: the fitted methods' columns are null, the others scored
+    assert all(r["knn"] is None and r["adascale"] is None and r["scale"] is not None for r in ok)
     assert all(r["temperature"] == 1000.0 and r["epsilon"] == 0.0014 for r in rows.values())
     meta = pq.read_schema(next((out / "scores").glob("*.parquet"))).metadata
     assert meta[b"odin.model_id"].decode().startswith("cifar_resnet20@sha256:")
