@@ -235,7 +235,7 @@ def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
                    {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
                 batch_size=args.batch_size, workers=args.workers, resize=args.resize,
                 shard_rows=args.shard_rows, object_store_mib=args.object_store_mib, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
-                print_summary=not args.quiet)
+                ray_verbose=getattr(args, "verbose", False), print_summary=not args.quiet)
 
 
 def _check_outputs(args: argparse.Namespace, plan: AuditPlan) -> None:
@@ -262,7 +262,7 @@ def _score(args: argparse.Namespace, plan: AuditPlan) -> tuple[dict[str, dict[st
     runs: dict[str, dict[str, Any]] = {}
     configs: dict[str, dict[str, Any]] = {}
     for name, src, sub in plan.jobs:
-        r = score_corpus(src, plan.out.uri(sub), **kw)
+        r = score_corpus(src, plan.out.uri(sub), **kw, label=name)
         configs[name] = r["config"]
         runs[name] = {"source": src, "output": plan.out.uri(sub), "run_id": r["run_id"],
                       "model_id": r["config"]["model_id"], "counts": r["counts"],
@@ -408,6 +408,9 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     runs, configs = _score(args, plan)
     t_scored = time.time()
+    if not args.quiet:  # one line per stage (scoring printed its own)
+        print(f"odin audit: scored {len(runs)} sets in {t_scored - t0:.0f}s; calibrating δ, flagging and writing "
+              "the report", flush=True)
     try:
         from odin_engine.decide.flagging import prepare
 

@@ -137,7 +137,11 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
 
 def add_quiet_option(parser: argparse.ArgumentParser,
                      help: str = "no progress output; only the one-line result (and errors)") -> None:
+    """``--quiet`` and ``--verbose`` (Ray's own output on the console too: jobs/ray_output.py)."""
     parser.add_argument("--quiet", action="store_true", help=help)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own output (INFO lines, Ray Data's progress, worker output); by "
+                             "default it goes to the Ray session's log files, whose path is printed once")
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
