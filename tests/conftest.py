@@ -43,7 +43,8 @@ Real parts (``ray_head``, ``s3_server``, ``gcs_server``, ``chromium``)
 Helpers (import them: ``from conftest import make_images, pids_matching``)
     ``REPO``, ``SHARED_DATA`` (``../shared/data``; may be absent), ``free_port()``,
     ``make_images(...)``, ``process_cmdlines()`` / ``pids_matching(needle)`` (from /proc: psutil
-    is not installed), ``BAD_EXPECT``.
+    is not installed), ``BAD_EXPECT``, ``ALARM`` (a regex: a console line an operator would call
+    alarming; a healthy run prints none).
 
 ``bad_images`` (session)
     ``{name: bytes}`` for every bad or odd input the job must survive: corrupt, truncated,
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -73,6 +75,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO / ".." / "shared" / "data"
 VENV_BIN = Path(sys.executable).parent
+# A console line an operator's log filter would call alarming: Python logging levels, Ray's C++
+# E/W/F lines, Python warnings. A healthy run prints none (tests/test_console.py).
+ALARM = re.compile(r"\b(ERROR|WARNING|CRITICAL|FATAL)\b|^\[\d{4}-\d\d-\d\d [\d:,]+ [EWF] \d+ \d+\]|Warning:")
 
 
 # --------------------------------------------------------------------------- real parts: fail under CI

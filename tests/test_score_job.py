@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BAD_EXPECT, REPO, _with_descendants, make_images, pids_matching, process_cmdlines
+from conftest import ALARM, BAD_EXPECT, REPO, _with_descendants, make_images, pids_matching, process_cmdlines
 from jobs.cli import main as cli_main
 
 SCORE_COLS = ["image_id", "uri", "status", "error", "width", "height", "pred", "msp", "max_logit", "energy",
@@ -558,6 +558,10 @@ def test_incremental_rerun_scores_only_new_and_changed_images(ray_head, tiny_mod
     again = run_job(cmd, ray_head.env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "this attempt scored 31 (54 already done)" in again.stdout
+    # a healthy run's default output (no TTY): the tool's lines only, nothing alarming (tests/test_console.py)
+    for proc in (first, again):
+        assert not proc.stderr.strip(), proc.stderr[-3000:]
+        assert all(ln.startswith("odin score") and not ALARM.search(ln) for ln in proc.stdout.splitlines()), proc.stdout
     att = json.loads((out / "run.json").read_text())["attempts"][-1]
     assert (att["scored"], att["new"], att["changed"], att["retried"], att["dropped"]) == (31, 30, 1, 0, 5)
     today = {p.relative_to(corpus).as_posix() for p in corpus.rglob("*.png")}
