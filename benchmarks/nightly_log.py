@@ -8,8 +8,8 @@
 2. Once: calibrates ResNet-20 (test-bed weights, T=1000, ε=0.0014) on ``heldout/`` (``--quiet``).
 3. The night: ``odin-audit audit --corpus night/ --calibration … --history …`` on a private local
    Ray cluster, stdout and stderr into one file as cron or ``kubectl logs`` would keep them
-   (``>> nightly.log 2>&1``: no TTY). Prints that file, its line count, and the longest silence
-   between two lines (measured as the lines arrive).
+   (``>> nightly.log 2>&1``: no TTY). Prints that file's lines, each with the second it arrived
+   at, its line count, and the longest silence between two lines.
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def main(argv=None) -> int:
         reader.join()
     total = time.monotonic() - t0
     text = log.read_text()
-    print(text, end="")
+    for t, line in zip(stamps, text.splitlines()):
+        print(f"[{t:5.0f} s] {line}")
     times = [0.0, *stamps, total]
     print(f"--- exit {rc}; {len(text.splitlines())} lines in {total:.0f} s; longest silence between lines "
           f"{max(b - a for a, b in zip(times, times[1:])):.0f} s; log: {log}")

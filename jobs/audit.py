@@ -409,8 +409,8 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     runs, configs = _score(args, plan)
     t_scored = time.time()
     if not args.quiet:  # one line per stage (scoring printed its own)
-        print(f"odin audit: scored {len(runs)} sets in {t_scored - t0:.0f}s; calibrating δ, flagging and writing "
-              "the report", flush=True)
+        print(f"odin audit: scored {len(runs)} set{'s' * (len(runs) != 1)} in {t_scored - t0:.0f}s; calibrating δ, "
+              "flagging and writing the report", flush=True)
     try:
         from odin_engine.decide.flagging import prepare
 

@@ -279,10 +279,13 @@ def _delete_tree(out: Store, name: str) -> None:
         out.fs.delete_dir(out.p(name))
 
 
+def _prefix(cfg: ScoreConfig) -> str:
+    return f"odin score [{cfg.label}]" if cfg.label else "odin score"
+
+
 def _say(prep: Prepared, text: str) -> None:
     if prep.cfg.verbose:
-        label = f" [{prep.cfg.label}]" if prep.cfg.label else ""
-        print(f"odin score{label}: {text}", flush=True)
+        print(f"{_prefix(prep.cfg)}: {text}", flush=True)
 
 
 def list_corpus(source: CorpusSource, out: Store, attempt: str) -> dict[str, Any]:
@@ -503,7 +506,7 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
     if cfg.print_summary:
         n = result["counts"]
         print(
-            f"odin score: {n['total']} rows ({n['ok']} ok, {n['error']} error) in {out.uri(SCORES_DIR)}; "
+            f"{_prefix(cfg)}: {n['total']} rows ({n['ok']} ok, {n['error']} error) in {out.uri(SCORES_DIR)}; "
             f"this attempt scored {scored_now} ({p['reused']} already done) in {pipeline_s:.1f}s "
             f"= {attempt['images_per_s']} images/s [new {p['new']}, changed {p['changed']}, retried {p['retried']}, "
             f"dropped {c['dropped']}] {stats['ray']['cluster_summary']}; exactly once: {exactly_once}"
@@ -554,6 +557,7 @@ def score_corpus(input: str, output: str, model: str, weights: str | None = None
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     cfg = ScoreConfig(input, output, model, weights, **options).checked()
     prep = prepare(cfg)
+    _say(prep, f"scoring {cfg.input} into {cfg.output} with {cfg.model} (T={cfg.temperature:g}, ε={cfg.epsilon:g})")
     ray_info = start_ray(prep)  # cluster and scoring actors checked before the first write
     prep.lock.acquire()  # one writer at a time, released however this call ends
     try:
