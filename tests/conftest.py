@@ -72,6 +72,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.ray_utils import LOCAL_CLUSTER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO / ".." / "shared" / "data"
 VENV_BIN = Path(sys.executable).parent
@@ -161,6 +163,9 @@ def ray_head(tmp_path_factory):
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         RAY_USAGE_STATS_ENABLED="0",
     )
+    # as deploy/dev-ray-head.sh: keep idle workers 60 s, so a job's short read/plan/commit tasks reuse
+    # them instead of each starting a fresh Python worker (~1 CPU-second apiece) while actors hold the CPUs
+    env.update(LOCAL_CLUSTER_ENV)
     env.pop("RAY_ADDRESS", None)
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",
