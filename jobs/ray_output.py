@@ -211,7 +211,8 @@ def routed_stderr():
         sys.stderr.flush()
         os.dup2(saved, 2)  # closes the pipe's last write end held by fd 2: the reader sees EOF
         thread.join(timeout=10)
-        os.close(saved)
+        if not thread.is_alive():  # else a process started meanwhile holds the pipe: the reader keeps `saved`
+            os.close(saved)
 
 
 def _keep_on_console(line: str) -> bool:
@@ -241,6 +242,9 @@ def _forward(read_fd: int, out_fd: int) -> None:
 def _route_line(raw: bytes, out_fd: int) -> None:
     text = raw.decode("utf-8", "replace").rstrip("\n")
     if _keep_on_console(text):
-        os.write(out_fd, raw)
+        try:
+            os.write(out_fd, raw)
+        except OSError:  # the console is gone: nothing else to do with the line
+            pass
     elif _log is not None:
         _log.write(text)
