@@ -608,7 +608,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, epsilon=args.epsilon, tuning=args.tuning, batch_size=args.batch_size,
         workers=args.workers, run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
-        ray_address=args.ray_address, verbose=not args.quiet, ray_verbose=args.verbose, decode_device=args.decode_device,
+        ray_address=args.ray_address, verbose=args.verbose or not args.quiet, ray_verbose=args.verbose,
+        decode_device=args.decode_device,
         object_store_mib=args.object_store_mib,
     )
     return 0 if result["verification"]["exactly_once"] else 1
