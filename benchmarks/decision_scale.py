@@ -2,13 +2,16 @@
 
     python -m benchmarks.decision_scale                    # 1M and 8M rows, this code and the baseline
     python -m benchmarks.decision_scale --sizes 1000000,8000000 --baseline-rev 3a50659
+    python -m benchmarks.decision_scale --baseline-rev '' --rules tpr,fdr   # TPR rule vs --fdr 0.1, same run
     python -m benchmarks.decision_scale --audit 300        # also: `audit` peak memory at 300 vs 3000 images
 
 For each size it writes a synthetic score table in the documented schema (files of 131,072 rows,
 random ODIN/MSP/energy scores, 1% error rows, a 10,000-row held-out table), then runs
 ``odin-audit calibrate`` on it **as a subprocess** and samples the resident memory (RSS) of that
-process and all its children every 0.05 s. Printed: peak RSS, wall time and rows/s per size, and
-the ratios 8M/1M. The baseline is the in-memory decision stage as of ``--baseline-rev`` (the
+process and all its children every 0.05 s. Printed: peak RSS, wall time and rows/s per size and
+decision rule (``--rules``: the TPR rule, and Benjamini–Hochberg with ``--fdr 0.1``, on the same
+tables in the same run; 1% of the corpus rows score below most held-out scores, so BH flags
+something), and the ratios 8M/1M. The baseline is the in-memory decision stage as of ``--baseline-rev`` (the
 commit before the streaming one), extracted with ``git archive`` into a temporary folder and run
 the same way in the same process, so both are measured under the same machine load.
 
@@ -36,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 FILE_ROWS = 131_072
 
 
-def synthetic_scores(n: int, out: Path, seed: int, prefix: str, error_rate: float = 0.01) -> Path:
+def synthetic_scores(n: int, out: Path, seed: int, prefix: str, error_rate: float = 0.01,
+                     low_rate: float = 0.0) -> Path:
     """``n`` rows in the score schema under ``out/scores/part-*.parquet``, written chunk by chunk."""
     sys.path.insert(0, str(REPO))
     from odin_engine.io.scores import output_schema
@@ -50,6 +54,8 @@ def synthetic_scores(n: int, out: Path, seed: int, prefix: str, error_rate: floa
         err = rng.uniform(size=m) < error_rate
         ok = ~err
         odin = 0.1 + rng.gamma(2.0, 2e-4, m)
+        low = rng.uniform(size=m) < low_rate  # outliers: below most held-out scores
+        odin[low] = 0.1 + rng.uniform(0.0, 2e-5, int(low.sum()))
         cols = {
             "image_id": pa.array([f"{prefix}/{i // 1000:06d}/img-{i:09d}.jpg" for i in range(start, start + m)]),
             "uri": pa.array([f"s3://bucket/{prefix}/{i:09d}.jpg" for i in range(start, start + m)]),
@@ -68,6 +74,8 @@ def synthetic_scores(n: int, out: Path, seed: int, prefix: str, error_rate: floa
             "run_id": pa.array(["bench"] * m),
             "scored_at": pa.array(np.full(m, np.datetime64("2026-01-01T00:00:00", "us")), pa.timestamp("us", tz="UTC")),
         }
+        for f in schema:  # columns of the schema this benchmark has no values for (e.g. a manifest's version)
+            cols.setdefault(f.name, pa.nulls(m, f.type))
         pq.write_table(pa.Table.from_pydict(cols, schema=schema), d / f"part-{k:05d}.parquet")
     return out
 
@@ -136,26 +144,29 @@ def baseline_tree(rev: str, dest: Path) -> Path | None:
     return dest
 
 
-def calibrate_cmd(scores: Path, heldout: Path, out: Path) -> list[str]:
+def calibrate_cmd(scores: Path, heldout: Path, out: Path, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "jobs.cli", "calibrate", "--scores", str(scores), "--heldout-scores", str(heldout),
-            "--output", str(out)]
+            "--output", str(out), *extra]
 
 
-def run_calibrate(sizes: list[int], rev: str | None, work: Path) -> None:
+RULES = {"tpr": ("TPR rule", ()), "fdr": ("--fdr 0.1", ("--fdr", "0.1"))}
+
+
+def run_calibrate(sizes: list[int], rev: str | None, work: Path, rules: list[str] = ("tpr",)) -> None:
     heldout = synthetic_scores(10_000, work / "heldout", 1, "held")
-    trees = {"streaming (this code)": REPO}
+    trees = {f"streaming, {RULES[r][0]}": (REPO, RULES[r][1]) for r in rules}
     if rev:
         old = baseline_tree(rev, work / "baseline")
         if old is not None:
-            trees[f"in-memory ({rev})"] = old
+            trees[f"in-memory ({rev})"] = (old, ())
     results: dict[str, dict[int, dict]] = {name: {} for name in trees}
     for n in sizes:
         t0 = time.perf_counter()
-        corpus = synthetic_scores(n, work / f"corpus-{n}", 2, "corpus")
+        corpus = synthetic_scores(n, work / f"corpus-{n}", 2, "corpus", low_rate=0.01)
         print(f"built {n:,} rows in {time.perf_counter() - t0:.1f} s", flush=True)
-        for name, tree in trees.items():
+        for name, (tree, extra) in trees.items():
             env = dict(os.environ, PYTHONPATH=str(tree))
-            r = measure(calibrate_cmd(corpus, heldout, work / f"out-{n}-{abs(hash(name))}"), env, work)
+            r = measure(calibrate_cmd(corpus, heldout, work / f"out-{n}-{abs(hash(name))}", extra), env, work)
             results[name][n] = r
             print(f"  {name:<28} {n:>10,} rows: peak RSS {r['peak_rss'] / 2**20:8.0f} MiB, "
                   f"{r['wall_s']:6.1f} s, {n / r['wall_s']:>10,.0f} rows/s", flush=True)
@@ -167,12 +178,12 @@ def run_calibrate(sizes: list[int], rev: str | None, work: Path) -> None:
             print(f"{name}: peak RSS {hi:,} / {lo:,} rows = {per[hi]['peak_rss'] / per[lo]['peak_rss']:.2f}x "
                   f"(target <= 1.5x); rows/s at {hi:,} = {hi / per[hi]['wall_s']:,.0f}")
     names = list(results)
-    if len(names) == 2:
-        new, old = results[names[0]], results[names[1]]
+    for other in names[1:]:
+        new, old = results[names[0]], results[other]
         for n in sizes:
             if n in new and n in old:
-                print(f"{n:>10,} rows: streaming / in-memory rows/s = {old[n]['wall_s'] / new[n]['wall_s']:.2f}x, "
-                      f"peak RSS = {new[n]['peak_rss'] / old[n]['peak_rss']:.2f}x")
+                print(f"{n:>10,} rows: {other} / {names[0]}: rows/s = {new[n]['wall_s'] / old[n]['wall_s']:.2f}x, "
+                      f"peak RSS = {old[n]['peak_rss'] / new[n]['peak_rss']:.2f}x")
 
 
 def run_audit(n: int, work: Path) -> None:
@@ -212,12 +223,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="git revision of the in-memory baseline ('' to skip it)")
     ap.add_argument("--audit", type=int, default=0, metavar="N", help="also measure `audit` on N and 10·N images")
     ap.add_argument("--skip-calibrate", action="store_true", help="only the --audit measurement")
+    ap.add_argument("--rules", default="tpr,fdr",
+                    help="decision rules of this code to measure: tpr (score < δ), fdr (--fdr 0.1); comma-separated")
     args = ap.parse_args(argv)
     print(f"load: {os.getloadavg()}; cpus: {os.cpu_count()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="odin-decision-scale-") as tmp:
         work = Path(tmp)
         if not args.skip_calibrate:
-            run_calibrate([int(s) for s in args.sizes.split(",") if s], args.baseline_rev or None, work)
+            run_calibrate([int(s) for s in args.sizes.split(",") if s], args.baseline_rev or None, work,
+                          [r for r in args.rules.split(",") if r])
         if args.audit:
             run_audit(args.audit, work)
     return 0

@@ -23,7 +23,8 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from jobs import options
-from jobs.calibrate import CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, decision_line, plan_flags, publish_flags
+from jobs.calibrate import (CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, decision_line, limits_line, plan_flags,
+                            publish_flags)
 from jobs.options import EXIT_CONFIG, describe, run_main
 from odin_engine.errors import ConfigError
 from odin_engine.settings import DEFAULT_METHOD, DEFAULT_TPR, CalibrationSettings, OdinSettings
@@ -476,6 +477,8 @@ def run(args: argparse.Namespace) -> int:
           f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%"
           f"{_rule_note(doc['decision'])}, expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
           f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
+    if doc["decision"].get("rule") == "fdr":
+        print(f"odin audit: limits: {limits_line(doc['decision'])}", file=sys.stderr, flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)

@@ -76,6 +76,15 @@ def decision_line(decision: dict[str, Any]) -> str:
             f"{'n/a' if est is None else est}")
 
 
+def limits_line(decision: dict[str, Any]) -> str:
+    """The resolution the held-out set allows BH (empty without p-values)."""
+    if decision.get("p_value") is None or decision.get("bh_min_count") is None:
+        return ""
+    return (f"smallest p-value {decision['min_p_value']:.3g} (n = {decision['n_heldout']} held-out): BH at FDR "
+            f"{decision['fdr_q']:g} flags anything only if at least {decision['bh_min_count']} images reach it "
+            f"({decision['n_at_min_p_value']} did); a larger held-out set lowers that bar")
+
+
 def calibrate_and_flag(
     scores: str, heldout_scores: str, output: str, settings: CalibrationSettings = CalibrationSettings(),
 ) -> dict[str, Any]:
@@ -122,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
         f"({100 * (s['outlier_rate'] or 0):.1f}%), {s['n_error']} errors; wrote {args.output}\n"
         f"decided by: {decision_line(cal['decision'])}"
     )
+    if limits_line(cal["decision"]):
+        print(f"limits: {limits_line(cal['decision'])}")
     return 0
 
 

@@ -185,6 +185,7 @@ def decision_summary(pv: ConformalPValues, counts: np.ndarray, *, order_statisti
         "fdr_score_threshold": _finite(pv.cut(t_bh)),  # BH flags score < this (None: nothing / everything)
         "min_p_value": float(v[0]),
         "bh_min_count": int(math.ceil(m * float(v[0]) / q - 1e-9)) if m else None,
+        "n_at_min_p_value": int(c[v == v[0]].sum()),
         "storey_lambda": STOREY_LAMBDA,
         "storey_pi0": pi0,
         "estimated_outliers": None if pi0 is None else int(round(m * (1.0 - pi0))),
