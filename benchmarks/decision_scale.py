@@ -203,7 +203,7 @@ def run_calibrate(sizes: list[int], rev: str | None, work: Path, rules: list[str
     for name, per in results.items():
         if lo in per and hi in per and lo != hi:
             print(f"{name}: peak RSS {hi:,} / {lo:,} rows = {per[hi]['peak_rss'] / per[lo]['peak_rss']:.2f}x "
-                  f"(target <= 1.5x); rows/s at {hi:,} = {hi / per[hi]['wall_s']:,.0f}")
+                  f"(targets: <= 1.5x from 1M to 8M, <= 1.2x from 4M to 16M); rows/s at {hi:,} = {hi / per[hi]['wall_s']:,.0f}")
     names = list(results)
     for other in names[1:]:
         new, old = results[names[0]], results[other]
