@@ -29,7 +29,8 @@ DECODE_DEVICES = ("cpu", "cuda")
 #: engine parameter names (``SettingError.parameter``) -> the flag that sets them
 PARAMETER_FLAGS = {
     "temperature": "--temperature", "epsilon": "--epsilon", "tuning": "--tuning", "tpr": "--tpr",
-    "method": "--method", "heldout": "--heldout", "confidence": "--confidence",
+    "method": "--method", "heldout": "--heldout", "confidence": "--confidence", "fdr": "--fdr",
+    "conditional": "--conditional",
 }
 
 
@@ -92,6 +93,16 @@ def add_tpr_option(parser: argparse.ArgumentParser,
     from odin_engine.settings import DEFAULT_TPR
 
     parser.add_argument("--tpr", type=float, default=DEFAULT_TPR, help=help)
+
+
+def add_fdr_options(parser: argparse.ArgumentParser) -> None:
+    """``--fdr Q`` and ``--conditional DELTA``: the decision rule (odin_engine/decide/conformal.py)."""
+    parser.add_argument("--fdr", metavar="Q", type=float, default=None,
+                        help="flag by Benjamini–Hochberg at false-discovery rate Q (e.g. 0.1) on conformal p-values "
+                             "over the corpus, instead of the TPR rule (score < δ)")
+    parser.add_argument("--conditional", metavar="DELTA", type=float, default=None,
+                        help="calibration-conditional p-values: their guarantee holds with probability >= 1 - DELTA "
+                             "over the held-out draw (more conservative: fewer flags); default: marginal p-values")
 
 
 def add_method_option(parser: argparse.ArgumentParser) -> None:
