@@ -35,7 +35,7 @@ def test_second_run_is_refused_while_the_first_holds_the_lease(tmp_path):
     first.acquire()
     held = json.loads((tmp_path / "out" / LOCK_FILE).read_text())
     assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
-    with pytest.raises(ConfigError, match="being written by another score run"):
+    with pytest.raises(ConfigError, match="being written by another run"):
         RunLock(fs, str(tmp_path / "out")).acquire()
     first.release()
     assert not (tmp_path / "out" / LOCK_FILE).exists()
@@ -89,7 +89,7 @@ def test_lease_on_a_real_s3_api(s3_server, s3_bucket):
     directory = f"{s3_bucket}/runs/r1"
     first = RunLock(fs, directory, settle_s=0.1)
     first.acquire()
-    with pytest.raises(ConfigError, match="being written by another score run"):
+    with pytest.raises(ConfigError, match="being written by another run"):
         RunLock(fs, directory, settle_s=0.1).acquire()
     first.release()
     assert fs.get_file_info(f"{directory}/{LOCK_FILE}").type == pafs.FileType.NotFound
@@ -108,5 +108,5 @@ def test_score_refuses_a_directory_another_run_is_writing_and_writes_nothing(tmp
     rc = cli_main(["score", "--input", str(tmp_path / "corpus"), "--output", str(out), *tiny_model.cli,
                    "--temperature", "1000", "--epsilon", "0.0014"])
     assert rc == 2
-    assert "being written by another score run" in capsys.readouterr().err
+    assert "being written by another run" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
