@@ -23,12 +23,12 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from jobs import options
-from jobs.calibrate import CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, publish_flags
-from jobs.options import EXIT_CONFIG, describe, run_main
+from jobs.calibrate import CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, output_lease, publish_flags
+from jobs.options import EXIT_CONFIG, EXIT_RUNTIME, describe, run_main
 from odin_engine.errors import ConfigError
 from odin_engine.settings import DEFAULT_METHOD, DEFAULT_TPR, CalibrationSettings, OdinSettings, check_heldout_size
 
-EXIT_OK, EXIT_EXACTLY_ONCE, EXIT_DRIFT, EXIT_AFTER_SCORING = 0, 1, 3, 4
+EXIT_OK, EXIT_EXACTLY_ONCE, EXIT_DRIFT, EXIT_AFTER_SCORING, EXIT_NO_DATA = 0, 1, 3, 4, 6
 #: every exit code of `odin-audit audit` (README "Scheduled audits" lists them for users)
 EXIT_CODES = {
     EXIT_OK: "done; no drift alarm (or no --fail-on-drift)",
@@ -37,6 +37,11 @@ EXIT_CODES = {
     EXIT_DRIFT: "drift alarm: the drift test's p-value < --fail-on-drift; every output is written first",
     EXIT_AFTER_SCORING: "scoring finished (its outputs are kept, a rerun resumes them) but the decision stage "
                         "could not run on what was scored, e.g. too few held-out images decoded",
+    EXIT_RUNTIME: "the run failed at run time (disk full, store unreachable, a Ray task failed): one line names "
+                  "the cause and a log file with the traceback; finished work and the previous complete result "
+                  "are kept, and the same command resumes",
+    EXIT_NO_DATA: "no-data night (with --fail-on-drift): fewer than --min-ok corpus images scored ok, so there is "
+                  "nothing to test; every output is written first and the history row records it",
 }
 EVALUATION_JSON, REPORT_HTML, AUDIT_JSON = "evaluation.json", "report.html", "audit.json"
 
@@ -63,7 +68,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="append one Parquet row per audit to this directory (local, s3://, gs://); "
                              "the report plots it")
     parser.add_argument("--fail-on-drift", metavar="ALPHA", type=float, default=None,
-                        help="exit 3 (after writing every output) when the drift test's p-value < ALPHA, e.g. 0.01")
+                        help="exit 3 (after writing every output) when the drift test's p-value < ALPHA, e.g. 0.01; "
+                             "exit 6 when fewer than --min-ok corpus images scored ok")
+    parser.add_argument("--min-ok", metavar="N", type=int, default=1,
+                        help="with --fail-on-drift: a night with fewer ok corpus images than this is a no-data "
+                             "night (exit 6)")
     options.add_odin_options(parser)
     options.add_tpr_option(parser, help=f"share of held-out in-distribution images kept at or above δ; "
                                         f"{DEFAULT_TPR:g} unless --calibration sets it")
@@ -78,6 +87,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     options.add_workers_option(parser)
     options.add_scale_options(parser)
     options.add_resize_option(parser)
+    options.add_flag_file_rows_option(parser)
     options.add_ray_options(parser)
     options.add_quiet_option(parser)
     options.add_config_option(parser)
@@ -100,6 +110,7 @@ class AuditPlan:
     frozen: dict[str, Any] | None = None  # the --calibration in use (load_frozen_calibration's result)
     history: Any = None  # Store of --history
     alpha: float | None = None  # --fail-on-drift
+    lease: Any = None  # RunLock on --output: one audit writes its decision outputs at a time
     notes: list[str] = field(default_factory=list)  # info lines for the user
 
 
@@ -165,6 +176,10 @@ def _check(args: argparse.Namespace) -> AuditPlan:
             raise ConfigError(f"--fail-on-drift: {exc}") from exc
     if args.gallery < 0:
         raise ConfigError("--gallery must be >= 0")
+    if args.min_ok < 1:
+        raise ConfigError("--min-ok must be >= 1")
+    if args.flag_file_rows is not None and args.flag_file_rows < 1:
+        raise ConfigError("--flag-file-rows must be >= 1")
     ood = parse_ood(args.ood)
     notes: list[str] = []
     frozen = None
@@ -188,6 +203,8 @@ def _check(args: argparse.Namespace) -> AuditPlan:
         cal = CalibrationSettings(DEFAULT_TPR if args.tpr is None else args.tpr, args.method or DEFAULT_METHOD)
         odin = OdinSettings.resolve(args.tuning, args.temperature, args.epsilon)
     out = _output_store("--output", args.output)
+    lease = output_lease(out, args.output)
+    lease.check_free()  # another audit writing here: refuse before anything is written
     history = _output_store("--history", args.history) if args.history else None
     jobs = [("corpus", str(args.corpus), "corpus")]
     if args.heldout and not frozen:
@@ -196,7 +213,7 @@ def _check(args: argparse.Namespace) -> AuditPlan:
     _check_sources(args, jobs, cal, frozen is None)
     # one name per model class, checked before anything is scored
     class_names = loaded.check_class_names(args.class_names) if args.class_names else None
-    return AuditPlan(odin, cal, out, ood, class_names, jobs, frozen, history, alpha, notes)
+    return AuditPlan(odin, cal, out, ood, class_names, jobs, frozen, history, alpha, lease, notes)
 
 
 def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], cal: CalibrationSettings,
@@ -322,15 +339,20 @@ def _evaluate(args: argparse.Namespace, plan: AuditPlan, heldout, ood):
 
 def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, heldout, evaluation, roc,
            t0: float, t_scored: float) -> dict[str, Any]:
-    """Flags, then the JSON summaries, the drift test, the history row, the report, and audit.json last."""
+    """One whole result under ``results/<id>/`` (flags, the JSON summaries, the drift test, the report,
+    audit.json), committed by the pointer (``odin_engine.io.results``); then the ``--history`` row."""
     import numpy as np
+
+    from odin_engine.io.results import Publication
 
     from odin_engine.decide.calibration import heldout_scores
     from odin_engine.decide.drift import drift_test
     from odin_engine.decide.flagging import summarize
     from odin_engine.report import counts_from_quantiles, display_scale, histogram_edges, render_report
 
-    out, method = plan.out, plan.calibration.method
+    method = plan.calibration.method
+    pub = Publication(plan.out)
+    out = pub.store  # this result's private directory: nothing in it is visible before the commit
     # a frozen calibration scores no held-out set: its histogram comes from the quantiles the
     # calibration kept (none in files written before they were kept: then it is absent)
     quantiles = (cal.get("heldout_quantiles") or []) if heldout is None else []
@@ -339,7 +361,8 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     edges = histogram_edges(scale, h_scores, flag_plan.stats.lo, flag_plan.stats.hi)
     h_counts = (np.histogram(h_scores, edges)[0] if heldout is not None
                 else counts_from_quantiles(quantiles, int(cal.get("n_heldout") or 0), edges))
-    flags = publish_flags(flag_plan, out, gallery=args.gallery, hist_edges=edges)
+    files = {} if args.flag_file_rows is None else {"rows_per_file": args.flag_file_rows}
+    flags = publish_flags(flag_plan, pub, gallery=args.gallery, hist_edges=edges, **files)
     summary = summarize(flag_plan.stats, plan.class_names)
     cal["summary"] = summary["overall"]
     cal["flags"] = {"path": FLAGS_DIR, "files": len(flags.files), "rank_ranges": len(flag_plan.ranges)}
@@ -348,8 +371,12 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         out.write_json(EVALUATION_JSON, evaluation)
     out.write_json(CALIBRATION_JSON, cal)
     drift = drift_test(cal, summary["overall"]["n_ok"], summary["overall"]["n_outliers"], plan.alpha)
+    drift["min_ok"] = args.min_ok
+    drift["no_data"] = plan.alpha is not None and summary["overall"]["n_ok"] < args.min_ok
     doc = {
         "version": 1,
+        "result_id": pub.result_id,
+        "result_dir": pub.path,  # relative to --output; "outputs" are relative to it
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_spec": args.model,
         "model_id": runs["corpus"]["model_id"],
@@ -368,14 +395,19 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "outputs": {"calibration": CALIBRATION_JSON, "flags": FLAGS_DIR + "/", "flag_summary": FLAG_SUMMARY_JSON,
                     "report": REPORT_HTML, **({"evaluation": EVALUATION_JSON} if evaluation is not None else {})},
     }
-    history_html = ""
-    if plan.history is not None:
-        from odin_engine.decide.history import append_history, history_row, read_history
+    history_html, row = "", None
+    if plan.history is not None:  # the row is appended after the commit: history names only published results
+        import pandas as pd
+        import pyarrow as pa
+
+        from odin_engine.decide.history import HISTORY_SCHEMA, history_file_name, history_row, read_history
         from odin_engine.report.history import history_plot_html
 
-        row = history_row(doc, cal, drift, summary["per_class"], output=out.uri())
-        doc["outputs"]["history_row"] = append_history(plan.history, row)
-        history_html = history_plot_html(read_history(plan.history))
+        row = history_row(doc, cal, drift, summary["per_class"], output=plan.out.uri())
+        doc["outputs"]["history_row"] = plan.history.uri(history_file_name(row))
+        tonight = pa.Table.from_pylist([row], schema=HISTORY_SCHEMA).to_pandas()
+        past = read_history(plan.history)
+        history_html = history_plot_html(pd.concat([past, tonight], ignore_index=True) if len(past) else tonight)
     metadata = {k: doc[k] for k in ("model_spec", "model_id", "temperature", "epsilon", "settings_from", "method",
                                     "tpr", "finished_at")}
     metadata.update({f"run_id ({k})": v["run_id"] for k, v in runs.items()})
@@ -393,6 +425,12 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     out.write_text(REPORT_HTML, html_text)
     doc["durations_s"]["total"] = round(time.time() - t0, 3)
     out.write_json(AUDIT_JSON, doc)
+    plan.lease.check_held()  # a run that lost its lease publishes nothing
+    pub.commit(command="audit", finished_at=doc["finished_at"])
+    if row is not None:
+        from odin_engine.decide.history import append_history
+
+        append_history(plan.history, row)
     return doc
 
 
@@ -406,20 +444,40 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     for note in plan.notes:
         print(f"odin audit: info: {note}", file=sys.stderr, flush=True)
     t0 = time.time()
-    runs, configs = _score(args, plan)
-    t_scored = time.time()
-    try:
-        from odin_engine.decide.flagging import prepare
+    with plan.lease:  # one audit writes here at a time; a killed one's lease dies with its pid
+        runs, configs = _score(args, plan)
+        t_scored = time.time()
+        heldout = None
+        try:
+            from odin_engine.decide.flagging import prepare
 
-        corpus, heldout, ood = _open_tables(args, plan)
-        cal = _calibrate(args, plan, corpus, heldout, configs)
-        flag_plan = prepare(corpus, cal["delta"], plan.calibration.method)
-        evaluation, roc = _evaluate(args, plan, heldout, ood)
-    except ConfigError as exc:
-        raise DecisionError(
-            f"scoring finished (its outputs are in {plan.out.uri()} and a rerun reuses them), but the decision "
-            f"stage cannot run on what was scored: {describe(exc)}") from exc
-    return _write(args, plan, runs, cal, flag_plan, heldout, evaluation, roc, t0, t_scored)
+            corpus, heldout, ood = _open_tables(args, plan)
+            cal = _calibrate(args, plan, corpus, heldout, configs)
+            flag_plan = prepare(corpus, cal["delta"], plan.calibration.method)
+            evaluation, roc = _evaluate(args, plan, heldout, ood)
+        except ConfigError as exc:
+            raise DecisionError(
+                f"scoring finished (its outputs are in {plan.out.uri()} and a rerun reuses them), but the decision "
+                f"stage cannot run on what was scored: {describe(exc)}{_heldout_errors_note(heldout)}") from exc
+        return _write(args, plan, runs, cal, flag_plan, heldout, evaluation, roc, t0, t_scored)
+
+
+def _heldout_errors_note(heldout, shown: int = 3) -> str:
+    """``. N held-out images failed to score, e.g. id: message; …`` and what to do (empty when none did)."""
+    if heldout is None:
+        return ""
+    from odin_engine.decide.calibration import heldout_errors
+
+    try:
+        n, examples = heldout_errors(heldout, shown)
+    except (ConfigError, OSError, ValueError):
+        return ""
+    if not n:
+        return ""
+    listed = "; ".join(f"{i}: {m}" for i, m in examples)
+    return (f". {n} held-out image(s) failed to score (status 'error'), e.g. {listed}. Replace or remove them, or "
+            "add held-out images, then rerun the same command (scored images are not scored again); every "
+            "failure is listed in the held-out scores' `error` column")
 
 
 def _pct(v: float | None) -> str:
@@ -456,11 +514,16 @@ def run(args: argparse.Namespace) -> int:
           f"{', frozen calibration' if doc['calibration_from'] else ''}); "
           f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%, "
           f"expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
-          f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
+          f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{doc['result_dir']}/{REPORT_HTML}", flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)
         return EXIT_EXACTLY_ONCE
+    if drift["no_data"]:
+        print(f"odin audit: NO DATA: {drift['n_ok']} corpus images scored ok (fewer than --min-ok {args.min_ok}): "
+              f"nothing to test for drift; {s['n_error']} errors (see the flags' error column) — check the corpus "
+              "source and its images", file=sys.stderr, flush=True)
+        return EXIT_NO_DATA
     if drift["alarm"]:
         print(f"odin audit: DRIFT ALARM: flagged {drift['n_flagged']} of {drift['n_ok']} ({_pct(drift['flag_rate'])}) "
               f"vs expected {_rate_interval(drift)}; p = {_p(drift)} < {drift['alpha']:g} (--fail-on-drift)",

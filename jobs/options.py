@@ -123,6 +123,13 @@ def add_scale_options(parser: argparse.ArgumentParser) -> None:
                              "cluster's object store)")
 
 
+def add_flag_file_rows_option(parser: argparse.ArgumentParser) -> None:
+    from odin_engine.decide.flagging import ROWS_PER_FILE
+
+    parser.add_argument("--flag-file-rows", type=int, default=None,
+                        help=f"rows per flags/ Parquet file (default {ROWS_PER_FILE:,})")
+
+
 def add_resize_option(parser: argparse.ArgumentParser) -> None:
     from odin_engine.io.images import RESIZE_POLICIES
 

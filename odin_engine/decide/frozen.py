@@ -45,13 +45,16 @@ def with_scoring_settings(calibration: Mapping[str, Any], config: Mapping[str, A
 
 def read_calibration(uri: str) -> dict[str, Any]:
     """Load a ``calibration.json`` (local path or ``s3://``/``gs://``/``file://`` URI; a directory
-    means its ``calibration.json``) and check it holds what a frozen calibration needs."""
+    means the ``calibration.json`` of its current result) and check it holds what a frozen calibration needs."""
     fs, path = resolve(str(uri))
     try:
         from pyarrow import fs as pafs
 
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            path = posixpath.join(path, CALIBRATION_FILE)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:  # an output directory: its current result's
+            from odin_engine.io.results import current
+            from odin_engine.io.store import Store
+
+            path = posixpath.join(current(Store(str(uri))).path, CALIBRATION_FILE)
         with fs.open_input_stream(path) as fh:
             raw = fh.read()
     except FileNotFoundError as exc:
