@@ -58,10 +58,34 @@ def read_calibration(uri: str) -> dict[str, Any]:
         with fs.open_input_stream(path) as fh:
             raw = fh.read()
     except FileNotFoundError as exc:
+        raw = _through_pointer(str(uri))  # DIR/calibration.json of an object store: DIR's current result's
+        if raw is not None:
+            return _checked(raw, uri)
         raise ConfigError(f"calibration not found: {uri} (an audit with a held-out set writes "
                           f"{CALIBRATION_FILE} into its output directory)") from exc
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read calibration {uri}: {exc}") from exc
+    return _checked(raw, uri)
+
+
+def _through_pointer(uri: str) -> bytes | None:
+    """``DIR/calibration.json`` where ``DIR`` publishes whole results (object stores have no link at
+    that path): the bytes of the current result's ``calibration.json``, or None."""
+    from odin_engine.io.results import read_pointer
+    from odin_engine.io.store import Store
+
+    parent, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri.rstrip("/") else ("", uri)
+    if name != CALIBRATION_FILE or not parent:
+        return None
+    try:
+        out = Store(parent)
+        pointer = read_pointer(out)
+        return out.join(pointer["path"]).read_bytes(CALIBRATION_FILE) if pointer else None
+    except (OSError, ValueError, ConfigError):
+        return None
+
+
+def _checked(raw: bytes, uri: str) -> dict[str, Any]:
     try:
         doc = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
