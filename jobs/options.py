@@ -269,15 +269,29 @@ LOG_DIR_ENV = "ODIN_AUDIT_LOG_DIR"
 
 
 def root_cause(exc: BaseException) -> BaseException:
-    """The error a Ray task raised (``RayTaskError.cause``), else ``exc`` itself."""
+    """The innermost error: through ``RayTaskError.cause`` and ``raise … from`` chains."""
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
         cause = getattr(exc, "cause", None)
         if not isinstance(cause, BaseException):
+            cause = exc.__cause__
+        if not isinstance(cause, BaseException):
             break
         exc = cause
     return exc
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(\w*(?:Error|Exception))(?:\([^)]*\))?: (.+)$", re.M)
+
+
+def first_error_line(text: str) -> str | None:
+    """The first ``SomeError: message`` line of a traceback text that is not one of Ray's wrappers:
+    Python prints the original error first, and Ray keeps a remote task's traceback only as text."""
+    for m in _ERROR_LINE.finditer(text):
+        if not m.group(0).startswith("ray."):
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    return None
 
 
 def save_traceback(prog: str, exc: BaseException) -> str:
@@ -303,14 +317,15 @@ def save_traceback(prog: str, exc: BaseException) -> str:
 
 def runtime_failure(prog: str, exc: BaseException) -> str:
     """The one line for a failure at run time: the cause, what to do, and where its traceback is."""
-    import errno
+    import traceback
 
     from odin_engine.errors import short_error
 
-    cause = root_cause(exc)
-    hint = ""
-    if isinstance(cause, OSError) and cause.errno == errno.ENOSPC or "No space left on device" in str(cause):
-        hint = "the disk is full: free space, then "
-    return (f"{prog}: error: the run failed at run time: {short_error(cause, 240)}; {hint or ''}rerun the same "
-            f"command to resume (finished work is kept; every published result is complete). "
-            f"Traceback: {save_traceback(prog, exc)}")
+    text = "".join(traceback.format_exception(exc))
+    what = short_error(root_cause(exc), 200)
+    origin = first_error_line(text)
+    if origin and origin[:60] not in what:  # a wrapper (a Ray task's error): name the original error too
+        what += f" (caused by {short_error(RuntimeError(origin), 240)[len('RuntimeError: '):]})"
+    hint = "the disk is full: free space, then " if "No space left on device" in text else ""
+    return (f"{prog}: error: the run failed at run time: {what}; {hint}rerun the same command to resume "
+            f"(finished work is kept; every published result is complete). Traceback: {save_traceback(prog, exc)}")

@@ -123,7 +123,7 @@ def _failed_on_full_disk(proc: subprocess.CompletedProcess, logs: Path) -> None:
     assert proc.returncode == 5, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr[-3000:]
-    assert "the run failed at run time" in lines[0] and "No space left on device" in lines[0]
+    assert "the run failed at run time" in lines[0] and "the disk is full: free space" in lines[0]
     assert "rerun the same command to resume" in lines[0]
     log = Path(re.search(r"Traceback: (\S+)", lines[0]).group(1))
     assert log.parent == logs and "Traceback (most recent call last)" in log.read_text()
