@@ -122,7 +122,7 @@ class Reader(threading.Thread):
                 self.violations.append(str(exc))
             except (FileNotFoundError, OSError):
                 pass  # pruned under the reader (a result two commits old): a retry, never a partial read
-            time.sleep(0.01)
+            time.sleep(0.05)
 
 
 def _new_result_dir(fs, root: str, known: set[str]) -> bool:
