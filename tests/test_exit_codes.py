@@ -94,6 +94,20 @@ class FullDisk:
         subprocess.run(["umount", str(self.path)], check=True, capture_output=True)
 
 
+@pytest.fixture
+def full_disk(can_mount):
+    """``full_disk(path)`` mounts a FullDisk there; every one still mounted is freed after the test."""
+    mounted: list[FullDisk] = []
+
+    def make(path: Path) -> FullDisk:
+        mounted.append(FullDisk(path))
+        return mounted[-1]
+
+    yield make
+    for disk in mounted:
+        subprocess.run(["umount", str(disk.path)], capture_output=True)
+
+
 @pytest.fixture(scope="module")
 def can_mount(tmp_path_factory):
     if os.geteuid() != 0:
@@ -134,14 +148,14 @@ def _current(out: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_full_disk_at_each_stage_is_exit_5_and_the_same_command_resumes(ray_head, small, can_mount, tmp_path):
+def test_full_disk_at_each_stage_is_exit_5_and_the_same_command_resumes(ray_head, small, full_disk, tmp_path):
     root, _ = small
     logs = tmp_path / "logs"
     env = dict(ray_head.env, ODIN_AUDIT_LOG_DIR=str(logs))
     out = tmp_path / "out"
 
     # listing: the corpus listing cannot be written
-    disk = FullDisk(out / "corpus" / "_listing")
+    disk = full_disk(out / "corpus" / "_listing")
     _failed_on_full_disk(_audit(small, out, env), logs)
     disk.free()
     first = _audit(small, out, env)
@@ -150,17 +164,17 @@ def test_full_disk_at_each_stage_is_exit_5_and_the_same_command_resumes(ray_head
 
     # scoring: four new images, and the staged blocks cannot be written (inside Ray tasks)
     _images(root / "corpus", 4, 3, prefix="new")
-    disk = FullDisk(out / "corpus" / "_staging")
+    disk = full_disk(out / "corpus" / "_staging")
     _failed_on_full_disk(_audit(small, out, env), logs)
     disk.free()
 
     # commit: the score table's folder is full
-    disk = FullDisk(out / "corpus" / "scores")
+    disk = full_disk(out / "corpus" / "scores")
     _failed_on_full_disk(_audit(small, out, env), logs)
     disk.free()
 
     # decision: the new result cannot be written; the previous complete result stays current
-    disk = FullDisk(out / "results")
+    disk = full_disk(out / "results")
     _failed_on_full_disk(_audit(small, out, env), logs)
     disk.free()
     assert _current(out)["summary"]["n_rows"] == 6
