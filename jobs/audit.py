@@ -366,6 +366,7 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     summary = summarize(flag_plan.stats, plan.class_names)
     cal["summary"] = summary["overall"]
     cal["flags"] = {"path": FLAGS_DIR, "files": len(flags.files), "rank_ranges": len(flag_plan.ranges)}
+    cal["result_id"] = pub.result_id
     out.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": method, **summary})
     if evaluation is not None:
         out.write_json(EVALUATION_JSON, evaluation)

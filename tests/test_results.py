@@ -61,7 +61,8 @@ def _calibrate_cmd(tables: Path, out: str, tpr: float) -> list[str]:
 
 
 # --------------------------------------------------------------------------- what a reader sees
-def read_current(fs: pafs.FileSystem, root: str) -> dict | None:
+def read_current(fs: pafs.FileSystem, root: str, rows: int = CORPUS_ROWS,
+                 parts: int = CORPUS_ROWS // FILE_ROWS) -> dict | None:
     """Read DIR through its pointer and check the result is whole; None before the first commit.
     Raises AssertionError on a partial or mixed result."""
     try:
@@ -79,8 +80,8 @@ def read_current(fs: pafs.FileSystem, root: str) -> dict | None:
     rid = pointer["result_id"]
     assert cal["result_id"] == rid, "calibration.json of another result"
     assert all(os.path.basename(f).startswith(f"part-{rid}-") for f in files), files
-    assert len(files) == cal["flags"]["files"] == CORPUS_ROWS // FILE_ROWS, f"{len(files)} flag files"
-    assert len(flags) == summary["n_rows"] == CORPUS_ROWS, f"{len(flags)} flag rows"
+    assert len(files) == cal["flags"]["files"] == parts, f"{len(files)} flag files"
+    assert len(flags) == summary["n_rows"] == rows, f"{len(flags)} flag rows"
     assert int(flags["is_outlier"].sum()) == summary["n_outliers"] == cal["summary"]["n_outliers"]
     assert ((flags["odin"] < cal["delta"]) == flags["is_outlier"].astype(bool)).all(), "flags of another δ"
     return {"result_id": rid, "n_outliers": summary["n_outliers"], "tpr": cal["target_tpr"]}
@@ -267,3 +268,47 @@ def test_s3_commit_and_old_layout_on_s3(s3_server, s3_bucket, monkeypatch):
     pub.commit()
     assert current(out).read_json("audit.json") == {"new": True}
     assert fs.get_file_info(f"{s3_bucket}/out/audit.json").type == pafs.FileType.NotFound  # old, stale: removed
+
+
+@pytest.mark.slow
+def test_kill_9_of_audit_in_its_decision_stage_keeps_the_previous_result(ray_head, tmp_path):
+    """The same, with `odin-audit audit` itself on a real Ray cluster (a resumed run: nothing to score,
+    so the kills land in the decision stage)."""
+    from PIL import Image
+
+    from _odin_helpers import random_weights, smooth_images
+
+    w = random_weights(tmp_path / "w.pt")
+    for name, n, seed in (("held", 10, 1), ("corpus", 12, 2)):
+        (tmp_path / name).mkdir()
+        for i, a in enumerate(smooth_images(n, seed)):
+            Image.fromarray(a).save(tmp_path / name / f"{name}{i:03d}.png")
+    out = tmp_path / "out"
+    fs, root = pafs.LocalFileSystem(), str(out)
+
+    def cmd(tpr: float) -> list[str]:
+        return [sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(tmp_path / "corpus"), "--heldout",
+                str(tmp_path / "held"), "--output", root, "--model", "cifar_resnet20", "--weights", str(w),
+                "--tpr", str(tpr), "--flag-file-rows", "3", "--gallery", "4", "--quiet"]
+
+    first = subprocess.run(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    previous = read_current(fs, root, rows=12, parts=4)
+    rng = random.Random(7)
+    for k in range(3):
+        known = _result_ids(fs, root)
+        proc = subprocess.Popen(cmd(0.6 + 0.1 * k), cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        while not _new_result_dir(fs, root, known) and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.3))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        now = read_current(fs, root, rows=12, parts=4)  # whole: the previous result, or the new one if committed
+        assert now["result_id"] == previous["result_id"] or now["result_id"] not in known
+        assert len(pd.read_parquet(out / "flags")) == 12  # the plain reader's stable path
+        previous = now
+    last = subprocess.run(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stderr[-3000:]  # the lease of the killed drivers died with them
+    assert read_current(fs, root, rows=12, parts=4)["result_id"] not in known
+    assert len(_result_ids(fs, root)) <= KEEP

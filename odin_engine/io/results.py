@@ -77,6 +77,9 @@ class Publication:
     result_id: str = field(default_factory=new_result_id)
     keep: int = KEEP
 
+    def __post_init__(self) -> None:
+        follow_pointer(self.out)  # a run killed between its commit and its links left `latest` behind
+
     @property
     def path(self) -> str:
         return posixpath.join(RESULTS_DIR, self.result_id)
