@@ -343,11 +343,10 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     audit.json), committed by the pointer (``odin_engine.io.results``); then the ``--history`` row."""
     import numpy as np
 
-    from odin_engine.io.results import Publication
-
     from odin_engine.decide.calibration import heldout_scores
     from odin_engine.decide.drift import drift_test
     from odin_engine.decide.flagging import summarize
+    from odin_engine.io.results import Publication
     from odin_engine.report import counts_from_quantiles, display_scale, histogram_edges, render_report
 
     method = plan.calibration.method
@@ -515,7 +514,8 @@ def run(args: argparse.Namespace) -> int:
           f"{', frozen calibration' if doc['calibration_from'] else ''}); "
           f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%, "
           f"expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
-          f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{doc['result_dir']}/{REPORT_HTML}", flush=True)
+          f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{doc['result_dir']}/{REPORT_HTML}",
+          flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)
