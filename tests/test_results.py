@@ -205,7 +205,9 @@ def test_kill_9_during_publication_never_shows_a_partial_result_local(tables, tm
     got = _kill_loop(pafs.LocalFileSystem(), str(out), str(out), tables, dict(os.environ), kills=11, local=out)
     assert got["killed"] >= 11 and got["views"] > 0 and got["stable_reads"] > 0, got
     assert os.path.realpath(out / LATEST) == str(out / json.loads((out / POINTER).read_text())["path"])
-    assert all((out / n).is_symlink() for n in STABLE_NAMES)
+    assert all((out / n).is_symlink() for n in ("flags", "calibration.json", "flag_summary.json"))
+    assert not any(os.path.lexists(out / n) for n in set(STABLE_NAMES) - {"flags", "calibration.json",
+                                                                        "flag_summary.json"})  # calibrate writes no report
 
 
 @pytest.mark.slow
@@ -244,6 +246,7 @@ def test_an_output_of_the_older_layout_is_converted(tmp_path):
     (root / "flags").mkdir(parents=True)
     (root / "flags" / "part-000-00000.parquet").write_bytes(b"old")
     (root / "audit.json").write_text('{"old": true}')
+    (root / "report.html").write_text("old")  # not part of the new result: removed, not left to look current
     out = Store(str(root))
     assert current(out).path == out.path  # no pointer: the files directly under DIR are the result
     pub = Publication(out)
@@ -253,6 +256,7 @@ def test_an_output_of_the_older_layout_is_converted(tmp_path):
     assert (root / "flags").is_symlink() and (root / "audit.json").is_symlink()
     assert json.loads((root / "audit.json").read_text()) == {"new": True}
     assert [p.name for p in (root / "flags").iterdir()] == [f"{pub.part_prefix}-000-00000.parquet"]
+    assert not os.path.lexists(root / "report.html")
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # nothing set aside is left
 
 

@@ -109,7 +109,7 @@ class Publication:
 
 def follow_pointer(out: Store, pointer: dict[str, Any] | None = None) -> None:
     """Local disks: point ``DIR/latest`` at the pointer's result (atomic rename of a new link) and
-    make each stable name a fixed link through it. An output of the older layout (real files and
+    make each stable name the result has a fixed link through it. An output of the older layout (real files and
     a real ``flags/`` under ``DIR``) is converted: its files are replaced by the links. Object
     stores have no links: readers there read the pointer."""
     pointer = pointer if pointer is not None else read_pointer(out)
@@ -122,6 +122,12 @@ def follow_pointer(out: Store, pointer: dict[str, Any] | None = None) -> None:
     for name in STABLE_NAMES:
         target = posixpath.join(LATEST, name)
         link = posixpath.join(root, name)
+        if not os.path.lexists(posixpath.join(root, pointer["path"], name)):  # not part of this result
+            if os.path.isdir(link) and not os.path.islink(link):  # the older layout's flags/
+                out.fs.delete_dir(link)
+            elif os.path.lexists(link):
+                os.unlink(link)
+            continue
         if os.path.islink(link) and os.readlink(link) == target:
             continue
         if os.path.isdir(link) and not os.path.islink(link):  # the older layout's flags/: set aside, then link
