@@ -244,13 +244,22 @@ def run_tasks(fn: Callable[..., Any], calls: list[tuple], num_cpus: float = 1.0)
     Large shared arguments should be ``ray.put`` once by the caller. Tasks are retried by Ray if a
     worker dies (every task here is idempotent).
     """
+    return run_growing_tasks(fn, calls, lambda result: [], num_cpus)
+
+
+def run_growing_tasks(fn: Callable[..., Any], calls: list[tuple], more: Callable[[Any], list[tuple]],
+                      num_cpus: float = 1.0) -> Iterable[Any]:
+    """:func:`run_tasks` for work that splits itself: ``more(result)`` gives the args tuples of new
+    tasks to run as well (an object-store key range hands off the rest of its range)."""
     import ray
 
     remote = ray.remote(num_cpus=num_cpus, max_retries=3)(fn)
     pending = [remote.remote(*args) for args in calls]
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
-        yield ray.get(done[0])
+        result = ray.get(done[0])
+        pending += [remote.remote(*args) for args in more(result)]
+        yield result
 
 
 # --------------------------------------------------------------------------- the Ray Data pipeline

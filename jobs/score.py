@@ -288,14 +288,23 @@ def _say(prep: Prepared, text: str) -> None:
 
 
 def list_corpus(source: CorpusSource, out: Store, attempt: str) -> dict[str, Any]:
-    """Listing tasks (one per corpus unit) write chunk files sorted by hash; the driver gets counts and paths."""
-    from jobs.pipeline import run_tasks
+    """Listing tasks (one per corpus unit, and one per unit a key range hands off) write chunk files
+    sorted by hash; the driver gets counts and paths, never entries."""
+    from jobs.pipeline import run_growing_tasks
 
     directory = out.p(LISTING_DIR, attempt)
     carried = source.carried.serialize().to_pybytes()
     chunks, rows, errors, problems = [], 0, 0, []
     calls = [(unit, carried, out.fs, directory, f"u{k:06d}") for k, unit in enumerate(source.units)]
-    for res in run_tasks(shards.list_unit_task, calls):
+    n_tasks = len(calls)
+
+    def more(res: dict) -> list[tuple]:
+        nonlocal n_tasks
+        new = [(unit, carried, out.fs, directory, f"u{n_tasks + k:06d}") for k, unit in enumerate(res.get("more", ()))]
+        n_tasks += len(new)
+        return new
+
+    for res in run_growing_tasks(shards.list_unit_task, calls, more):
         if "config_error" in res:
             problems.append(res["config_error"])
             continue
@@ -307,7 +316,7 @@ def list_corpus(source: CorpusSource, out: Store, attempt: str) -> dict[str, Any
         raise ConfigError(sorted(problems)[0])
     if rows == 0:
         raise empty_error(source.source, source.kind)
-    return {"chunks": sorted(chunks), "listed": rows, "listing_errors": errors, "tasks": len(calls)}
+    return {"chunks": sorted(chunks), "listed": rows, "listing_errors": errors, "tasks": n_tasks}
 
 
 def _by_partition(parts: list[tuple[int, int]], committed: dict[int, str],

@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from odin_engine.io.corpus import LISTING_ERROR
-from odin_engine.io.reading import RETRYABLE_PREFIXES  # error rows attempted again on a rerun
+from odin_engine.io.failures import RETRYABLE_PREFIXES  # error rows attempted again on a rerun
 
 SCORES_DIR = "scores"
 LISTING_DIR = "_listing"  # this attempt's listing chunks (deleted at the end)
@@ -140,13 +140,16 @@ def write_listing_chunks(fs: pafs.FileSystem, directory: str, name: str, batches
 
 
 def list_unit_task(unit, carried_bytes: bytes, fs: pafs.FileSystem, directory: str, name: str) -> dict[str, Any]:
-    """A listing task: one corpus unit → chunk files; a configuration problem comes back as ``{"config_error": msg}``."""
+    """A listing task: one corpus unit → chunk files, and ``more``: the units it handed off (the rest of
+    an object-store key range); a configuration problem comes back as ``{"config_error": msg}``."""
     from odin_engine.errors import ConfigError
     from odin_engine.io.corpus import list_unit
 
     carried = pa.ipc.read_schema(pa.py_buffer(carried_bytes))
+    more: list = []
     try:
-        return {"chunks": write_listing_chunks(fs, directory, name, list_unit(unit, carried))}
+        return {"chunks": write_listing_chunks(fs, directory, name, list_unit(unit, carried, more=more)),
+                "more": more}
     except ConfigError as exc:
         return {"config_error": str(exc)}
 

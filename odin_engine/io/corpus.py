@@ -51,7 +51,8 @@ from pyarrow import fs as pafs
 from odin_engine.errors import ConfigError
 from odin_engine.io.store import is_uri, resolve
 
-from odin_engine.io.listing import IMAGE_EXTENSIONS, split_points, walk
+from odin_engine.io.failures import os_error_line
+from odin_engine.io.listing import IMAGE_EXTENSIONS, Part, plan_split, pseudo_version, walk_part
 
 MANIFEST_EXTENSIONS = (".parquet", ".pq", ".csv")
 CARRIED_COLUMNS = ("label", "split")
@@ -72,11 +73,10 @@ class ListingUnit:
     """One independently listable piece of a corpus source."""
 
     source: str
-    kind: str  # "parquet" | "csv" | "files" | "prefix"
+    kind: str  # "parquet" | "csv" | "part"
     row_groups: tuple[int, ...] = ()
     row_offset: int = 0  # first data row of this unit in the manifest (for messages)
-    prefix: str = ""  # "prefix": the sub-prefix to walk ("sub/")
-    entries: tuple = ()  # "files": the top-level entries (already listed)
+    part: Part | None = None  # "part": a directory's share (odin_engine.io.listing.Part)
 
 
 @dataclass
@@ -140,6 +140,23 @@ def _csv_reader(fs: pafs.FileSystem, path: str, column_types: dict | None = None
                           convert_options=pacsv.ConvertOptions(column_types=types))
 
 
+def _is_text(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (
+        hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+
+
+def _check_types(schema: pa.Schema, source: str) -> None:
+    """``uri``/``path``/``image_id`` (and ``version``/``etag``) must be strings: no silent ``1`` → ``'1'``,
+    NaN → ``'nan'``, ``True`` → ``'true'``."""
+    for name in ("uri", "path", "image_id", *VERSION_COLUMNS):
+        if name in schema.names and not _is_text(schema.field(name).type):
+            raise ConfigError(f"manifest {source!r}: column {name!r} has type {schema.field(name).type}; it must be "
+                              "string (or large_string, or a dictionary of strings). Write it as text, e.g. "
+                              f"df[{name!r}] = df[{name!r}].astype(str) after checking its values.")
+
+
 def _open_manifest(fs: pafs.FileSystem, path: str, source: str) -> CorpusSource:
     try:
         if path.lower().endswith(".csv"):
@@ -157,6 +174,7 @@ def _open_manifest(fs: pafs.FileSystem, path: str, source: str) -> CorpusSource:
     except (pa.ArrowInvalid, OSError) as exc:
         raise ConfigError(f"cannot read manifest {source!r}: {exc}") from exc
     _uri_column(schema.names, source)
+    _check_types(schema, source)
     carried = pa.schema([schema.field(c) for c in CARRIED_COLUMNS if c in schema.names])
     units, group, rows, offset = [], [], 0, 0
     for g in range(meta.num_row_groups):
@@ -180,17 +198,10 @@ def open_corpus(source: str) -> CorpusSource:
         raise ConfigError(f"corpus source not found: {source!r}")
     if info.type == pafs.FileType.Directory:
         try:
-            entries, prefixes = split_points(fs, path, source)
+            parts = plan_split(fs, path, source)
         except OSError as exc:
-            raise ConfigError(f"cannot list corpus directory {source!r}: {exc}") from exc
-        if not prefixes and not isinstance(fs, pafs.LocalFileSystem):
-            # Some GCS APIs (the emulator) list no sub-prefixes without a delimiter reply: one task
-            # walks the whole prefix recursively, which is right whatever the store answered.
-            units = [ListingUnit(source, "prefix", prefix="")]
-        else:
-            units = [ListingUnit(source, "files", entries=tuple(entries))] if entries else []
-            units += [ListingUnit(source, "prefix", prefix=p) for p in prefixes]
-        return CorpusSource(source, "directory", units, pa.schema([]))
+            raise ConfigError(f"cannot list corpus directory {source!r}: {os_error_line(exc)}") from exc
+        return CorpusSource(source, "directory", [ListingUnit(source, "part", part=p) for p in parts], pa.schema([]))
     if path.lower().endswith(MANIFEST_EXTENSIONS):
         return _open_manifest(fs, path, source)
     raise ConfigError(
@@ -205,7 +216,8 @@ def _entry_rows(entries, schema: pa.Schema) -> pa.Table:
     for e in entries:
         ids.append(e.image_id)
         uris.append(e.uri)
-        versions.append(f"{e.size}:{e.mtime_ns}" if e.size is not None and e.mtime_ns is not None else None)
+        versions.append(e.version or (f"{e.size}:{e.mtime_ns}" if e.size is not None and e.mtime_ns is not None
+                                      else None))
         errors.append(e.error)
     return pa.table([pa.array(ids, pa.string()), pa.array(uris, pa.string()), pa.array(versions, pa.string()),
                      pa.array(errors, pa.string())], schema=schema)
@@ -223,14 +235,15 @@ def _batched(it, n: int):
 
 
 def _stat_versions(uris: list[str]) -> list[str | None]:
-    """``size:mtime_ns`` of local files (one vectorised stat call), None for missing ones and URIs."""
+    """``size:mtime_ns`` of local files (one vectorised stat call), None for missing ones and URIs,
+    ``pseudo:<fstype>`` for files on /proc, /sys, … (whose mtime changes on every stat)."""
     local = [i for i, u in enumerate(uris) if not is_uri(u)]
     out: list[str | None] = [None] * len(uris)
     if local:
         infos = pafs.LocalFileSystem().get_file_info([uris[i] for i in local])
         for i, info in zip(local, infos):
             if info.type == pafs.FileType.File:
-                out[i] = f"{info.size}:{info.mtime_ns}"
+                out[i] = pseudo_version(uris[i]) or f"{info.size}:{info.mtime_ns}"
     return out
 
 
@@ -248,10 +261,14 @@ def _manifest_rows(raw: pa.Table, fs: pafs.FileSystem, path: str, source: str, o
                    schema: pa.Schema) -> pa.Table:
     """One batch of manifest rows → listing rows. ``offset``: index of the batch's first data row."""
     col = _uri_column(raw.column_names, source)
+    _check_types(raw.schema, source)
     values = raw.column(col).cast(pa.string()).to_pylist()
-    empty = [offset + i for i, v in enumerate(values) if v is None or not str(v).strip()]
-    if empty:
-        raise ConfigError(f"manifest {source!r} has {len(empty)} empty {col!r} cells ({_where(fs, path, empty)})")
+    for name, cells in ((col, values), ("image_id", raw.column("image_id").cast(pa.string()).to_pylist()
+                                        if "image_id" in raw.column_names else [])):
+        empty = [offset + i for i, v in enumerate(cells) if v is None or not v.strip()]
+        if empty:
+            raise ConfigError(f"manifest {source!r} has {len(empty)} empty {name!r} cells ({_where(fs, path, empty)}): "
+                              f"fill them{' or drop the column (ids then default to the paths)' if name == 'image_id' else ''}")
     base = posixpath.dirname(path)
     manifest_uri_base = source.rsplit("/", 1)[0] if is_uri(source) else None
     local_fs = isinstance(fs, pafs.LocalFileSystem)
@@ -273,8 +290,7 @@ def _manifest_rows(raw: pa.Table, fs: pafs.FileSystem, path: str, source: str, o
         else:
             default_ids.append(uri)
     if "image_id" in raw.column_names:
-        given = raw.column("image_id").cast(pa.string()).to_pylist()
-        ids = [g if g is not None and str(g) != "" else d for g, d in zip(given, default_ids)]
+        ids = raw.column("image_id").cast(pa.string()).to_pylist()
     else:
         ids = default_ids
     vcol = next((c for c in VERSION_COLUMNS if c in raw.column_names), None)
@@ -287,20 +303,24 @@ def _manifest_rows(raw: pa.Table, fs: pafs.FileSystem, path: str, source: str, o
                                 schema=schema)
 
 
-def list_unit(unit: ListingUnit, carried: pa.Schema, batch_rows: int = BATCH_ROWS) -> Iterator[pa.Table]:
-    """Stream the listing rows of one unit in batches of at most ``batch_rows`` (unsorted)."""
+def list_unit(unit: ListingUnit, carried: pa.Schema, batch_rows: int = BATCH_ROWS,
+              more: list | None = None) -> Iterator[pa.Table]:
+    """Stream the listing rows of one unit in batches of at most ``batch_rows`` (unsorted).
+
+    With ``more`` a list, a unit that splits itself (an object-store key range) lists a bounded
+    share and appends the rest to ``more`` as new units; with ``more`` None it lists everything.
+    """
     schema = listing_schema(carried)
     fs, path = resolve(unit.source)
-    if unit.kind == "files":
-        for chunk in _batched(unit.entries, batch_rows):
-            yield _entry_rows(chunk, schema)
-        return
-    if unit.kind == "prefix":
+    if unit.kind == "part":
+        parts: list | None = [] if more is not None else None
         try:
-            for chunk in _batched(walk(fs, path, unit.source, start=unit.prefix), batch_rows):
+            for chunk in _batched(walk_part(fs, path, unit.source, unit.part, parts), batch_rows):
                 yield _entry_rows(chunk, schema)
         except OSError as exc:
-            raise ConfigError(f"cannot list corpus directory {unit.source!r}: {exc}") from exc
+            raise ConfigError(f"cannot list corpus directory {unit.source!r}: {os_error_line(exc)}") from exc
+        if parts:
+            more.extend(ListingUnit(unit.source, "part", part=p) for p in parts)
         return
     try:
         if unit.kind == "csv":

@@ -17,46 +17,30 @@ fails at once.
 The one error it raises is :class:`ReadError`; ``str(exc)`` is the row's error message:
 
 * ``read failed: <Type>: <detail>`` (``… (after N attempts)`` when retried) — the object could not
-  be read now. **Retryable**: a rerun of the same command attempts it again.
-* ``file too large: …`` / ``not a regular file: …`` — deterministic verdicts, final.
+  be read now (network, throttling, 5xx, timeout, permission denied, missing). **Retryable**: a
+  rerun of the same command attempts it again.
+* ``bad uri: …`` (unsupported scheme, empty path component), ``unreadable: …`` (EIO, …),
+  ``file too large: …`` / ``not a regular file: …`` — deterministic verdicts, final.
 
-The rerun contract (:data:`RETRYABLE_PREFIXES`, :func:`is_retryable`): a row with status
-``'error'`` whose error text starts with ``read failed:`` or ``scoring failed:`` is re-attempted
-by the next run; every other error row (``not an image``, ``decompression bomb``, ``empty
-file``, ``file too large``, listing errors, …) is final.
+The classification and the rerun contract live in :mod:`odin_engine.io.failures` (re-exported
+here: :data:`RETRYABLE_PREFIXES`, :func:`is_retryable`, :func:`is_transient`).
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import random
-import re
 import stat
 import time
 import urllib.parse
 
-from odin_engine.errors import short_error
+from odin_engine.io.failures import RETRYABLE_PREFIXES, is_retryable, is_transient, path_text, read_failure
 
-RETRYABLE_PREFIXES = ("read failed:", "scoring failed:")
+__all__ = ["RETRYABLE_PREFIXES", "ReadError", "backoff_s", "is_retryable", "is_transient", "read_object"]
+
 READ_FAILED = "read failed: "
 FAILING_STREAK_LIMIT = 8  # after this many objects in a row failed transiently, try each once until one succeeds
 _failing_streak = 0  # per process
-
-_NOT_TRANSIENT = re.compile(
-    r"ACCESS_DENIED|AccessDenied|NoSuchKey|NoSuchBucket|INVALID_ACCESS_KEY|SIGNATURE_DOES_NOT_MATCH|"
-    r"PERMISSION_DENIED|UNAUTHENTICATED|NOT_FOUND|HTTP status (?:400|401|403|404)\b"
-)
-_TRANSIENT = re.compile(
-    r"NETWORK_CONNECTION|SLOW_DOWN|SlowDown|THROTTL|Throttl|TooManyRequests|REQUEST_TIMEOUT|RequestTimeout|"
-    r"SERVICE_UNAVAILABLE|ServiceUnavailable|INTERNAL_FAILURE|InternalError|HTTP status (?:429|5\d\d)\b|"
-    r"\b(?:UNAVAILABLE|DEADLINE_EXCEEDED|RESOURCE_EXHAUSTED|ABORTED|INTERNAL)\b|"
-    r"curlCode: (?:[1-9]\d*)|CURL error|[Cc]onnection (?:reset|refused|aborted|closed)|[Cc]ould(?:n't| not) connect|"
-    r"[Tt]imed? ?out|[Tt]emporar(?:y|ily)|[Tt]ry again"
-)
-_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EINTR, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
-                     errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE,
-                     errno.ESTALE}
 
 
 class ReadError(OSError):
@@ -71,32 +55,17 @@ class ReadError(OSError):
         return is_retryable(str(self))
 
 
-def is_retryable(error: str | None) -> bool:
-    """The rerun contract: an error row whose text starts with ``read failed:`` or ``scoring failed:``."""
-    return bool(error) and str(error).startswith(RETRYABLE_PREFIXES)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth retrying inside the run: network errors, timeouts, throttling, 5xx (S3 and GCS messages as pyarrow words them)."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        return False
-    if isinstance(exc, (TimeoutError, ConnectionError, InterruptedError)):
-        return True
-    if not isinstance(exc, OSError):
-        return False
-    if exc.errno in _TRANSIENT_ERRNOS:
-        return True
-    text = str(exc)
-    return not _NOT_TRANSIENT.search(text) and bool(_TRANSIENT.search(text))
-
-
 def backoff_s(attempt: int, base: float = 0.25, cap: float = 4.0) -> float:
     """Seconds to wait after failed attempt ``attempt`` (1, 2, …): ``min(cap, base·2^(attempt-1)) · U(0.5, 1.5)``."""
     return min(cap, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
 def _kind(mode: int) -> str:
-    return "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "special file"
+    for test, word in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return word
+    return "special file"
 
 
 def _check_size(n: int, max_bytes: int | None) -> None:
@@ -110,7 +79,7 @@ def _read_local(path: bytes, max_bytes: int | None) -> bytes:
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise ReadError(f"not a regular file: {os.fsdecode(path)!r} is a {_kind(st.st_mode)}")
+            raise ReadError(f"not a regular file: {path_text(path)} is a {_kind(st.st_mode)}")
         _check_size(st.st_size, max_bytes)
     except BaseException:
         os.close(fd)
@@ -120,8 +89,12 @@ def _read_local(path: bytes, max_bytes: int | None) -> bytes:
 
 
 def _read_store(uri: str, max_bytes: int | None) -> bytes:
+    from odin_engine.io.listing import odd_key
     from odin_engine.io.store import split_uri
 
+    why = odd_key(uri.split("://", 1)[1].partition("/")[2])
+    if why:  # the client would normalise the key and read another object, or refuse it
+        raise ReadError(f"bad uri: {path_text(uri)} has {why}, which the store client cannot read")
     fs, path = split_uri(uri)
     with fs.open_input_file(path) as fh:
         _check_size(fh.size(), max_bytes)
@@ -152,7 +125,6 @@ def read_object(uri: str, max_bytes: int | None = None, *, attempts: int = 4, ba
             transient = is_transient(exc)
             if not transient or attempt == attempts:
                 _failing_streak = _failing_streak + 1 if transient else _failing_streak
-                after = f" (after {attempt} attempts)" if attempt > 1 else ""
-                raise ReadError(READ_FAILED + short_error(exc, 280) + after, transient, attempt) from None
+                raise ReadError(read_failure(exc, attempt), transient, attempt) from None
             time.sleep(backoff_s(attempt, backoff, max_backoff))
     raise AssertionError("unreachable")
