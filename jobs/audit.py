@@ -23,10 +23,11 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from jobs import options
-from jobs.calibrate import CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, output_lease, publish_flags
+from jobs.calibrate import (CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, decision_line, limits_line, output_lease,
+                            plan_flags, publish_flags)
 from jobs.options import EXIT_CONFIG, EXIT_RUNTIME, describe, run_main
 from odin_engine.errors import ConfigError
-from odin_engine.settings import DEFAULT_METHOD, DEFAULT_TPR, CalibrationSettings, OdinSettings, check_heldout_size
+from odin_engine.settings import DEFAULT_METHOD, DEFAULT_TPR, CalibrationSettings, OdinSettings
 
 EXIT_OK, EXIT_EXACTLY_ONCE, EXIT_DRIFT, EXIT_AFTER_SCORING, EXIT_NO_DATA = 0, 1, 3, 4, 6
 #: every exit code of `odin-audit audit` (README "Scheduled audits" lists them for users)
@@ -77,6 +78,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     options.add_tpr_option(parser, help=f"share of held-out in-distribution images kept at or above δ; "
                                         f"{DEFAULT_TPR:g} unless --calibration sets it")
     options.add_method_option(parser)
+    options.add_fdr_options(parser)
     # with --calibration, the TPR and method come from the file: None here means "not given"
     parser.set_defaults(tpr=None, method=None)
     parser.add_argument("--ood", metavar="NAME=SRC", action="append", default=None,
@@ -145,7 +147,16 @@ def _frozen(args: argparse.Namespace, loaded) -> tuple[dict[str, Any], OdinSetti
                           f"{cal['target_tpr']!r} there vs {args.tpr!r} now): drop --tpr (δ comes from the "
                           "calibration) or recalibrate with --heldout instead of --calibration")
     odin = OdinSettings(cal["temperature"], cal["epsilon"], origin=f"calibration {args.calibration}")
-    return cal, odin, CalibrationSettings(float(cal["target_tpr"]), cal["method"])
+    settings = CalibrationSettings(float(cal["target_tpr"]), cal["method"], fdr=args.fdr, conditional=args.conditional)
+    if args.fdr is not None or args.conditional is not None:
+        from odin_engine.decide.calibration import HELDOUT_SCORES
+
+        if not cal.get(HELDOUT_SCORES):
+            raise ConfigError(f"calibration {args.calibration} keeps no held-out scores (written by an older "
+                              "odin-audit), so it gives no p-values: recalibrate with --heldout to use --fdr or "
+                              "--conditional")
+        settings.check_heldout_size(len(cal[HELDOUT_SCORES]), f"held-out scores in calibration {args.calibration}")
+    return cal, odin, settings
 
 
 def _output_store(flag: str, uri: str):
@@ -200,7 +211,8 @@ def _check(args: argparse.Namespace) -> AuditPlan:
         if bool(args.heldout) == bool(args.heldout_split):
             raise ConfigError("give exactly one of --heldout SRC or --heldout-split NAME (or a frozen "
                               "--calibration PATH)")
-        cal = CalibrationSettings(DEFAULT_TPR if args.tpr is None else args.tpr, args.method or DEFAULT_METHOD)
+        cal = CalibrationSettings(DEFAULT_TPR if args.tpr is None else args.tpr, args.method or DEFAULT_METHOD,
+                                  fdr=args.fdr, conditional=args.conditional)
         odin = OdinSettings.resolve(args.tuning, args.temperature, args.epsilon)
     out = _output_store("--output", args.output)
     lease = output_lease(out, args.output)
@@ -240,7 +252,7 @@ def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], c
     else:
         n = count_rows(opened["corpus"], split=args.heldout_split)
         what = f"corpus rows with split == {args.heldout_split!r}"
-    check_heldout_size(n, cal.tpr, what)
+    cal.check_heldout_size(n, what)
 
 
 def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
@@ -252,7 +264,7 @@ def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
                    {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
                 batch_size=args.batch_size, workers=args.workers, resize=args.resize,
                 shard_rows=args.shard_rows, object_store_mib=args.object_store_mib, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
-                print_summary=not args.quiet)
+                ray_verbose=getattr(args, "verbose", False), print_summary=not args.quiet)
 
 
 def _check_outputs(args: argparse.Namespace, plan: AuditPlan) -> None:
@@ -279,7 +291,7 @@ def _score(args: argparse.Namespace, plan: AuditPlan) -> tuple[dict[str, dict[st
     runs: dict[str, dict[str, Any]] = {}
     configs: dict[str, dict[str, Any]] = {}
     for name, src, sub in plan.jobs:
-        r = score_corpus(src, plan.out.uri(sub), **kw)
+        r = score_corpus(src, plan.out.uri(sub), **kw, label=name)
         configs[name] = r["config"]
         runs[name] = {"source": src, "output": plan.out.uri(sub), "run_id": r["run_id"],
                       "model_id": r["config"]["model_id"], "counts": r["counts"],
@@ -362,15 +374,16 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
                 else counts_from_quantiles(quantiles, int(cal.get("n_heldout") or 0), edges))
     files = {} if args.flag_file_rows is None else {"rows_per_file": args.flag_file_rows}
     flags = publish_flags(flag_plan, pub, gallery=args.gallery, hist_edges=edges, **files)
-    summary = summarize(flag_plan.stats, plan.class_names)
+    summary = summarize(flag_plan.stats, plan.class_names, cal["decision"])
     cal["summary"] = summary["overall"]
     cal["flags"] = {"path": FLAGS_DIR, "files": len(flags.files), "rank_ranges": len(flag_plan.ranges)}
     cal["result_id"] = pub.result_id
-    out.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": method, **summary})
+    out.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": method, "decision": cal["decision"], **summary})
     if evaluation is not None:
         out.write_json(EVALUATION_JSON, evaluation)
     out.write_json(CALIBRATION_JSON, cal)
-    drift = drift_test(cal, summary["overall"]["n_ok"], summary["overall"]["n_outliers"], plan.alpha)
+    # the drift test's model is the TPR rule's count (score < δ), whichever rule decided the flags
+    drift = drift_test(cal, summary["overall"]["n_ok"], summary["overall"]["n_flagged_tpr"], plan.alpha)
     drift["min_ok"] = args.min_ok
     drift["no_data"] = plan.alpha is not None and summary["overall"]["n_ok"] < args.min_ok
     doc = {
@@ -386,6 +399,7 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "method": method,
         "tpr": plan.calibration.tpr,
         "delta": cal["delta"],
+        "decision": cal["decision"],
         "calibration_from": cal.get("frozen_from"),
         "summary": summary["overall"],
         "drift": drift,
@@ -416,12 +430,14 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
             if quantiles else "it keeps no held-out quantiles (an older file), so the held-out histogram is absent")
     metadata["calibration"] = (f"frozen: {cal['frozen_from']} (created {cal.get('created_at')}); no held-out set "
                                f"scored: {held}" if plan.frozen else "made in this audit from the held-out set")
+    metadata["decided by"] = decision_line(cal["decision"])
     metadata["drift test p-value"] = drift["p_value"]
     metadata["expected flag rate [95% interval]"] = _rate_interval(drift)
     html_text = render_report(
         calibration=cal, summary=summary, evaluation=evaluation, roc_scores=roc, runs=runs, metadata=metadata,
         histogram={"edges": edges, "heldout": h_counts, "corpus": flags.histogram},
-        gallery=flags.gallery, errors=flags.errors, title=f"odin-audit: {args.corpus}", extra_html=history_html)
+        gallery=flags.gallery, errors=flags.errors, title=f"odin-audit: {args.corpus}", extra_html=history_html,
+        p_values=(flag_plan.pvalues.levels(), flag_plan.stats.p_counts) if flag_plan.pvalues is not None else None)
     out.write_text(REPORT_HTML, html_text)
     doc["durations_s"]["total"] = round(time.time() - t0, 3)
     out.write_json(AUDIT_JSON, doc)
@@ -447,13 +463,14 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     with plan.lease:  # one audit writes here at a time; a killed one's lease dies with its pid
         runs, configs = _score(args, plan)
         t_scored = time.time()
+        if not args.quiet:  # one line per stage (scoring printed its own)
+            print(f"odin audit: scored {len(runs)} set{'s' * (len(runs) != 1)} in {t_scored - t0:.0f}s; calibrating "
+                  "δ, flagging and writing the report", flush=True)
         heldout = None
         try:
-            from odin_engine.decide.flagging import prepare
-
             corpus, heldout, ood = _open_tables(args, plan)
             cal = _calibrate(args, plan, corpus, heldout, configs)
-            flag_plan = prepare(corpus, cal["delta"], plan.calibration.method)
+            flag_plan = plan_flags(corpus, cal, plan.calibration)
             evaluation, roc = _evaluate(args, plan, heldout, ood)
         except ConfigError as exc:
             raise DecisionError(
@@ -489,6 +506,12 @@ def _rate_interval(drift: dict[str, Any]) -> str:
     return f"{_pct(drift['expected_rate'])} [{_pct(lo)}, {_pct(hi)}]"
 
 
+def _rule_note(decision: dict[str, Any]) -> str:
+    if decision.get("rule") != "fdr":
+        return ""
+    return f" by BH at FDR {decision['fdr_q']:g}; the TPR rule: {decision['n_flagged_tpr']}"
+
+
 def _p(drift: dict[str, Any]) -> str:
     return "n/a (no ok image)" if drift["p_value"] is None else f"{drift['p_value']:.3g}"
 
@@ -512,10 +535,12 @@ def run(args: argparse.Namespace) -> int:
     where = f" (scored {doc['cluster']['summary']})" if doc.get("cluster") else ""
     print(f"odin audit: δ={doc['delta']:.6g} ({doc['method']}, T={doc['temperature']:g}, ε={doc['epsilon']:g}"
           f"{', frozen calibration' if doc['calibration_from'] else ''}); "
-          f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%, "
-          f"expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
+          f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%"
+          f"{_rule_note(doc['decision'])}, expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
           f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{doc['result_dir']}/{REPORT_HTML}",
           flush=True)
+    if doc["decision"].get("rule") == "fdr":
+        print(f"odin audit: limits: {limits_line(doc['decision'])}", file=sys.stderr, flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)

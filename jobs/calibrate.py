@@ -25,6 +25,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="held-out in-distribution scores, made with the same model and settings")
     options.add_tpr_option(parser)
     options.add_method_option(parser)
+    options.add_fdr_options(parser)
     parser.add_argument("--output", metavar="DIR",
                         help="writes calibration.json, flags/part-*.parquet, flag_summary.json as one result, "
                              "published whole (local, s3://, gs://; docs/decision-stage.md)")
@@ -47,6 +48,51 @@ def output_lease(out, display: str):
     return RunLock(out.fs, out.path, display=display)
 
 
+def plan_flags(corpus, cal: dict[str, Any], settings: CalibrationSettings):
+    """The flag plan for ``corpus`` under ``cal`` (δ and the sorted held-out scores) and the rule in
+    ``settings`` (TPR, or ``fdr``); records the decision in ``cal["decision"]``.
+
+    A calibration without held-out scores (a frozen file written before they were kept) gives null
+    p-values and cannot decide by FDR (refused, exit 2).
+    """
+    from odin_engine.decide.calibration import heldout_p_values
+    from odin_engine.decide.flagging import prepare
+
+    pv = heldout_p_values(cal, settings.conditional)
+    if pv is None and (settings.fdr is not None or settings.conditional is not None):
+        raise ConfigError(f"calibration {cal.get('frozen_from', '')} keeps no held-out scores (written by an older "
+                          "odin-audit), so it gives no p-values: recalibrate with held-out images to use --fdr or "
+                          "--conditional")
+    if pv is not None and settings.fdr is not None:
+        from odin_engine.decide.conformal import check_heldout_for_fdr
+
+        check_heldout_for_fdr(pv.n, settings.fdr, settings.conditional)
+    plan = prepare(corpus, cal["delta"], settings.method, heldout=pv, order_statistic_k=cal["order_statistic_k"],
+                   fdr=settings.fdr)
+    cal["decision"] = plan.decision or {"rule": "tpr", "rule_text": "TPR rule: score < δ", "p_value": None}
+    return plan
+
+
+def decision_line(decision: dict[str, Any]) -> str:
+    """Which rule decided, and what the other rule would have flagged (one line)."""
+    if decision.get("p_value") is None:
+        return "TPR rule (score < δ); no p-values (the calibration keeps no held-out scores)"
+    other = (f"the TPR rule would flag {decision['n_flagged_tpr']}" if decision["rule"] == "fdr" else
+             f"BH at FDR {decision['fdr_q']:g} would flag {decision['n_flagged_fdr']}")
+    est = decision.get("estimated_outliers")
+    return (f"{decision['rule_text']}; {other}; Storey's estimate of outliers: "
+            f"{'n/a' if est is None else est}")
+
+
+def limits_line(decision: dict[str, Any]) -> str:
+    """The resolution the held-out set allows BH (empty without p-values)."""
+    if decision.get("p_value") is None or decision.get("bh_min_count") is None:
+        return ""
+    return (f"smallest p-value {decision['min_p_value']:.3g} (n = {decision['n_heldout']} held-out): BH at FDR "
+            f"{decision['fdr_q']:g} flags anything only if at least {decision['bh_min_count']} images reach it "
+            f"({decision['n_at_min_p_value']} did); a larger held-out set lowers that bar")
+
+
 def calibrate_and_flag(
     scores: str, heldout_scores: str, output: str, settings: CalibrationSettings = CalibrationSettings(),
     rows_per_file: int | None = None,
@@ -56,11 +102,10 @@ def calibrate_and_flag(
     Memory: the held-out method column, plus the bounded buffers of the streaming flag pass.
     """
     from odin_engine.decide.calibration import calibrate_tables
-    from odin_engine.decide.flagging import prepare, summarize
+    from odin_engine.decide.flagging import summarize
+    from odin_engine.io.results import Publication
     from odin_engine.io.scores import ScoreTable
     from odin_engine.io.store import Store
-
-    from odin_engine.io.results import Publication
 
     out = Store(output)
     if out.is_file():
@@ -70,18 +115,19 @@ def calibrate_and_flag(
     corpus = ScoreTable.open(scores, "corpus scores")
     heldout = ScoreTable.open(heldout_scores, "held-out scores")
     cal = calibrate_tables(corpus, heldout, settings)
-    plan = prepare(corpus, cal["delta"], settings.method)
+    plan = plan_flags(corpus, cal, settings)
     # ---- all checks passed: write one whole result (flags, summary, calibration.json), then commit it
     with lease:
         pub = Publication(out)
         files = {} if rows_per_file is None else {"rows_per_file": rows_per_file}
         result = publish_flags(plan, pub, gallery=0, errors_listed=0, **files)
-        summary = summarize(plan.stats)
+        summary = summarize(plan.stats, decision=cal["decision"])
         cal["sources"] = {"scores": str(scores), "heldout_scores": str(heldout_scores)}
         cal["summary"] = summary["overall"]
         cal["flags"] = {"path": FLAGS_DIR, "files": len(result.files), "rank_ranges": len(plan.ranges)}
         cal["result_id"] = pub.result_id
-        pub.store.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": settings.method, **summary})
+        pub.store.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": settings.method,
+                                                 "decision": cal["decision"], **summary})
         pub.store.write_json(CALIBRATION_JSON, cal)
         lease.check_held()
         pub.commit(command="calibrate")
@@ -92,16 +138,19 @@ def run(args: argparse.Namespace) -> int:
     for flag_name in ("scores", "heldout_scores", "output"):
         if not getattr(args, flag_name):
             raise ConfigError(f"--{flag_name.replace('_', '-')} is required")
-    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, CalibrationSettings(args.tpr, args.method),
-                             rows_per_file=args.flag_file_rows)
+    settings = CalibrationSettings(args.tpr, args.method, fdr=args.fdr, conditional=args.conditional)
+    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, settings, rows_per_file=args.flag_file_rows)
     s = cal["summary"]
     lo, hi = cal["tpr_ci"]
     print(
         f"δ={cal['delta']:.6g} ({cal['method']}, T={cal['temperature']:g}, ε={cal['epsilon']:g}) from "
         f"{cal['n_heldout']} held-out images; TPR on new ID data 95% CI [{lo:.3f}, {hi:.3f}]\n"
         f"{s['n_outliers']} of {s['n_ok']} scored corpus images flagged "
-        f"({100 * (s['outlier_rate'] or 0):.1f}%), {s['n_error']} errors; wrote {args.output}"
+        f"({100 * (s['outlier_rate'] or 0):.1f}%), {s['n_error']} errors; wrote {args.output}\n"
+        f"decided by: {decision_line(cal['decision'])}"
     )
+    if limits_line(cal["decision"]):
+        print(f"limits: {limits_line(cal['decision'])}")
     return 0
 
 

@@ -86,6 +86,8 @@ def _audit(args: argparse.Namespace, images, ood_sets: dict[str, Path], weights:
         argv += ["--ood", f"{name}={path}"]
     if args.quiet:
         argv.append("--quiet")
+    if args.verbose:
+        argv.append("--verbose")
     print("[demo] running the audit on a local Ray cluster (score held-out digits, corpus and OOD sets → "
           "calibrate δ → flag → evaluate → report); the same as:\n"
           f"       odin-audit audit {' '.join(shlex.quote(a) for a in argv)}", flush=True)

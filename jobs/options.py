@@ -31,7 +31,8 @@ DECODE_DEVICES = ("cpu", "cuda")
 #: engine parameter names (``SettingError.parameter``) -> the flag that sets them
 PARAMETER_FLAGS = {
     "temperature": "--temperature", "epsilon": "--epsilon", "tuning": "--tuning", "tpr": "--tpr",
-    "method": "--method", "heldout": "--heldout", "confidence": "--confidence",
+    "method": "--method", "heldout": "--heldout", "confidence": "--confidence", "fdr": "--fdr",
+    "conditional": "--conditional",
 }
 
 
@@ -96,6 +97,16 @@ def add_tpr_option(parser: argparse.ArgumentParser,
     parser.add_argument("--tpr", type=float, default=DEFAULT_TPR, help=help)
 
 
+def add_fdr_options(parser: argparse.ArgumentParser) -> None:
+    """``--fdr Q`` and ``--conditional DELTA``: the decision rule (odin_engine/decide/conformal.py)."""
+    parser.add_argument("--fdr", metavar="Q", type=float, default=None,
+                        help="flag by Benjamini–Hochberg at false-discovery rate Q (e.g. 0.1) on conformal p-values "
+                             "over the corpus, instead of the TPR rule (score < δ)")
+    parser.add_argument("--conditional", metavar="DELTA", type=float, default=None,
+                        help="calibration-conditional p-values: their guarantee holds with probability >= 1 - DELTA "
+                             "over the held-out draw (more conservative: fewer flags); default: marginal p-values")
+
+
 def add_method_option(parser: argparse.ArgumentParser) -> None:
     from odin_engine.io.scores import SCORE_METHODS
 
@@ -146,7 +157,11 @@ def add_ray_options(parser: argparse.ArgumentParser) -> None:
 
 def add_quiet_option(parser: argparse.ArgumentParser,
                      help: str = "no progress output; only the one-line result (and errors)") -> None:
+    """``--quiet`` and ``--verbose`` (Ray's own output on the console too: jobs/ray_output.py)."""
     parser.add_argument("--quiet", action="store_true", help=help)
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's own output (INFO lines, Ray Data's progress, worker output); by "
+                             "default it goes to the Ray session's log files, whose path is printed once")
 
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")

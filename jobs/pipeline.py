@@ -278,7 +278,8 @@ def _bounded_blocks(ctx, object_store_bytes: int, target_block_bytes: int):
 def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, schema: pa.Schema, *,
                   scorer_kwargs: dict[str, Any], batch_size: int, block_rows: int, decode_cpus: float,
                   input_size: int, resize: str, workers: int, gpus: int, actor_cpus: float, threads: int,
-                  verbose: bool, decode_device: str = "cpu", object_store_bytes: int | None = None) -> dict[str, int]:
+                  decode_device: str = "cpu", object_store_bytes: int | None = None,
+                  on_block: Callable[[int], None] | None = None) -> dict[str, int]:
     """Score the planned rows into staging files: plan files → read_and_decode → ScoreBatch (stages each block).
 
     ``schema``: the score table's schema plus ``bucket``. ``decode_device="cuda"``: the read tasks
@@ -286,14 +287,17 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
     A scoring actor that cannot start ends the job in one line (``ConfigError``, exit 2).
     ``object_store_bytes``: Ray Data's object-store limit for this pipeline (default
     :func:`object_store_budget`; Ray caps it at its own share of the cluster's object store).
+    ``on_block(rows)``: called as each staged block comes back (the progress line counts them).
+    Ray's console output follows :mod:`jobs.ray_output` (progress bars, the core worker's notices).
     """
     import ray
 
+    from jobs import ray_output
     from jobs.gpu_decode import decode_stages
     from jobs.preflight import raise_actor_start_failure, reporting_start_failures
 
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = verbose
+    ctx.enable_progress_bars = ray_output.progress_bars()
     # Bounded in-flight data, whatever the corpus size:
     # * a fixed object-store budget: the plan reader is far faster than the actors and would
     #   otherwise queue listing blocks up to half the object store;
@@ -326,9 +330,13 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
         )
         totals = {"rows": 0, "ok": 0, "files": 0}
         try:
-            for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-                for k in totals:
-                    totals[k] += int(pc.sum(counts.column(k)).as_py() or 0)
+            with ray_output.routed_stderr():  # the core worker's notices on fd 2 (actor creation) → session log
+                for counts in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                    block = {k: int(pc.sum(counts.column(k)).as_py() or 0) for k in totals}
+                    for k in totals:
+                        totals[k] += block[k]
+                    if on_block is not None:
+                        on_block(block["rows"])
         except Exception as exc:
             raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
             raise

@@ -20,6 +20,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from jobs import ray_output
 from odin_engine.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ class Cluster:
     how: str
     address: str | None = None
     resources: dict = field(default_factory=dict)
+    logs: str | None = None  # the Ray session's log directory on this node (where Ray's own output went)
+    logs_announced: bool = False  # the tool printed ``logs`` (once per process)
 
     @property
     def cpus(self) -> float:
@@ -159,44 +162,12 @@ def _quiet_stderr():
         os.close(saved)
 
 
-def quiet_ray(quiet: bool) -> None:
-    """Make Ray print only errors that end the command: its loggers, Ray Data's console handler
-    and progress bars, and the C++ log level of the processes this one starts (``--quiet``).
-
-    Call before ``ray.init``. Ray's log files keep everything, except that the processes of a
-    private local cluster (started by that ``ray.init``, so inheriting the variable) log only
-    fatal errors: rerun without ``--quiet`` to debug Ray itself.
-    """
-    if not quiet:
-        return
-    # read by this driver's core worker at ray.init (its E lines go to stderr whatever Python's level)
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
-    # CRITICAL, not ERROR: what fails the command reaches the user as the tool's own line (or a
-    # traceback); Ray's ERROR lines would repeat it (e.g. Ray Data's "actors died during initialization")
-    logging.getLogger("ray").setLevel(logging.CRITICAL)
-    import ray.data  # configures the "ray.data" logger: console handler (INFO) + session log file
-
-    for handler in logging.getLogger("ray.data").handlers:
-        if getattr(handler, "name", None) == "console":
-            handler.setLevel(logging.CRITICAL)
-    # The driver prints the cluster's error messages for this job (e.g. each failed actor start,
-    # traceback included) to stdout itself, whatever log_to_driver says: send them to the log.
-    from ray._private import worker as ray_worker
-
-    def to_log(data, ignore_prefix):  # noqa: ARG001 - the signature Ray calls
-        log.debug("ray (%s): %s", data.get("pid"), "\n".join(data.get("lines", [])))
-
-    ray_worker.print_to_stdstream = to_log
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    import warnings
-
-    warnings.filterwarnings("ignore", module=r"ray(\.|$)")
-
-
-def connect_cluster(address: str | None = None, *, quiet: bool = False, num_cpus: int | None = None) -> Cluster:
+def connect_cluster(address: str | None = None, *, quiet: bool = False, verbose: bool = False,
+                    num_cpus: int | None = None) -> Cluster:
     """Connect to (or start) the cluster the rules in this module's docstring choose; return it.
+
+    ``quiet``/``verbose``: where Ray's own output goes (:mod:`jobs.ray_output`); the returned
+    cluster's ``logs`` is the Ray session's log directory, where it went.
 
     A private local cluster's workers inherit this process's environment (object-store
     credentials included) and :data:`LOCAL_CLUSTER_ENV` (unless already set), with ``num_cpus``
@@ -209,13 +180,14 @@ def connect_cluster(address: str | None = None, *, quiet: bool = False, num_cpus
 
     if ray.is_initialized():
         if _current is None:
-            _current = Cluster("session", ray.get_runtime_context().gcs_address)
+            _current = Cluster("session", ray.get_runtime_context().gcs_address, logs=ray_output.session_logs_dir())
         _current.resources = dict(ray.cluster_resources())
         return _current
-    quiet_ray(quiet)
+    mode = ray_output.console_mode(quiet, verbose)
+    ray_output.route(mode)
     how, init_address = _choice(address)
-    kwargs: dict = {"address": init_address, "log_to_driver": not quiet}
-    kwargs["logging_level"] = logging.CRITICAL if quiet else logging.WARNING
+    # worker output reaches the console under --verbose; it is in the session's worker-*.out|err files
+    kwargs: dict = {"address": init_address, "log_to_driver": mode == "verbose", "logging_level": logging.INFO}
     if how == "local":
         for key, value in LOCAL_CLUSTER_ENV.items():
             os.environ.setdefault(key, value)  # read by the raylet this call starts
@@ -229,12 +201,10 @@ def connect_cluster(address: str | None = None, *, quiet: bool = False, num_cpus
             if env:
                 kwargs["runtime_env"] = {"env_vars": env}
     try:
-        # --quiet: the driver's C++ logger announces its level on fd 2 while ray.init starts it
-        with _quiet_stderr() if quiet else contextlib.nullcontext():
-            ray.init(**kwargs)
+        ray.init(**kwargs)
     except ConnectionError as exc:
         raise ConfigError(f"cannot connect to the Ray cluster ({how}): {exc}") from None
-    _current = Cluster(how, _gcs_address())
+    _current = Cluster(how, _gcs_address(), logs=ray_output.open_session_log())
     _current.resources = _resources()
     return _current
 
@@ -257,13 +227,14 @@ def _resources() -> dict:
         return {}
 
 
-def init_ray(address: str | None = None, *, quiet: bool = False, num_cpus: int | None = None) -> bool:
+def init_ray(address: str | None = None, *, quiet: bool = False, verbose: bool = False,
+             num_cpus: int | None = None) -> bool:
     """:func:`connect_cluster` for callers that only need Ray up; True if this call connected."""
     import ray
 
     if ray.is_initialized():
         return False
-    connect_cluster(address, quiet=quiet, num_cpus=num_cpus)
+    connect_cluster(address, quiet=quiet, verbose=verbose, num_cpus=num_cpus)
     return True
 
 

@@ -30,6 +30,7 @@ from odin_engine.io.store import Store, is_uri
 
 from jobs import shards
 from jobs.options import DECODE_DEVICES
+from jobs.progress import PROGRESS_EVERY_S, ScoringProgress
 from jobs.run_lock import LOCK_FILE, RunLock
 from jobs.shards import LISTING_DIR, PLAN_DIR, SCORES_DIR, STAGING_DIR
 
@@ -64,7 +65,10 @@ class ScoreConfig:
     shard_rows: int = 1024
     unsafe_pickle: bool = False
     ray_address: str | None = None
-    verbose: bool = True  # progress lines and Ray's own output (False: `--quiet`)
+    verbose: bool = True  # the tool's progress lines (False: `--quiet`: Ray's output goes to its log files too)
+    ray_verbose: bool = False  # `--verbose`: Ray's own output on the console too (jobs/ray_output.py)
+    label: str | None = None  # the set's name in the progress lines (`audit` scores several)
+    progress_every_s: float = PROGRESS_EVERY_S  # the scoring progress line's period without a TTY
     print_summary: bool = True  # the one-line result (kept under `--quiet`; `audit` prints its own)
     decode_device: str = "cpu"  # where JPEGs are decoded: CPU tasks, or the scoring GPU (jobs/gpu_decode.py)
     partition_rows: int = PARTITION_ROWS  # listing rows per plan/commit task (tests make it small)
@@ -211,11 +215,16 @@ def start_ray(prep: "Prepared") -> dict[str, Any]:
     choose (``jobs.ray_utils``), start one probe scoring actor (a node that cannot run one ends the
     command in one line, exit 2), and size the scoring actor pool."""
     from jobs.preflight import preflight_scoring
+    from jobs.ray_output import driver_log
     from jobs.ray_utils import connect_cluster
 
     cfg = prep.cfg
     t0 = time.time()
-    cluster = connect_cluster(cfg.ray_address, quiet=not cfg.verbose)
+    cluster = connect_cluster(cfg.ray_address, quiet=not cfg.verbose, verbose=cfg.ray_verbose)
+    if cluster.logs and not cluster.logs_announced:  # once per process (audit scores several sets)
+        cluster.logs_announced = True
+        _say(prep, f"Ray's own output is in {cluster.logs} (this driver's: {os.path.basename(driver_log() or '-')}, "
+                   "Ray Data's: ray-data/)" + ("" if cfg.ray_verbose else "; --verbose shows it here"))
     gpus = cluster.gpus
     if cfg.decode_device == "cuda" and not gpus:
         raise ConfigError(f"--decode-device cuda needs GPU scoring workers; the cluster has none ({cluster.summary()})")
@@ -282,9 +291,13 @@ def _delete_other_attempts(out: Store, name: str, keep: str | None) -> None:
         out.fs.delete_dir(out.p(name))
 
 
+def _prefix(cfg: ScoreConfig) -> str:
+    return f"odin score [{cfg.label}]" if cfg.label else "odin score"
+
+
 def _say(prep: Prepared, text: str) -> None:
     if prep.cfg.verbose:
-        print(f"odin score: {text}", flush=True)
+        print(f"{_prefix(prep.cfg)}: {text}", flush=True)
 
 
 def list_corpus(source: CorpusSource, out: Store, attempt: str) -> dict[str, Any]:
@@ -363,7 +376,7 @@ def plan(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) 
     return totals
 
 
-def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str]) -> dict[str, int]:
+def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str], total: int) -> dict[str, int]:
     from jobs.pipeline import object_store_budget, score_planned as run_pipeline
 
     cfg = prep.cfg
@@ -373,12 +386,15 @@ def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str
     scorer_kwargs = dict(spec=cfg.model, weights=cfg.weights, mean=prep.mean, std=prep.std,
                          input_size=prep.input_size, temperature=cfg.temperature, epsilon=cfg.epsilon,
                          model_id=prep.model_id, run_id=prep.run_id, unsafe_pickle=cfg.unsafe_pickle)
-    totals = run_pipeline(prep.out.fs, sorted(plan_files), prep.out.p(STAGING_DIR), schema,
-                          scorer_kwargs=scorer_kwargs, batch_size=cfg.batch_size, block_rows=cfg.shard_rows,
-                          decode_cpus=cfg.decode_cpus, input_size=prep.input_size, resize=cfg.resize,
-                          workers=ray_info["workers"], gpus=ray_info["gpus"], actor_cpus=ray_info["actor_cpus"],
-                          threads=ray_info["threads"], verbose=cfg.verbose, decode_device=cfg.decode_device,
-                          object_store_bytes=budget)
+    # without a TTY (cron, Kubernetes, `ray job submit` logs) a timed line; on a TTY Ray Data's bars
+    every = cfg.progress_every_s if cfg.verbose and not sys.stdout.isatty() else 0.0
+    with ScoringProgress(total, lambda line: _say(prep, line), every) as progress:
+        totals = run_pipeline(prep.out.fs, sorted(plan_files), prep.out.p(STAGING_DIR), schema,
+                              scorer_kwargs=scorer_kwargs, batch_size=cfg.batch_size, block_rows=cfg.shard_rows,
+                              decode_cpus=cfg.decode_cpus, input_size=prep.input_size, resize=cfg.resize,
+                              workers=ray_info["workers"], gpus=ray_info["gpus"], actor_cpus=ray_info["actor_cpus"],
+                              threads=ray_info["threads"], decode_device=cfg.decode_device,
+                              object_store_bytes=budget, on_block=progress.add)
     return {**totals, "object_store_mib": round(budget / 2**20, 1)}
 
 
@@ -446,7 +462,7 @@ def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
     t = time.time()
     scored = {"rows": 0, "ok": 0, "files": 0}
     if planned["plan_files"]:
-        scored = score_planned(prep, ray_info, planned["plan_files"])
+        scored = score_planned(prep, ray_info, planned["plan_files"], planned["todo"])
     t_score = time.time() - t
     prep.lock.check_held()  # a run that lost its lease commits nothing
     t = time.time()
@@ -515,7 +531,7 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
     if cfg.print_summary:
         n = result["counts"]
         print(
-            f"odin score: {n['total']} rows ({n['ok']} ok, {n['error']} error) in {out.uri(SCORES_DIR)}; "
+            f"{_prefix(cfg)}: {n['total']} rows ({n['ok']} ok, {n['error']} error) in {out.uri(SCORES_DIR)}; "
             f"this attempt scored {scored_now} ({p['reused']} already done) in {pipeline_s:.1f}s "
             f"= {attempt['images_per_s']} images/s [new {p['new']}, changed {p['changed']}, retried {p['retried']}, "
             f"dropped {c['dropped']}] {stats['ray']['cluster_summary']}; exactly once: {exactly_once}"
@@ -566,6 +582,7 @@ def score_corpus(input: str, output: str, model: str, weights: str | None = None
     warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
     cfg = ScoreConfig(input, output, model, weights, **options).checked()
     prep = prepare(cfg)
+    _say(prep, f"scoring {cfg.input} into {cfg.output} with {cfg.model} (T={cfg.temperature:g}, ε={cfg.epsilon:g})")
     ray_info = start_ray(prep)  # cluster and scoring actors checked before the first write
     prep.lock.acquire()  # one writer at a time, released however this call ends
     try:
@@ -616,7 +633,8 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, epsilon=args.epsilon, tuning=args.tuning, batch_size=args.batch_size,
         workers=args.workers, run_id=args.run_id, resize=args.resize, cpus_per_worker=args.cpus_per_worker,
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
-        ray_address=args.ray_address, verbose=not args.quiet, decode_device=args.decode_device,
+        ray_address=args.ray_address, verbose=args.verbose or not args.quiet, ray_verbose=args.verbose,
+        decode_device=args.decode_device,
         object_store_mib=args.object_store_mib,
     )
     return 0 if result["verification"]["exactly_once"] else 1

@@ -139,23 +139,54 @@ class OdinSettings:
                    DEFAULT_EPSILON if epsilon is None else epsilon, origin="flags" if explicit else "defaults")
 
 
+def validate_fdr(q: float | None, parameter: str = "fdr") -> float | None:
+    if q is None:
+        return None
+    v = _number(q, parameter)
+    if not math.isfinite(v) or not 0.0 < v < 1.0:
+        raise SettingError(parameter, f"{parameter} must be a false-discovery rate strictly between 0 and 1 "
+                                      f"(e.g. 0.1); got {q!r}")
+    return v
+
+
+def validate_conditional(delta: float | None, parameter: str = "conditional") -> float | None:
+    if delta is None:
+        return None
+    v = _number(delta, parameter)
+    if not math.isfinite(v) or not 0.0 < v <= 0.5:
+        raise SettingError(parameter, f"{parameter} must be in (0, 0.5] (the probability that the held-out draw "
+                                      f"breaks the guarantee, e.g. 0.1); got {delta!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class CalibrationSettings:
-    """Target TPR of δ on in-distribution data, the score column it thresholds, and the
-    confidence of the reported TPR interval."""
+    """Target TPR of δ on in-distribution data, the score column it thresholds, the confidence of
+    the reported TPR interval, and the decision rule: ``fdr`` = Q flags by Benjamini–Hochberg at
+    false-discovery rate Q on conformal p-values instead of ``score < δ``; ``conditional`` = DELTA
+    makes the p-values calibration-conditional (:mod:`odin_engine.decide.conformal`)."""
 
     tpr: float = DEFAULT_TPR
     method: str = DEFAULT_METHOD
     confidence: float = 0.95
+    fdr: float | None = None
+    conditional: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tpr", validate_tpr(self.tpr))
         object.__setattr__(self, "method", validate_method(self.method))
         object.__setattr__(self, "confidence", validate_tpr(self.confidence, "confidence"))
+        object.__setattr__(self, "fdr", validate_fdr(self.fdr))
+        object.__setattr__(self, "conditional", validate_conditional(self.conditional))
 
     @property
     def min_heldout(self) -> int:
         return min_heldout(self.tpr)
 
     def check_heldout_size(self, n: int, what: str = "held-out in-distribution scores") -> None:
+        """The TPR rule's minimum, and with ``fdr`` the size below which BH could never flag."""
         check_heldout_size(n, self.tpr, what)
+        if self.fdr is not None:
+            from odin_engine.decide.conformal import check_heldout_for_fdr
+
+            check_heldout_for_fdr(n, self.fdr, self.conditional, what)

@@ -43,7 +43,8 @@ Real parts (``ray_head``, ``s3_server``, ``gcs_server``, ``chromium``)
 Helpers (import them: ``from conftest import make_images, pids_matching``)
     ``REPO``, ``SHARED_DATA`` (``../shared/data``; may be absent), ``free_port()``,
     ``make_images(...)``, ``process_cmdlines()`` / ``pids_matching(needle)`` (from /proc: psutil
-    is not installed), ``BAD_EXPECT``.
+    is not installed), ``BAD_EXPECT``, ``ALARM`` (a regex: a console line an operator would call
+    alarming; a healthy run prints none).
 
 ``bad_images`` (session)
     ``{name: bytes}`` for every bad or odd input the job must survive: corrupt, truncated,
@@ -56,6 +57,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -70,9 +72,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jobs.ray_utils import LOCAL_CLUSTER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO / ".." / "shared" / "data"
 VENV_BIN = Path(sys.executable).parent
+# A console line an operator's log filter would call alarming: Python logging levels, Ray's C++
+# E/W/F lines, Python warnings. A healthy run prints none (tests/test_console.py).
+ALARM = re.compile(r"\b(ERROR|WARNING|CRITICAL|FATAL)\b|^\[\d{4}-\d\d-\d\d [\d:,]+ [EWF] \d+ \d+\]|Warning:")
 
 
 # --------------------------------------------------------------------------- real parts: fail under CI
@@ -156,6 +163,9 @@ def ray_head(tmp_path_factory):
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
         RAY_USAGE_STATS_ENABLED="0",
     )
+    # as deploy/dev-ray-head.sh: keep idle workers 60 s, so a job's short read/plan/commit tasks reuse
+    # them instead of each starting a fresh Python worker (~1 CPU-second apiece) while actors hold the CPUs
+    env.update(LOCAL_CLUSTER_ENV)
     env.pop("RAY_ADDRESS", None)
     cmd = [
         str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1",

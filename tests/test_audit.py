@@ -115,7 +115,7 @@ def test_audit_config_file_tuning_file_and_heldout_split(ray_head, data):
     (root / "audit.toml").write_text(
         "[audit]\n"
         f'corpus = "{root / "manifest.csv"}"\nheldout-split = "heldout"\noutput = "{out}"\n'
-        f'model = "cifar_resnet20"\nweights = "{w}"\ntuning = "{tuning}"\ntpr = 0.9\nquiet = true\n'
+        f'model = "cifar_resnet20"\nweights = "{w}"\ntuning = "{tuning}"\ntpr = 0.9\nquiet = true\nfdr = 0.2\n'
     )
     proc = subprocess.run([sys.executable, "-m", "jobs.cli", "audit", "--config", str(root / "audit.toml")],
                           cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
@@ -129,6 +129,17 @@ def test_audit_config_file_tuning_file_and_heldout_split(ray_head, data):
     scores = _scores(out / "corpus")
     assert cal["delta"] == threshold_at_tpr(scores[scores["split"] == "heldout"]["odin"], 0.9)
     assert not (out / "evaluation.json").exists()
+    # --fdr 0.2 (from the config file): BH on the conformal p-values against the held-out split decided
+    held = np.sort(scores[scores["split"] == "heldout"]["odin"].to_numpy())
+    p = (1 + (held[None, :] <= flags["odin"].to_numpy()[:, None]).sum(1)) / (len(held) + 1)
+    np.testing.assert_array_equal(flags["p_value"].to_numpy(), p)
+    ps = np.sort(p)
+    k = max([i for i in range(1, len(p) + 1) if ps[i - 1] <= i * 0.2 / len(p)], default=0)
+    np.testing.assert_array_equal(flags["is_outlier"].to_numpy(bool), p <= ps[k - 1] if k else np.zeros(len(p), bool))
+    doc = json.loads((out / "audit.json").read_text())
+    assert doc["decision"]["rule"] == "fdr" and doc["summary"]["rule"] == "fdr" and cal["decision"]["fdr_q"] == 0.2
+    assert doc["summary"]["n_outliers"] == k and doc["drift"]["n_flagged"] == doc["summary"]["n_flagged_tpr"]
+    assert "Conformal p-values" in (out / "report.html").read_text()
 
 
 def test_bad_configuration_exits_2_and_writes_nothing(data, tmp_path, capsys):
@@ -136,7 +147,14 @@ def test_bad_configuration_exits_2_and_writes_nothing(data, tmp_path, capsys):
     other = tmp_path / "other_tuning.json"
     other.write_text(json.dumps({"temperature": 10, "epsilon": 0.001, "model_id": "cifar_resnet20@sha256:0000"}))
     base = ["audit", "--corpus", str(root / "corpus"), *_model_args(w)]
+    old_cal = tmp_path / "old_calibration.json"  # written before calibrations kept their held-out scores
+    old_cal.write_text(json.dumps({"delta": 0.1, "n_heldout": 100, "order_statistic_k": 95, "target_tpr": 0.95,
+                                   "model_id": load_model("cifar_resnet20", w).model_id, "temperature": 1000.0,
+                                   "epsilon": 0.0014, "method": "odin"}))
     cases = [
+        ([*base, "--heldout", str(root / "held"), "--fdr", "0.001"], "need at least 999"),
+        ([*base, "--heldout", str(root / "held"), "--fdr", "0"], "--fdr must be"),
+        ([*base, "--calibration", str(old_cal), "--fdr", "0.1"], "keeps no held-out scores"),
         ([*base, "--heldout", str(root / "held"), "--tuning", str(other), "--temperature", "5"], "not both"),
         ([*base, "--heldout", str(root / "held"), "--tuning", str(other)], "tuned for model"),
         ([*base, "--heldout", str(root / "held"), "--tuning", str(tmp_path / "none.json")], "not found"),

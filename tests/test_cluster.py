@@ -142,7 +142,7 @@ FACTORIES = textwrap.dedent('''
 
     def late():
         """Works for the driver and the preflight probe (calls 1-2); fails in the pipeline's actors."""
-        counter = Path(os.environ["ODIN_TEST_COUNTER"])
+        counter = Path(__file__).with_name("calls")  # beside this file: the workers see no test env
         n = int(counter.read_text() or 0) + 1 if counter.exists() else 1
         counter.write_text(str(n))
         if n > 2:
@@ -167,8 +167,9 @@ def test_a_factory_that_raises_is_one_line(tmp_path, factories, foreign_gpu_head
 
 
 @slow
-def test_a_factory_that_raises_on_the_workers_is_one_line(tmp_path, factories, foreign_gpu_head):
-    proc, out = _score(foreign_gpu_head.client_env, tmp_path, "--model", f"{factories}:worker_only", "--quiet")
+def test_a_factory_that_raises_on_the_workers_is_one_line(tmp_path, factories, ray_head):
+    # on the session's cluster (which one is not the point): Ray puts the driver's cwd on the workers' path
+    proc, out = _score(ray_head.env, tmp_path, "--model", f"{factories}:worker_only", "--quiet")
     line = _one_error_line(proc)
     assert "scoring actors cannot start on node" in line and "FileNotFoundError: /data/labels.txt" in line, line
     assert "fix the model or its factory" in line, line
@@ -176,8 +177,8 @@ def test_a_factory_that_raises_on_the_workers_is_one_line(tmp_path, factories, f
 
 
 @slow
-def test_an_actor_failing_inside_the_pipeline_is_one_line_and_resumable(tmp_path, factories, foreign_gpu_head):
-    env = dict(foreign_gpu_head.client_env, ODIN_TEST_COUNTER=str(tmp_path / "calls"))
+def test_an_actor_failing_inside_the_pipeline_is_one_line_and_resumable(tmp_path, factories, ray_head):
+    env = ray_head.env
     proc, out = _score(env, tmp_path, "--model", f"{factories}:late", "--quiet")
     line = _one_error_line(proc)
     assert "scoring actors cannot start: on node" in line and "out of licences" in line, line

@@ -121,6 +121,7 @@ def test_summary_overall_and_per_class(scored, tmp_path):
         "n_rows": len(f), "n_ok": len(ok), "n_error": 4,
         "n_outliers": int((ok["msp"] < cal["delta"]).sum()),
         "outlier_rate": float((ok["msp"] < cal["delta"]).mean()),
+        "rule": "tpr", "n_flagged_tpr": int((ok["msp"] < cal["delta"]).sum()), "n_flagged_fdr": None, "fdr_q": None,
     }
     assert sum(c["n"] for c in s["per_class"]) == len(ok)
     assert sum(c["n_outliers"] for c in s["per_class"]) == s["overall"]["n_outliers"]
@@ -148,6 +149,7 @@ def test_corpus_of_only_errors_is_calibrated_and_flagged_as_errors(scored, tmp_p
                            CalibrationSettings(0.95, "msp"))
     plan, result, f = run_flags(all_err, cal["delta"], "msp", tmp_path / "flags")
     s = summarize(plan.stats)
-    assert s["overall"] == {"n_rows": 4, "n_ok": 0, "n_error": 4, "n_outliers": 0, "outlier_rate": None}
+    assert s["overall"] == {"n_rows": 4, "n_ok": 0, "n_error": 4, "n_outliers": 0, "outlier_rate": None, "rule": "tpr",
+                            "n_flagged_tpr": 0, "n_flagged_fdr": None, "fdr_q": None}
     assert f["is_outlier"].isna().all() and (f["status"] == "error").all()
     assert result.gallery.num_rows == 0

@@ -123,7 +123,7 @@ def test_a_batch_that_fails_to_score_is_scored_image_by_image(tmp_path):
 
 # --------------------------------------------------------------------------- exactly-once failure → exit 1
 @pytest.mark.slow
-def test_a_run_that_fails_its_exactly_once_check_exits_1(tmp_path, tiny_model):
+def test_a_run_that_fails_its_exactly_once_check_exits_1(ray_head, tmp_path, tiny_model):
     """Real state, real command: score a corpus, then put a second copy of a committed score file
     beside it (as a botched copy or sync would); rerunning the same command must refuse the output
     as not exactly-once — exit 1, run.json saying why — rather than report success."""
@@ -132,7 +132,7 @@ def test_a_run_that_fails_its_exactly_once_check_exits_1(tmp_path, tiny_model):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out), *tiny_model.cli,
            "--batch-size", "4", "--workers", "1"]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = ray_head.env  # the session's cluster: which cluster is not the point here
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert json.loads((out / "run.json").read_text())["verification"]["exactly_once"] is True

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import BAD_EXPECT, REPO, _with_descendants, make_images, pids_matching, process_cmdlines
+from conftest import ALARM, BAD_EXPECT, REPO, _with_descendants, make_images, pids_matching, process_cmdlines
 from jobs.cli import main as cli_main
 
 SCORE_COLS = ["image_id", "uri", "status", "error", "width", "height", "pred", "msp", "max_logit", "energy",
@@ -348,6 +348,11 @@ def _wait(pred, timeout: float, what: str):
 
 @pytest.mark.slow
 def test_killing_a_scoring_actor_loses_and_duplicates_nothing(ray_head, tiny_model, tmp_path):
+    """Every scoring actor's process is killed mid-run (what a node loss does to them): Ray restarts
+    them from their constructor arguments (Ray Data's driver-owned refs, kept for the whole run),
+    the restarted actors score the rest, and no row is lost or duplicated."""
+    from datetime import datetime, timezone
+
     corpus = tmp_path / "corpus"
     n = 1200
     make_images(corpus, n)
@@ -359,14 +364,22 @@ def test_killing_a_scoring_actor_loses_and_duplicates_nothing(ray_head, tiny_mod
         victims = _wait(lambda: _map_worker_pids(ray_head), 30, "the scoring actor process")
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
+        killed = datetime.now(timezone.utc)
         killed_at = _committed(out)
+        # the restarted actors: new processes of the same pool
+        restarted = _wait(lambda: set(_map_worker_pids(ray_head)) - set(victims) or proc.poll() is not None, 120,
+                          "a restarted scoring actor")
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert killed_at < n // 50, "the job finished before the kill: make it slower"
     assert proc.returncode == 0, stderr[-4000:]
-    assert_exactly_once(out, {f"img_{i:05d}.png" for i in range(n)})
+    t = assert_exactly_once(out, {f"img_{i:05d}.png" for i in range(n)})
+    assert restarted is not True and restarted, "no scoring actor was restarted after the kill"
+    # every actor alive before the kill is dead: the rows scored after it were scored by restarted actors
+    after = sum(ts > killed for ts in t.column("scored_at").to_pylist())
+    assert after >= n - killed_at * 50 - 2 * 50, (after, killed_at)
     assert set(_map_worker_pids(ray_head)).isdisjoint(victims)
 
 
@@ -545,6 +558,10 @@ def test_incremental_rerun_scores_only_new_and_changed_images(ray_head, tiny_mod
     again = run_job(cmd, ray_head.env)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "this attempt scored 31 (54 already done)" in again.stdout
+    # a healthy run's default output (no TTY): the tool's lines only, nothing alarming (tests/test_console.py)
+    for proc in (first, again):
+        assert not proc.stderr.strip(), proc.stderr[-3000:]
+        assert all(ln.startswith("odin score") and not ALARM.search(ln) for ln in proc.stdout.splitlines()), proc.stdout
     att = json.loads((out / "run.json").read_text())["attempts"][-1]
     assert (att["scored"], att["new"], att["changed"], att["retried"], att["dropped"]) == (31, 30, 1, 0, 5)
     today = {p.relative_to(corpus).as_posix() for p in corpus.rglob("*.png")}

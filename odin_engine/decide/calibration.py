@@ -38,6 +38,18 @@ from odin_engine.io.scores import OK, NOT_OK, ScoreTable, check_same_settings
 from odin_engine.settings import CalibrationSettings, check_heldout_size, min_heldout  # noqa: F401 (re-exported)
 
 CALIBRATION_VERSION = 1
+HELDOUT_SCORES = "heldout_scores_sorted"  # calibration.json's sorted held-out scores (conformal p-values)
+
+
+def heldout_p_values(calibration: dict[str, Any], conditional: float | None = None):
+    """:class:`~odin_engine.decide.conformal.ConformalPValues` from a calibration's sorted held-out
+    scores; None for a calibration written before they were kept."""
+    from odin_engine.decide.conformal import ConformalPValues
+
+    scores = calibration.get(HELDOUT_SCORES)
+    if not scores:
+        return None
+    return ConformalPValues.from_scores(scores, conditional)
 
 
 def tpr_interval(n: int, k: int, confidence: float = 0.95) -> tuple[float, float]:
@@ -59,7 +71,7 @@ def calibrate(heldout_scores, settings: CalibrationSettings | float = Calibratio
         settings = CalibrationSettings(tpr=settings)
     tpr = settings.tpr
     s = np.asarray(heldout_scores, dtype=np.float64).ravel()
-    check_heldout_size(int(s.size), tpr)
+    settings.check_heldout_size(int(s.size))
     if not np.isfinite(s).all():
         raise ConfigError("held-out scores contain NaN or infinite values")
     delta = threshold_at_tpr(s, tpr)
@@ -77,6 +89,9 @@ def calibrate(heldout_scores, settings: CalibrationSettings | float = Calibratio
         "tpr_ci": [lo, hi],
         "tpr_ci_confidence": settings.confidence,
         "tpr_ci_method": "order statistic: TPR on new ID data ~ Beta(k, n-k+1), central interval",
+        # the whole held-out distribution, sorted (8 bytes an image in memory): exact conformal p-values
+        # for this audit and for every later one that reuses this calibration (a frozen --calibration)
+        HELDOUT_SCORES: np.sort(s).tolist(),
     }
 
 

@@ -1,11 +1,14 @@
 """Flag corpus images whose score falls below the calibrated threshold δ — a streaming pass.
 
 Every corpus row is kept. For ``status == 'ok'`` rows: ``score`` (the calibrated method's
-column), ``is_outlier = score < δ``, ``margin = score − δ`` (negative = outlier; the further
-below 0 the more anomalous) and ``rank = 1 + #{ok corpus rows with a lower score}`` (1 = the most
-anomalous; ties share the smallest rank, as ``pandas.rank(method="min")``). Rows with
-``status == 'error'`` keep their error and get ``score``, ``is_outlier``, ``margin``, ``rank``
-null: an image that could not be scored is never reported as "in distribution" nor as "outlier".
+column), ``is_outlier = score < δ`` (the TPR rule; with ``fdr``: Benjamini–Hochberg on the
+p-values, which is ``score <`` BH's own threshold), ``margin = score − δ`` (negative = below the
+TPR rule's δ; the further below 0 the more anomalous), ``rank = 1 + #{ok corpus rows with a lower
+score}`` (1 = the most anomalous; ties share the smallest rank, as ``pandas.rank(method="min")``;
+the same under both rules, since p-values are increasing in the score) and ``p_value``, the
+conformal p-value against the held-out scores (:mod:`odin_engine.decide.conformal`). Rows with
+``status == 'error'`` keep their error and get the flag columns null: an image that could not
+be scored is never reported as "in distribution" nor as "outlier".
 
 How it runs in bounded memory (:func:`prepare`, then :func:`write_flags`)
 --------------------------------------------------------------------------
@@ -40,16 +43,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from odin_engine.decide.conformal import ConformalPValues, bh_index, decision_summary
 from odin_engine.errors import ConfigError
 from odin_engine.io.scores import NOT_OK, OK, ScoreTable
 from odin_engine.methods import TABLE_METHODS
 
-FLAG_COLUMNS = ("score", "is_outlier", "margin", "rank")
+FLAG_COLUMNS = ("score", "is_outlier", "margin", "rank", "p_value")
 RANK_BUDGET = 1 << 22
 ROWS_PER_FILE = 1 << 20
 HISTOGRAM_BINS = 4096
-HIGH_CARDINALITY = frozenset({"image_id", "uri", "scored_at", *TABLE_METHODS, "score", "margin", "rank"})
-GALLERY_COLUMNS = ("image_id", "uri", "pred", "score", "margin", "rank", "is_outlier")
+HIGH_CARDINALITY = frozenset({"image_id", "uri", "scored_at", *TABLE_METHODS, "score", "margin", "rank", "p_value"})
+GALLERY_COLUMNS = ("image_id", "uri", "pred", "score", "margin", "rank", "is_outlier", "p_value")
 
 
 class ScoreError(ConfigError):
@@ -64,6 +68,7 @@ class CorpusStats:
     lo: float = np.inf  # smallest ok score
     hi: float = -np.inf  # largest ok score
     per_class: dict[int, list[int]] = field(default_factory=dict)  # pred -> [n, n_outliers]
+    p_counts: np.ndarray | None = None  # ok rows per conformal p-value level (conformal.py), with held-out scores
 
     @property
     def n_error(self) -> int:
@@ -92,22 +97,37 @@ class RankRange:
 
 @dataclass
 class FlagPlan:
+    """``delta``: the calibration's δ (``margin = score − δ``); ``cut``: the score threshold that decides
+    ``is_outlier = score < cut`` — δ under the TPR rule, BH's under ``fdr`` (±inf: nothing/everything);
+    ``pvalues``: the held-out scores for the ``p_value`` column (None: an old frozen calibration without
+    them; the column is then null); ``decision``: :func:`odin_engine.decide.conformal.decision_summary`."""
+
     table: ScoreTable
     delta: float
     method: str
     stats: CorpusStats
     ranges: list[RankRange]
+    cut: float | None = None
+    pvalues: ConformalPValues | None = None
+    decision: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cut is None:
+            self.cut = self.delta
 
 
 def _np(col: pa.Array | pa.ChunkedArray, dtype=np.float64) -> np.ndarray:
     return col.to_numpy(zero_copy_only=False).astype(dtype, copy=False)
 
 
-def scan_stats(table: ScoreTable, delta: float, method: str) -> CorpusStats:
-    """Pass 1: counts, per-class counts and the score range; refuses ok rows without a finite score."""
+def scan_stats(table: ScoreTable, delta: float, method: str, pvalues: ConformalPValues | None = None) -> CorpusStats:
+    """Pass 1: counts, per-class counts and the score range; refuses ok rows without a finite score.
+    With ``pvalues``: also the ok rows per p-value level (``p_counts``)."""
     table.require([method], "corpus scores")
     has_pred = "pred" in table.columns
     st = CorpusStats()
+    if pvalues is not None:
+        st.p_counts = np.zeros(pvalues.n + 1, np.int64)
     bad = 0
     for batch in table.batches(["status", method, *(["pred"] if has_pred else [])]):
         st.n_rows += batch.num_rows
@@ -121,6 +141,8 @@ def scan_stats(table: ScoreTable, delta: float, method: str) -> CorpusStats:
         st.n_ok += int(s.size)
         if not s.size:
             continue
+        if pvalues is not None:
+            st.p_counts += pvalues.counts(s)
         out = s < delta
         st.n_outliers += int(out.sum())
         st.lo, st.hi = min(st.lo, float(s.min())), max(st.hi, float(s.max()))
@@ -186,23 +208,58 @@ def _split(table: ScoreTable, method: str, lo: float, hi: float, below: int, cou
         out.append(RankRange(float(edges[start]), float(edges[-1]), seen - acc, acc))
 
 
-def prepare(table: ScoreTable, delta: float, method: str, budget: int = RANK_BUDGET) -> FlagPlan:
-    """Every check and the rank plan, before anything is written."""
-    stats = scan_stats(table, delta, method)
-    return FlagPlan(table, float(delta), method, stats, plan_ranks(table, method, stats, budget))
+def p_value_counts(table: ScoreTable, method: str, pvalues: ConformalPValues) -> np.ndarray:
+    """The ok rows per p-value level (``n_heldout + 1`` integers): one scan of ``status`` and ``method``."""
+    counts = np.zeros(pvalues.n + 1, np.int64)
+    for batch in table.batches([method], OK):
+        s = _np(batch.column(0))
+        counts += pvalues.counts(s[np.isfinite(s)])
+    return counts
+
+
+def prepare(table: ScoreTable, delta: float, method: str, budget: int = RANK_BUDGET, *,
+            heldout: ConformalPValues | None = None, order_statistic_k: int | None = None,
+            fdr: float | None = None) -> FlagPlan:
+    """Every check and the rank plan, before anything is written.
+
+    ``heldout``: the held-out scores, for the ``p_value`` column and the decision summary (needs
+    ``order_statistic_k``, the calibration's k). ``fdr``: flag by Benjamini–Hochberg at that level
+    over the ok rows instead of ``score < δ`` — one more scan (the p-value counts come first, BH's
+    threshold from them, then the stats pass counts outliers against it).
+    """
+    if fdr is not None and heldout is None:
+        raise ConfigError("flagging at a false-discovery rate needs the held-out scores (conformal p-values)")
+    cut = float(delta)
+    counts = None
+    if fdr is not None:
+        table.require([method], "corpus scores")
+        counts = p_value_counts(table, method, heldout)
+        cut = heldout.cut(bh_index(counts, heldout.levels(), fdr))
+    stats = scan_stats(table, cut, method, heldout if counts is None else None)
+    if counts is not None:
+        stats.p_counts = counts
+    decision = None
+    if heldout is not None:
+        if order_statistic_k is None:
+            raise ValueError("p-values need the calibration's order_statistic_k")
+        decision = decision_summary(heldout, stats.p_counts, order_statistic_k=int(order_statistic_k), fdr=fdr)
+    return FlagPlan(table, float(delta), method, stats, plan_ranks(table, method, stats, budget), cut, heldout,
+                    decision)
 
 
 def flag_schema(score_schema: pa.Schema) -> pa.Schema:
     base = pa.schema([f for f in score_schema if f.name not in FLAG_COLUMNS], metadata=score_schema.metadata)
     for f in (pa.field("score", pa.float64()), pa.field("is_outlier", pa.bool_()),
-              pa.field("margin", pa.float64()), pa.field("rank", pa.int64())):
+              pa.field("margin", pa.float64()), pa.field("rank", pa.int64()), pa.field("p_value", pa.float64())):
         base = base.append(f)
     return base
 
 
 def flag_batch(batch: pa.RecordBatch, delta: float, method: str, sorted_scores: np.ndarray | None,
-               below: int, schema: pa.Schema) -> pa.RecordBatch:
-    """``batch`` with the four flag columns (``sorted_scores``: the range's scores; None when tied)."""
+               below: int, schema: pa.Schema, cut: float | None = None,
+               pvalues: ConformalPValues | None = None) -> pa.RecordBatch:
+    """``batch`` with the flag columns (``sorted_scores``: the range's scores; None when tied;
+    ``cut``: ``is_outlier = score < cut``, default δ; ``pvalues``: None leaves ``p_value`` null)."""
     ok = _np(pc.equal(batch.column("status"), "ok").fill_null(False), bool)
     s = _np(batch.column(method))
     mask = ~ok
@@ -215,9 +272,11 @@ def flag_batch(batch: pa.RecordBatch, delta: float, method: str, sorted_scores: 
         rank[order] = below + 1 + np.searchsorted(sorted_scores, q[order], side="left")
     cols = {name: batch.column(name) for name in batch.schema.names if name not in FLAG_COLUMNS}
     cols["score"] = pa.array(s, pa.float64(), mask=mask)
-    cols["is_outlier"] = pa.array(s < delta, pa.bool_(), mask=mask)
+    cols["is_outlier"] = pa.array(s < (delta if cut is None else cut), pa.bool_(), mask=mask)
     cols["margin"] = pa.array(s - delta, pa.float64(), mask=mask)
     cols["rank"] = pa.array(rank, pa.int64(), mask=mask)
+    cols["p_value"] = (pa.nulls(len(s), pa.float64()) if pvalues is None else
+                       pa.array(pvalues.p_values(np.where(ok, s, 0.0)), pa.float64(), mask=mask))
     return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
 
 
@@ -283,7 +342,7 @@ def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gall
         with contextlib.ExitStack() as stack:
             writer, part, rows_in_file = None, 0, 0
             for batch in table.batches(None, where):
-                flagged = flag_batch(batch, delta, method, sorted_scores, rng.below, schema)
+                flagged = flag_batch(batch, delta, method, sorted_scores, rng.below, schema, plan.cut, plan.pvalues)
                 if len(errors) < errors_listed:
                     errors += _error_rows(flagged, errors_listed - len(errors))
                 top = _top_k(top, flagged, gallery)
@@ -306,14 +365,25 @@ def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gall
     return FlagResult(files, top, errors, hist)
 
 
-def summarize(stats: CorpusStats, class_names: list[str] | None = None) -> dict[str, Any]:
-    """Outlier counts and rates overall and per predicted class (rates over ``ok`` rows)."""
+def summarize(stats: CorpusStats, class_names: list[str] | None = None,
+              decision: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Outlier counts and rates overall and per predicted class (rates over ``ok`` rows).
+
+    ``n_outliers`` are the deciding rule's flags (``rule``: ``tpr`` or ``fdr``); ``n_flagged_tpr`` is
+    the TPR rule's count (score < δ, what the drift test models) and, with p-values,
+    ``n_flagged_fdr`` BH's at ``fdr_q`` — whichever rule decided.
+    """
+    tpr_rule = not decision or decision.get("rule", "tpr") == "tpr"
     overall = {
         "n_rows": stats.n_rows,
         "n_ok": stats.n_ok,
         "n_error": stats.n_error,
         "n_outliers": stats.n_outliers,
         "outlier_rate": (stats.n_outliers / stats.n_ok) if stats.n_ok else None,
+        "rule": "tpr" if tpr_rule else "fdr",
+        "n_flagged_tpr": stats.n_outliers if tpr_rule else int(decision["n_flagged_tpr"]),
+        "n_flagged_fdr": (decision or {}).get("n_flagged_fdr"),
+        "fdr_q": (decision or {}).get("fdr_q"),
     }
     per_class = []
     for pred in sorted(stats.per_class):

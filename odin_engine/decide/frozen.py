@@ -104,6 +104,11 @@ def _checked(raw: bytes, uri: str) -> dict[str, Any]:
             isinstance(n, int) and isinstance(k, int) and 1 <= k <= n):
         raise ConfigError(f"calibration {uri} holds an impossible threshold (delta={delta!r}, "
                           f"n_heldout={n!r}, order_statistic_k={k!r})")
+    held = doc.get("heldout_scores_sorted")
+    if held is not None and not (isinstance(held, list) and len(held) == n and all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in held) and held == sorted(held)):
+        raise ConfigError(f"calibration {uri}: heldout_scores_sorted must be the n_heldout = {n} held-out scores, "
+                          "sorted ascending: the file is damaged; recalibrate")
     return doc
 
 

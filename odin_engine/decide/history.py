@@ -54,7 +54,7 @@ HISTORY_SCHEMA = pa.schema([
     pa.field("n_images", pa.int64()),          # corpus rows (ok + error)
     pa.field("n_ok", pa.int64()),
     pa.field("n_error", pa.int64()),
-    pa.field("n_flagged", pa.int64()),
+    pa.field("n_flagged", pa.int64()),         # score < δ (the TPR rule), whichever rule decided
     pa.field("flag_rate", pa.float64()),       # n_flagged / n_ok; null when n_ok = 0
     pa.field("expected_rate", pa.float64()),   # (n − k + 1)/(n + 1)
     pa.field("expected_rate_lo", pa.float64()),  # central interval of 1 − C ~ Beta(n − k + 1, k)
@@ -67,6 +67,10 @@ HISTORY_SCHEMA = pa.schema([
     pa.field("alarm", pa.bool_()),             # p_value < alpha; null without alpha or without ok images
     pa.field("no_data", pa.bool_()),           # with alpha: fewer ok images than --min-ok (exit 6); null in old rows
     pa.field("per_class", pa.string()),        # JSON list, see the module docstring
+    pa.field("decision_rule", pa.string()),    # which rule set is_outlier: "tpr" (score < δ) or "fdr" (BH)
+    pa.field("fdr_q", pa.float64()),           # BH's level (the reference 0.1 when the TPR rule decided)
+    pa.field("n_flagged_fdr", pa.int64()),     # BH's flags at fdr_q; null without held-out scores
+    pa.field("n_outliers", pa.int64()),        # flags of the deciding rule (= n_flagged under the TPR rule)
     pa.field("history_version", pa.int32(), nullable=False),
 ], metadata={"odin.history_version": str(HISTORY_VERSION)})
 
@@ -91,9 +95,10 @@ def history_row(audit: Mapping[str, Any], calibration: Mapping[str, Any], drift:
     result for this audit. ``per_class``: the flag summary's per-class rates.
     """
     s = audit["summary"]
-    if (int(s["n_ok"]), int(s["n_outliers"])) != (int(drift["n_ok"]), int(drift["n_flagged"])):
+    n_tpr = s.get("n_flagged_tpr", s["n_outliers"])  # the drift test models the TPR rule's count
+    if (int(s["n_ok"]), int(n_tpr)) != (int(drift["n_ok"]), int(drift["n_flagged"])):
         raise ValueError(f"the drift test counts ({drift['n_ok']} ok, {drift['n_flagged']} flagged) are not the "
-                         f"audit's ({s['n_ok']} ok, {s['n_outliers']} flagged)")
+                         f"audit's ({s['n_ok']} ok, {n_tpr} flagged by score < δ)")
     runs = audit.get("score_runs") or {}
     exp_lo, exp_hi = drift["expected_rate_ci"]
     pred_lo, pred_hi = drift["predicted_rate_interval"]
@@ -130,6 +135,10 @@ def history_row(audit: Mapping[str, Any], calibration: Mapping[str, Any], drift:
         "alarm": drift["alarm"],
         "no_data": drift.get("no_data"),
         "per_class": json.dumps([dict(r) for r in per_class], sort_keys=True, default=str),
+        "decision_rule": s.get("rule", "tpr"),
+        "fdr_q": s.get("fdr_q"),
+        "n_flagged_fdr": s.get("n_flagged_fdr"),
+        "n_outliers": int(s["n_outliers"]),
         "history_version": HISTORY_VERSION,
     }
 

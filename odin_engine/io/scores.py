@@ -174,9 +174,14 @@ class ScoreTable:
         threaded scanner reads row groups ahead of a slower consumer (the flag writer, the id
         hashing) until hundreds of MB are in flight — peak memory then grew with the table
         (1.8× from 1 M to 8 M rows) — and on 2 cores it was not faster
-        (``python -m benchmarks.decision_scale``).
+        (``python -m benchmarks.decision_scale``). Parquet's ``pre_buffer`` is off: it fetches the
+        projected column chunks of *every row group of a file* before the first batch, so the
+        scan held a whole file's columns in pyarrow's pool — memory that grew with the rows per
+        file, i.e. with the corpus for a table of a fixed number of files (docs/decision-stage.md).
         """
-        kw = dict(batch_readahead=2, fragment_readahead=1) if isinstance(self.dataset, ds.FileSystemDataset) else {}
+        kw = dict(batch_readahead=2, fragment_readahead=1,
+                  fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False)) \
+            if isinstance(self.dataset, ds.FileSystemDataset) else {}
         scanner = self.dataset.scanner(columns=list(columns) if columns is not None else None,
                                        filter=self._filter(where), batch_size=batch_size,
                                        use_threads=False, **kw)

@@ -163,6 +163,82 @@ def histogram_png(edges: np.ndarray, heldout: np.ndarray, corpus: np.ndarray, sc
     return _png(fig)
 
 
+def p_value_histogram_png(levels: np.ndarray, counts: np.ndarray, bins: int = 20) -> str:
+    """The corpus's conformal p-values (``counts`` per level ``levels``) in ``bins`` equal bins of [0, 1]:
+    flat for in-distribution images, a spike near 0 for outliers."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    c = np.asarray(counts, np.float64)
+    h = np.bincount(np.clip(np.searchsorted(edges, levels, side="left") - 1, 0, bins - 1), weights=c,
+                    minlength=bins)
+    ax.stairs(h, edges, fill=True, alpha=0.6, color="steelblue", label="corpus")
+    if c.sum():
+        ax.axhline(c.sum() / bins, color="grey", ls="--", lw=1, label="uniform (all in-distribution)")
+    ax.set_xlabel("conformal p-value")
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def bh_png(levels: np.ndarray, counts: np.ndarray, q: float, p_threshold: float | None) -> str:
+    """Sorted p-values p_(i) against i (log–log) with the Benjamini–Hochberg line i·q/m; BH flags every
+    image up to the last crossing below the line."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    c = np.asarray(counts, np.int64)
+    m = int(c.sum())
+    seen = c > 0
+    if m:
+        i = np.cumsum(c)[seen]
+        start = i - c[seen] + 1
+        v = np.asarray(levels, np.float64)[seen]
+        x = np.column_stack([start, i]).ravel()
+        ax.plot(x, np.repeat(v, 2), color="steelblue", lw=1.5, label="sorted p-values p₍ᵢ₎")
+        grid = np.geomspace(1, m, 200)
+        ax.plot(grid, grid * q / m, color="crimson", lw=1.2, label=f"BH line i·{q:g}/m")
+        if p_threshold is not None:
+            ax.axhline(p_threshold, color="crimson", ls=":", lw=1, label=f"flag p ≤ {p_threshold:.3g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("i (rank of the p-value)")
+    ax.set_ylabel("p-value")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _p_value_section(decision: Mapping[str, Any], levels: np.ndarray, counts: np.ndarray) -> str:
+    from odin_engine.decide.conformal import heldout_needed
+
+    q = float(decision["fdr_q"])
+    parts = ["<h2>Conformal p-values</h2>",
+             f"<p class='note'>Each scored image's p-value ({_esc(decision['p_value'])}) is the share of held-out "
+             "in-distribution images that score no higher: p = (1 + #{held-out scores ≤ score}) / (n + 1). For "
+             "in-distribution images it is uniform; outliers pile up near 0. "
+             + ("Benjamini–Hochberg flagged the images below the line" if decision["rule"] == "fdr" else
+                f"The TPR rule decided; BH at FDR {q:g} is shown for comparison") + ".</p>",
+             _img_tag(p_value_histogram_png(levels, counts), "p-value histogram"),
+             _img_tag(bh_png(levels, counts, q, decision.get("fdr_p_threshold")), "Benjamini-Hochberg plot")]
+    est, pi0 = decision.get("estimated_outliers"), decision.get("storey_pi0")
+    parts.append(_table([
+        ["decided by", decision["rule_text"]],
+        ["flagged by the TPR rule (score < δ ⇔ p ≤ " + f"{decision['tpr_p_threshold']:.4g})", decision["n_flagged_tpr"]],
+        [f"flagged by BH at FDR {q:g}", decision["n_flagged_fdr"]],
+        [f"estimated outliers (Storey's π̂₀ at λ = {decision['storey_lambda']:g}: m·(1 − π̂₀))",
+         "n/a" if est is None else f"{est} (π̂₀ = {pi0:.4f})"],
+        ["smallest possible p-value", f"{decision['min_p_value']:.4g} (n = {decision['n_heldout']} held-out images)"],
+        [f"BH at {q:g} flags anything only if at least this many images reach the smallest p-value",
+         decision.get("bh_min_count")],
+    ], ["field", "value"]))
+    rows = [[f"{100 * r['share']:g}% of the corpus", r["n_heldout"]]
+            for r in heldout_needed(q, conditional=decision.get("conditional_delta"))]
+    parts.append("<p class='note'>Resolution: held-out images needed for BH at "
+                 f"FDR {q:g} to be able to flag when a given share of the corpus reaches the smallest p-value "
+                 f"(this audit has {decision['n_heldout']}).</p>")
+    parts.append(_table(rows, ["share of the corpus at the smallest p-value", "held-out images needed"]))
+    return "".join(parts)
+
+
 def roc_png(id_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.ndarray], title: str) -> str:
     from sklearn.metrics import roc_curve
 
@@ -229,6 +305,7 @@ def render_report(
     image_loader: ImageLoader | None = default_image_loader,
     title: str = "odin-audit report",
     extra_html: str = "",
+    p_values: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> str:
     """The report as one HTML string (see the module docstring).
 
@@ -239,7 +316,8 @@ def render_report(
     :func:`odin_engine.decide.evaluation.evaluate_tables`; ``runs``: the score runs
     (``counts``, ``scored_this_run``, ``already_done``, ``exactly_once``); ``extra_html``: a
     trusted HTML fragment (e.g. :func:`odin_engine.report.history.history_plot_html`) shown after
-    the score distributions.
+    the score distributions; ``p_values``: ``(levels, counts)`` — the corpus's ok images per conformal
+    p-value level (with ``calibration["decision"]``, :func:`odin_engine.decide.conformal.decision_summary`).
     """
     method = calibration["method"]
     delta = float(calibration["delta"])
@@ -258,7 +336,9 @@ def render_report(
         ["TPR on new ID data, 95% interval", f"[{lo:.4f}, {hi:.4f}]"],
         ["held-out images (ok / errors)", f"{calibration['n_heldout']} / {calibration.get('n_heldout_errors', 0)}"],
         ["corpus images (ok / errors)", f"{s['n_ok']} / {s['n_error']}"],
-        ["outliers (score < δ)", f"{s['n_outliers']} ({100 * (s['outlier_rate'] or 0):.2f}% of scored)"],
+        ["decided by", (calibration.get("decision") or {}).get("rule_text", "TPR rule: score < δ")],
+        ["outliers" + (" (score < δ)" if s.get("rule", "tpr") == "tpr" else " (Benjamini–Hochberg)"),
+         f"{s['n_outliers']} ({100 * (s['outlier_rate'] or 0):.2f}% of scored)"],
     ], ["field", "value"]))
 
     if runs:
@@ -274,6 +354,9 @@ def render_report(
     parts.append(_img_tag(histogram_png(edges, histogram["heldout"], histogram["corpus"], scale), "score histograms"))
     parts.append(f"<p class='note'>Images left of the red line (score &lt; δ) are flagged as outliers. "
                  f"{_esc(scale.note)}</p>")
+    decision = calibration.get("decision") or {}
+    if p_values is not None and decision.get("p_value"):
+        parts.append(_p_value_section(decision, *p_values))
     if extra_html:
         parts.append(extra_html)
 
@@ -304,11 +387,12 @@ def render_report(
 
     worst = gallery.to_pylist() if hasattr(gallery, "to_pylist") else gallery.to_dict("records")
     parts.append(f"<h2>Most anomalous images ({len(worst)} lowest scores)</h2>"
-                 "<p class='note'>Red frame: flagged (score &lt; δ); green: kept.</p><div class='gallery'>")
+                 "<p class='note'>Red frame: flagged; green: kept.</p><div class='gallery'>")
     for r in worst:
         pred = r.get("pred")
         cap = (f"#{int(r['rank'])} {_esc(r['image_id'])}<br>{method}={float(r['score']):.5g}"
-               f"<br>margin={float(r['margin']):.3g}" + (f"<br>pred={int(pred)}" if pred is not None and pred == pred else ""))
+               f"<br>margin={float(r['margin']):.3g}" + (f"<br>pred={int(pred)}" if pred is not None and pred == pred else "")
+               + (f"<br>p={float(r['p_value']):.3g}" if r.get("p_value") is not None else ""))
         thumb = "<div class='missing'>no image</div>"
         if image_loader is not None:
             try:
@@ -316,7 +400,7 @@ def render_report(
             except Exception as exc:  # noqa: BLE001 - a thumbnail that cannot be read is shown as such
                 thumb = f"<div class='missing' title='{_esc(exc)}'>unreadable</div>"
         is_out = bool(r["is_outlier"])
-        cap += "<br><b>outlier</b>" if is_out else "<br>kept (score ≥ δ)"
+        cap += "<br><b>outlier</b>" if is_out else "<br>kept"
         parts.append(f"<div class='card{' outlier' if is_out else ''}'>{thumb}<div>{cap}</div></div>")
     parts.append("</div>")
 
