@@ -23,14 +23,14 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from jobs import options
-from jobs.calibrate import (CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, decision_line, limits_line, plan_flags,
-                            publish_flags)
-from jobs.options import EXIT_CONFIG, describe, run_main
+from jobs.calibrate import (CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, decision_line, limits_line, output_lease,
+                            plan_flags, publish_flags)
+from jobs.options import EXIT_CONFIG, EXIT_RUNTIME, describe, run_main
 from odin_engine.detectors.fit import DEFAULT_BANK_SIZE
 from odin_engine.errors import ConfigError
 from odin_engine.settings import DEFAULT_METHOD, DEFAULT_TPR, CalibrationSettings, OdinSettings
 
-EXIT_OK, EXIT_EXACTLY_ONCE, EXIT_DRIFT, EXIT_AFTER_SCORING = 0, 1, 3, 4
+EXIT_OK, EXIT_EXACTLY_ONCE, EXIT_DRIFT, EXIT_AFTER_SCORING, EXIT_NO_DATA = 0, 1, 3, 4, 6
 #: every exit code of `odin-audit audit` (README "Scheduled audits" lists them for users)
 EXIT_CODES = {
     EXIT_OK: "done; no drift alarm (or no --fail-on-drift)",
@@ -39,6 +39,11 @@ EXIT_CODES = {
     EXIT_DRIFT: "drift alarm: the drift test's p-value < --fail-on-drift; every output is written first",
     EXIT_AFTER_SCORING: "scoring finished (its outputs are kept, a rerun resumes them) but the decision stage "
                         "could not run on what was scored, e.g. too few held-out images decoded",
+    EXIT_RUNTIME: "the run failed at run time (disk full, store unreachable, a Ray task failed): one line names "
+                  "the cause and a log file with the traceback; finished work and the previous complete result "
+                  "are kept, and the same command resumes",
+    EXIT_NO_DATA: "no-data night (with --fail-on-drift): fewer than --min-ok corpus images scored ok, so there is "
+                  "nothing to test; every output is written first and the history row records it",
 }
 EVALUATION_JSON, REPORT_HTML, AUDIT_JSON = "evaluation.json", "report.html", "audit.json"
 
@@ -65,7 +70,11 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="append one Parquet row per audit to this directory (local, s3://, gs://); "
                              "the report plots it")
     parser.add_argument("--fail-on-drift", metavar="ALPHA", type=float, default=None,
-                        help="exit 3 (after writing every output) when the drift test's p-value < ALPHA, e.g. 0.01")
+                        help="exit 3 (after writing every output) when the drift test's p-value < ALPHA, e.g. 0.01; "
+                             "exit 6 when fewer than --min-ok corpus images scored ok")
+    parser.add_argument("--min-ok", metavar="N", type=int, default=1,
+                        help="with --fail-on-drift: a night with fewer ok corpus images than this is a no-data "
+                             "night (exit 6)")
     options.add_odin_options(parser)
     options.add_tpr_option(parser, help=f"share of held-out in-distribution images kept at or above δ; "
                                         f"{DEFAULT_TPR:g} unless --calibration sets it")
@@ -86,6 +95,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     options.add_workers_option(parser)
     options.add_scale_options(parser)
     options.add_resize_option(parser)
+    options.add_flag_file_rows_option(parser)
     options.add_ray_options(parser)
     options.add_quiet_option(parser)
     options.add_config_option(parser)
@@ -108,6 +118,7 @@ class AuditPlan:
     frozen: dict[str, Any] | None = None  # the --calibration in use (load_frozen_calibration's result)
     history: Any = None  # Store of --history
     alpha: float | None = None  # --fail-on-drift
+    lease: Any = None  # RunLock on --output: one audit writes its decision outputs at a time
     notes: list[str] = field(default_factory=list)  # info lines for the user
     fit: str | None = None  # the fit the score runs use (--fit, or <output>/fit.npz made from --reference)
     fit_ready: bool = False  # --reference: set once the fit is written
@@ -184,6 +195,10 @@ def _check(args: argparse.Namespace) -> AuditPlan:
             raise ConfigError(f"--fail-on-drift: {exc}") from exc
     if args.gallery < 0:
         raise ConfigError("--gallery must be >= 0")
+    if args.min_ok < 1:
+        raise ConfigError("--min-ok must be >= 1")
+    if args.flag_file_rows is not None and args.flag_file_rows < 1:
+        raise ConfigError("--flag-file-rows must be >= 1")
     ood = parse_ood(args.ood)
     notes: list[str] = []
     frozen = None
@@ -212,6 +227,8 @@ def _check(args: argparse.Namespace) -> AuditPlan:
         odin = OdinSettings.resolve(args.tuning, args.temperature, args.epsilon)
     fit = _check_fit(args, cal.method)
     out = _output_store("--output", args.output)
+    lease = output_lease(out, args.output)
+    lease.check_free()  # another audit writing here: refuse before anything is written
     history = _output_store("--history", args.history) if args.history else None
     jobs = [("corpus", str(args.corpus), "corpus")]
     if args.heldout and not frozen:
@@ -227,7 +244,7 @@ def _check(args: argparse.Namespace) -> AuditPlan:
         if ready:
             notes.append(f"reusing {fit}, fitted on --reference {args.reference} by an earlier run of this audit "
                          "(delete it to refit)")
-    return AuditPlan(odin, cal, out, ood, class_names, jobs, frozen, history, alpha, notes, fit, ready)
+    return AuditPlan(odin, cal, out, ood, class_names, jobs, frozen, history, alpha, lease, notes, fit, ready)
 
 
 def _earlier_fit(out, reference: str) -> bool:
@@ -390,15 +407,19 @@ def _evaluate(args: argparse.Namespace, plan: AuditPlan, heldout, ood):
 
 def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, heldout, evaluation, roc,
            t0: float, t_scored: float) -> dict[str, Any]:
-    """Flags, then the JSON summaries, the drift test, the history row, the report, and audit.json last."""
+    """One whole result under ``results/<id>/`` (flags, the JSON summaries, the drift test, the report,
+    audit.json), committed by the pointer (``odin_engine.io.results``); then the ``--history`` row."""
     import numpy as np
 
     from odin_engine.decide.calibration import heldout_scores
     from odin_engine.decide.drift import drift_test
     from odin_engine.decide.flagging import summarize
+    from odin_engine.io.results import Publication
     from odin_engine.report import counts_from_quantiles, display_scale, histogram_edges, render_report
 
-    out, method = plan.out, plan.calibration.method
+    method = plan.calibration.method
+    pub = Publication(plan.out)
+    out = pub.store  # this result's private directory: nothing in it is visible before the commit
     # a frozen calibration scores no held-out set: its histogram comes from the quantiles the
     # calibration kept (none in files written before they were kept: then it is absent)
     quantiles = (cal.get("heldout_quantiles") or []) if heldout is None else []
@@ -407,18 +428,24 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     edges = histogram_edges(scale, h_scores, flag_plan.stats.lo, flag_plan.stats.hi)
     h_counts = (np.histogram(h_scores, edges)[0] if heldout is not None
                 else counts_from_quantiles(quantiles, int(cal.get("n_heldout") or 0), edges))
-    flags = publish_flags(flag_plan, out, gallery=args.gallery, hist_edges=edges)
+    files = {} if args.flag_file_rows is None else {"rows_per_file": args.flag_file_rows}
+    flags = publish_flags(flag_plan, pub, gallery=args.gallery, hist_edges=edges, **files)
     summary = summarize(flag_plan.stats, plan.class_names, cal["decision"])
     cal["summary"] = summary["overall"]
     cal["flags"] = {"path": FLAGS_DIR, "files": len(flags.files), "rank_ranges": len(flag_plan.ranges)}
+    cal["result_id"] = pub.result_id
     out.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": method, "decision": cal["decision"], **summary})
     if evaluation is not None:
         out.write_json(EVALUATION_JSON, evaluation)
     out.write_json(CALIBRATION_JSON, cal)
     # the drift test's model is the TPR rule's count (score < δ), whichever rule decided the flags
     drift = drift_test(cal, summary["overall"]["n_ok"], summary["overall"]["n_flagged_tpr"], plan.alpha)
+    drift["min_ok"] = args.min_ok
+    drift["no_data"] = plan.alpha is not None and summary["overall"]["n_ok"] < args.min_ok
     doc = {
         "version": 1,
+        "result_id": pub.result_id,
+        "result_dir": pub.path,  # relative to --output; "outputs" are relative to it
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model_spec": args.model,
         "model_id": runs["corpus"]["model_id"],
@@ -438,14 +465,19 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "outputs": {"calibration": CALIBRATION_JSON, "flags": FLAGS_DIR + "/", "flag_summary": FLAG_SUMMARY_JSON,
                     "report": REPORT_HTML, **({"evaluation": EVALUATION_JSON} if evaluation is not None else {})},
     }
-    history_html = _comparison_html(args, method)
-    if plan.history is not None:
-        from odin_engine.decide.history import append_history, history_row, read_history
+    history_html, row = _comparison_html(args, method), None
+    if plan.history is not None:  # the row is appended after the commit: history names only published results
+        import pandas as pd
+        import pyarrow as pa
+
+        from odin_engine.decide.history import HISTORY_SCHEMA, history_file_name, history_row, read_history
         from odin_engine.report.history import history_plot_html
 
-        row = history_row(doc, cal, drift, summary["per_class"], output=out.uri())
-        doc["outputs"]["history_row"] = append_history(plan.history, row)
-        history_html += history_plot_html(read_history(plan.history))
+        row = history_row(doc, cal, drift, summary["per_class"], output=plan.out.uri())
+        doc["outputs"]["history_row"] = plan.history.uri(history_file_name(row))
+        tonight = pa.Table.from_pylist([row], schema=HISTORY_SCHEMA).to_pandas()
+        past = read_history(plan.history)
+        history_html += history_plot_html(pd.concat([past, tonight], ignore_index=True) if len(past) else tonight)
     metadata = {k: doc[k] for k in ("model_spec", "model_id", "temperature", "epsilon", "settings_from", "method",
                                     "tpr", "finished_at")}
     metadata["method chosen by"] = ("--method" if args.method else f"tuning file {args.tuning}" if args.tuning
@@ -469,6 +501,12 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     out.write_text(REPORT_HTML, html_text)
     doc["durations_s"]["total"] = round(time.time() - t0, 3)
     out.write_json(AUDIT_JSON, doc)
+    plan.lease.check_held()  # a run that lost its lease publishes nothing
+    pub.commit(command="audit", finished_at=doc["finished_at"])
+    if row is not None:
+        from odin_engine.decide.history import append_history
+
+        append_history(plan.history, row)
     return doc
 
 
@@ -482,30 +520,50 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
     for note in plan.notes:
         print(f"odin audit: info: {note}", file=sys.stderr, flush=True)
     t0 = time.time()
-    if args.reference and not plan.fit_ready:
-        from jobs.fit import fit_reference
+    with plan.lease:  # one audit writes here at a time; a killed one's lease dies with its pid
+        if args.reference and not plan.fit_ready:
+            from jobs.fit import fit_reference
 
-        fit_reference(args.reference, plan.fit, args.model, args.weights, head=args.head,
-                      temperature=plan.odin.temperature, bank_size=args.bank_size or DEFAULT_BANK_SIZE,
-                      resize=args.resize, batch_size=args.batch_size, mean=args.mean, std=args.std,
-                      input_size=args.input_size, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address,
-                      quiet=args.quiet)
-        plan.fit_ready = True
-    runs, configs = _score(args, plan)
-    t_scored = time.time()
-    if not args.quiet:  # one line per stage (scoring printed its own)
-        print(f"odin audit: scored {len(runs)} set{'s' * (len(runs) != 1)} in {t_scored - t0:.0f}s; calibrating δ, "
-              "flagging and writing the report", flush=True)
+            fit_reference(args.reference, plan.fit, args.model, args.weights, head=args.head,
+                          temperature=plan.odin.temperature, bank_size=args.bank_size or DEFAULT_BANK_SIZE,
+                          resize=args.resize, batch_size=args.batch_size, mean=args.mean, std=args.std,
+                          input_size=args.input_size, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address,
+                          quiet=args.quiet)
+            plan.fit_ready = True
+        runs, configs = _score(args, plan)
+        t_scored = time.time()
+        if not args.quiet:  # one line per stage (scoring printed its own)
+            print(f"odin audit: scored {len(runs)} set{'s' * (len(runs) != 1)} in {t_scored - t0:.0f}s; calibrating "
+                  "δ, flagging and writing the report", flush=True)
+        heldout = None
+        try:
+            corpus, heldout, ood = _open_tables(args, plan)
+            cal = _calibrate(args, plan, corpus, heldout, configs)
+            flag_plan = plan_flags(corpus, cal, plan.calibration)
+            evaluation, roc = _evaluate(args, plan, heldout, ood)
+        except ConfigError as exc:
+            raise DecisionError(
+                f"scoring finished (its outputs are in {plan.out.uri()} and a rerun reuses them), but the decision "
+                f"stage cannot run on what was scored: {describe(exc)}{_heldout_errors_note(heldout)}") from exc
+        return _write(args, plan, runs, cal, flag_plan, heldout, evaluation, roc, t0, t_scored)
+
+
+def _heldout_errors_note(heldout, shown: int = 3) -> str:
+    """``. N held-out images failed to score, e.g. id: message; …`` and what to do (empty when none did)."""
+    if heldout is None:
+        return ""
+    from odin_engine.decide.calibration import heldout_errors
+
     try:
-        corpus, heldout, ood = _open_tables(args, plan)
-        cal = _calibrate(args, plan, corpus, heldout, configs)
-        flag_plan = plan_flags(corpus, cal, plan.calibration)
-        evaluation, roc = _evaluate(args, plan, heldout, ood)
-    except ConfigError as exc:
-        raise DecisionError(
-            f"scoring finished (its outputs are in {plan.out.uri()} and a rerun reuses them), but the decision "
-            f"stage cannot run on what was scored: {describe(exc)}") from exc
-    return _write(args, plan, runs, cal, flag_plan, heldout, evaluation, roc, t0, t_scored)
+        n, examples = heldout_errors(heldout, shown)
+    except (ConfigError, OSError, ValueError):
+        return ""
+    if not n:
+        return ""
+    listed = "; ".join(f"{i}: {m}" for i, m in examples)
+    return (f". {n} held-out image(s) failed to score (status 'error'), e.g. {listed}. Replace or remove them, or "
+            "add held-out images, then rerun the same command (scored images are not scored again); every "
+            "failure is listed in the held-out scores' `error` column")
 
 
 def _comparison_html(args: argparse.Namespace, method: str) -> str:
@@ -563,13 +621,19 @@ def run(args: argparse.Namespace) -> int:
           f"{', frozen calibration' if doc['calibration_from'] else ''}); "
           f"{s['n_outliers']} of {s['n_ok']} corpus images flagged ({100 * (s['outlier_rate'] or 0):.1f}%"
           f"{_rule_note(doc['decision'])}, expected {_rate_interval(drift)}; drift p = {_p(drift)}), "
-          f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{REPORT_HTML}", flush=True)
+          f"{s['n_error']} errors{where}; report: {args.output.rstrip('/')}/{doc['result_dir']}/{REPORT_HTML}",
+          flush=True)
     if doc["decision"].get("rule") == "fdr":
         print(f"odin audit: limits: {limits_line(doc['decision'])}", file=sys.stderr, flush=True)
     bad = [k for k, v in doc["score_runs"].items() if not v["exactly_once"]]
     if bad:
         print(f"odin audit: score runs {bad} did not verify exactly-once; see their run.json", file=sys.stderr)
         return EXIT_EXACTLY_ONCE
+    if drift["no_data"]:
+        print(f"odin audit: NO DATA: {drift['n_ok']} corpus images scored ok (fewer than --min-ok {args.min_ok}): "
+              f"nothing to test for drift; {s['n_error']} errors (see the flags' error column) — check the corpus "
+              "source and its images", file=sys.stderr, flush=True)
+        return EXIT_NO_DATA
     if drift["alarm"]:
         print(f"odin audit: DRIFT ALARM: flagged {drift['n_flagged']} of {drift['n_ok']} ({_pct(drift['flag_rate'])}) "
               f"vs expected {_rate_interval(drift)}; p = {_p(drift)} < {drift['alpha']:g} (--fail-on-drift)",

@@ -30,17 +30,25 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="tuning.json from `odin-audit tune`: δ thresholds the method it chose (unless --method)")
     parser.set_defaults(method=None)
     parser.add_argument("--output", metavar="DIR",
-                        help="writes calibration.json, flags/part-*.parquet, flag_summary.json (local, s3://, gs://)")
+                        help="writes calibration.json, flags/part-*.parquet, flag_summary.json as one result, "
+                             "published whole (local, s3://, gs://; docs/decision-stage.md)")
+    options.add_flag_file_rows_option(parser)
     options.add_config_option(parser)
 
 
-def publish_flags(plan, out, **kwargs):
-    """Replace ``<out>/flags/`` with the flags of ``plan`` (see :func:`odin_engine.decide.flagging.write_flags`)."""
+def publish_flags(plan, publication, **kwargs):
+    """Write the flags of ``plan`` into ``publication``'s private result directory (see
+    :func:`odin_engine.decide.flagging.write_flags`); nothing is visible before its commit."""
     from odin_engine.decide.flagging import write_flags
 
-    flags = out.join(FLAGS_DIR)
-    flags.delete()  # a rerun replaces the flags: no part of an earlier run may stay in the dataset
-    return write_flags(plan, flags, **kwargs)
+    return write_flags(plan, publication.store.join(FLAGS_DIR), part_prefix=publication.part_prefix, **kwargs)
+
+
+def output_lease(out, display: str):
+    """The one-writer lease on a decision output directory (``jobs.run_lock.RunLock``)."""
+    from jobs.run_lock import RunLock
+
+    return RunLock(out.fs, out.path, display=display)
 
 
 def plan_flags(corpus, cal: dict[str, Any], settings: CalibrationSettings):
@@ -90,6 +98,7 @@ def limits_line(decision: dict[str, Any]) -> str:
 
 def calibrate_and_flag(
     scores: str, heldout_scores: str, output: str, settings: CalibrationSettings = CalibrationSettings(),
+    rows_per_file: int | None = None,
 ) -> dict[str, Any]:
     """Read both score tables, calibrate δ, flag the corpus; every check runs before anything is written.
 
@@ -97,25 +106,34 @@ def calibrate_and_flag(
     """
     from odin_engine.decide.calibration import calibrate_tables
     from odin_engine.decide.flagging import summarize
+    from odin_engine.io.results import Publication
     from odin_engine.io.scores import ScoreTable
     from odin_engine.io.store import Store
 
     out = Store(output)
     if out.is_file():
         raise ConfigError(f"--output {output} is a file; give a directory")
+    lease = output_lease(out, output)
+    lease.check_free()
     corpus = ScoreTable.open(scores, "corpus scores")
     heldout = ScoreTable.open(heldout_scores, "held-out scores")
     cal = calibrate_tables(corpus, heldout, settings)
     plan = plan_flags(corpus, cal, settings)
-    # ---- all checks passed: write (flags, then the summary, calibration.json last)
-    result = publish_flags(plan, out, gallery=0, errors_listed=0)
-    summary = summarize(plan.stats, decision=cal["decision"])
-    cal["sources"] = {"scores": str(scores), "heldout_scores": str(heldout_scores)}
-    cal["summary"] = summary["overall"]
-    cal["flags"] = {"path": FLAGS_DIR, "files": len(result.files), "rank_ranges": len(plan.ranges)}
-    out.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": settings.method,
-                                       "decision": cal["decision"], **summary})
-    out.write_json(CALIBRATION_JSON, cal)
+    # ---- all checks passed: write one whole result (flags, summary, calibration.json), then commit it
+    with lease:
+        pub = Publication(out)
+        files = {} if rows_per_file is None else {"rows_per_file": rows_per_file}
+        result = publish_flags(plan, pub, gallery=0, errors_listed=0, **files)
+        summary = summarize(plan.stats, decision=cal["decision"])
+        cal["sources"] = {"scores": str(scores), "heldout_scores": str(heldout_scores)}
+        cal["summary"] = summary["overall"]
+        cal["flags"] = {"path": FLAGS_DIR, "files": len(result.files), "rank_ranges": len(plan.ranges)}
+        cal["result_id"] = pub.result_id
+        pub.store.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": settings.method,
+                                                 "decision": cal["decision"], **summary})
+        pub.store.write_json(CALIBRATION_JSON, cal)
+        lease.check_held()
+        pub.commit(command="calibrate")
     return cal
 
 
@@ -128,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     method = args.method or (tuned_method(args.tuning) if args.tuning else None) or DEFAULT_METHOD
     settings = CalibrationSettings(args.tpr, method, fdr=args.fdr, conditional=args.conditional)
-    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, settings)
+    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, settings, rows_per_file=args.flag_file_rows)
     s = cal["summary"]
     lo, hi = cal["tpr_ci"]
     print(

@@ -103,7 +103,9 @@ def _summarize(audit_out: Path, manifest: Path) -> dict[str, Any]:
     from odin_engine.io.scores import ScoreTable
     from odin_engine.io.store import Store
 
-    out = Store(str(audit_out))
+    from odin_engine.io.results import current
+
+    out = current(Store(str(audit_out)))  # the audit's current complete result
     flags = ScoreTable.open(out.uri("flags"), "flags").read(["image_id", "is_outlier"]).to_pandas()
     truth = pd.read_csv(manifest, dtype=str)[["image_id", "label"]]
     df = flags.merge(truth, on="image_id", how="right")

@@ -5,7 +5,7 @@ that the commands cannot drift apart: model and weights (``add_model_options``),
 (``add_odin_options``), calibration (``add_tpr_option``, ``add_method_option``), execution
 (``add_batch_size_option``, ``add_workers_option``, ``add_resize_option``, ``add_ray_options``,
 ``add_quiet_option``), ``NAME=SRC`` sources (``parse_named_sources``), TOML config files under
-the flags, ``--version``, and exit code 2 for bad configuration (``run_main``).
+the flags, ``--version``, exit code 2 for bad configuration and 5 for a failure at run time (``run_main``).
 
 Importing this module must stay cheap (no torch, no Ray): ``--help`` and ``--version`` build the
 parser and exit.
@@ -23,6 +23,8 @@ from typing import Callable, Sequence
 from odin_engine.errors import ConfigError
 
 EXIT_CONFIG = 2
+#: the run failed at run time (disk full, store unreachable, a Ray task failed): what was written is kept
+EXIT_RUNTIME = 5
 #: where the score job decodes JPEGs: CPU tasks, or the scoring GPU (nvJPEG; jobs/gpu_decode.py)
 DECODE_DEVICES = ("cpu", "cuda")
 
@@ -146,6 +148,13 @@ def add_scale_options(parser: argparse.ArgumentParser) -> None:
                              "cluster's object store)")
 
 
+def add_flag_file_rows_option(parser: argparse.ArgumentParser) -> None:
+    from odin_engine.decide.flagging import ROWS_PER_FILE
+
+    parser.add_argument("--flag-file-rows", type=int, default=None,
+                        help=f"rows per flags/ Parquet file (default {ROWS_PER_FILE:,})")
+
+
 def add_resize_option(parser: argparse.ArgumentParser) -> None:
     from odin_engine.io.images import RESIZE_POLICIES
 
@@ -263,7 +272,8 @@ def run_main(
     prog: str | None = None,
     section: str | None = None,
 ) -> int:
-    """Parse (config file, then flags), run, and map ``ConfigError`` to exit code 2."""
+    """Parse (config file, then flags) and run; ``ConfigError`` → exit 2, any other failure → exit 5
+    (:func:`runtime_failure`: one line on stderr, the traceback in a log file)."""
     parser = argparse.ArgumentParser(prog=prog, formatter_class=HelpFormatter)
     build_parser(parser)
     add_version_option(parser)
@@ -273,3 +283,78 @@ def run_main(
     except ConfigError as exc:
         print(f"{parser.prog}: error: {describe(exc)}", file=sys.stderr)
         return EXIT_CONFIG
+    except Exception as exc:  # noqa: BLE001 - every other ending gets one line and its own code
+        cause = root_cause(exc)
+        if isinstance(cause, ConfigError):  # raised inside a Ray task: still the user's to fix
+            print(f"{parser.prog}: error: {describe(cause)}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(runtime_failure(parser.prog, exc), file=sys.stderr, flush=True)
+        return EXIT_RUNTIME
+
+
+# --------------------------------------------------------------------------- run-time failures (exit 5)
+#: where the traceback of a failed run goes (default: <temp dir>/odin-audit-logs)
+LOG_DIR_ENV = "ODIN_AUDIT_LOG_DIR"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The innermost error: through ``RayTaskError.cause`` and ``raise … from`` chains."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException):
+            cause = exc.__cause__
+        if not isinstance(cause, BaseException):
+            break
+        exc = cause
+    return exc
+
+
+_ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?(\w*(?:Error|Exception))(?:\([^)]*\))?: (.+)$", re.M)
+
+
+def first_error_line(text: str) -> str | None:
+    """The first ``SomeError: message`` line of a traceback text that is not one of Ray's wrappers:
+    Python prints the original error first, and Ray keeps a remote task's traceback only as text."""
+    for m in _ERROR_LINE.finditer(text):
+        if not m.group(0).startswith("ray."):
+            return f"{m.group(1)}: {m.group(2).strip()}"
+    return None
+
+
+def save_traceback(prog: str, exc: BaseException) -> str:
+    """Write ``exc``'s traceback to a new file under ``$ODIN_AUDIT_LOG_DIR`` (default: the temp
+    dir's ``odin-audit-logs/``); returns its path, or why it could not be written."""
+    import os
+    import tempfile
+    import time
+    import traceback
+
+    directory = os.environ.get(LOG_DIR_ENV) or os.path.join(tempfile.gettempdir(), "odin-audit-logs")
+    name = f"{prog.replace(' ', '-').replace('python-', '')}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log"
+    path = os.path.join(directory, name)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(f"{prog} {' '.join(sys.argv[1:])}\n\n")
+            fh.write("".join(traceback.format_exception(exc)))
+    except OSError as err:
+        return f"not saved ({err.strerror or err}; set {LOG_DIR_ENV} to a writable directory)"
+    return path
+
+
+def runtime_failure(prog: str, exc: BaseException) -> str:
+    """The one line for a failure at run time: the cause, what to do, and where its traceback is."""
+    import traceback
+
+    from odin_engine.errors import short_error
+
+    text = "".join(traceback.format_exception(exc))
+    what = short_error(root_cause(exc), 200)
+    origin = first_error_line(text)
+    if origin and origin[:60] not in what:  # a wrapper (a Ray task's error): name the original error too
+        what += f" (caused by {short_error(RuntimeError(origin), 240)[len('RuntimeError: '):]})"
+    hint = "the disk is full: free space, then " if "No space left on device" in text else ""
+    return (f"{prog}: error: the run failed at run time: {what}; {hint}rerun the same command to resume "
+            f"(finished work is kept; every published result is complete). Traceback: {save_traceback(prog, exc)}")

@@ -307,6 +307,18 @@ def _delete_tree(out: Store, name: str) -> None:
         out.fs.delete_dir(out.p(name))
 
 
+def _delete_other_attempts(out: Store, name: str, keep: str | None) -> None:
+    """Remove ``<name>/<attempt>/`` folders of every attempt but ``keep`` (and ``<name>`` once empty)."""
+    for info in out.listdir(name):
+        if posixpath.basename(info.path) != keep:
+            if info.type == pafs.FileType.Directory:
+                out.fs.delete_dir(info.path)
+            else:
+                out.fs.delete_file(info.path)
+    if keep is None and out.exists(name):
+        out.fs.delete_dir(out.p(name))
+
+
 def _prefix(cfg: ScoreConfig) -> str:
     return f"odin score [{cfg.label}]" if cfg.label else "odin score"
 
@@ -454,10 +466,11 @@ def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
     """List → plan → score → commit under the lease; returns the attempt's aggregates."""
     out, cfg = prep.out, prep.cfg
     attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    for leftover in (LISTING_DIR, PLAN_DIR):  # a crashed attempt's; this run holds the lease now
-        _delete_tree(out, leftover)
+    for leftover in (LISTING_DIR, PLAN_DIR):  # dead attempts' (this run holds the lease): never this one's
+        _delete_other_attempts(out, leftover, attempt)
     t = time.time()
     listing = list_corpus(prep.source, out, attempt)
+    prep.lock.check_held()
     t_list = time.time() - t
     _say(prep, f"listed {listing['listed']} items in {t_list:.1f}s ({listing['tasks']} listing tasks)")
     if prep.existing is None:
@@ -467,6 +480,7 @@ def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
     t = time.time()
     planned = plan(prep, listing, n_buckets, attempt)
     t_plan = time.time() - t
+    prep.lock.check_held()
     if prep.existing is None:  # the job file = this directory is a run (written once, before any score)
         prep.existing = {"run_id": prep.run_id, "config": prep.config, "created_at": prep.started_at,
                          "layout": {"buckets": n_buckets, "hash": shards.HASH, "shard_rows": cfg.shard_rows}}
@@ -479,11 +493,12 @@ def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
     if planned["plan_files"]:
         scored = score_planned(prep, ray_info, planned["plan_files"], planned["todo"])
     t_score = time.time() - t
+    prep.lock.check_held()  # a run that lost its lease commits nothing
     t = time.time()
     committed = commit(prep, listing, n_buckets)
     t_commit = time.time() - t
     for done in (LISTING_DIR, PLAN_DIR):
-        _delete_tree(out, done)
+        _delete_other_attempts(out, done, None)
     return {"ray": ray_info, "listing": listing, "plan": planned, "scored": scored, "commit": committed,
             "n_buckets": n_buckets,
             "durations": {"ray_init_s": ray_info["init_s"], "list_s": t_list, "plan_s": t_plan,
@@ -540,6 +555,7 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
         "versions": _versions(),
         "parquet_metadata": dict((k.decode(), v.decode()) for k, v in prep.schema().metadata.items()),
     }
+    prep.lock.check_held()
     out.write_json(RUN_JSON, result)
     if cfg.print_summary:
         n = result["counts"]

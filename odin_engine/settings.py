@@ -86,6 +86,22 @@ def check_heldout_size(n: int, tpr: float, what: str = "held-out in-distribution
             "(= ceil(5 / (1 - tpr)), so that at least 5 held-out images fall below δ)")
 
 
+
+def read_tuning_file(path: str | Path) -> Any:
+    """The parsed JSON of a ``tuning.json`` (local or object store); a missing or malformed file is a
+    :class:`SettingError` of ``tuning``."""
+    from odin_engine.io.store import read_bytes
+
+    try:
+        raw = read_bytes(str(path))
+    except (OSError, ValueError) as exc:
+        raise SettingError("tuning", f"tuning file not found: {path} (write one with `odin-audit tune`)") from exc
+    try:
+        return json.loads(raw.decode())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SettingError("tuning", f"tuning file {path} is not valid JSON: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class OdinSettings:
     """ODIN's temperature ``T`` and perturbation magnitude ``ε``; ``origin`` says where they came from."""
@@ -104,16 +120,7 @@ class OdinSettings:
 
         With ``expect_model_id``, a file tuned for another model is refused.
         """
-        from odin_engine.io.store import read_bytes
-
-        try:
-            raw = read_bytes(str(path))
-        except (OSError, ValueError) as exc:
-            raise SettingError("tuning", f"tuning file not found: {path} (write one with `odin-audit tune`)") from exc
-        try:
-            doc = json.loads(raw.decode())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SettingError("tuning", f"tuning file {path} is not valid JSON: {exc}") from exc
+        doc = read_tuning_file(path)
         if not isinstance(doc, dict) or "temperature" not in doc or "epsilon" not in doc:
             raise SettingError("tuning", f"tuning file {path} needs numeric 'temperature' and 'epsilon' fields")
         try:

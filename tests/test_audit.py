@@ -211,6 +211,9 @@ def test_failure_after_scoring_is_not_a_configuration_error(ray_head, data, tmp_
                           cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 4, proc.stderr[-3000:]
     assert "scoring finished" in proc.stderr and "90 held-out" in proc.stderr and "at least 100" in proc.stderr
+    # the held-out failures: how many, the first few ids with their messages, and what to do
+    assert "10 held-out image(s) failed to score" in proc.stderr and "bad0.png: " in proc.stderr
+    assert "rerun the same command" in proc.stderr and "Traceback" not in proc.stderr
     assert json.loads((out / "heldout" / "run.json").read_text())["counts"] == {"ok": 90, "error": 10, "total": 100}
     assert not (out / "calibration.json").exists() and not (out / "flags").exists()
 
@@ -236,15 +239,19 @@ def _check_bucket_outputs(fs, prefix: str, again: subprocess.CompletedProcess) -
 
     assert again.returncode == 0, again.stderr[-3000:]
 
+    with fs.open_input_stream(f"{prefix}/audit/current.json") as fh:  # the pointer to the current result
+        result = json.loads(fh.read())["path"]
+
     def read(name: str) -> bytes:
-        with fs.open_input_stream(f"{prefix}/audit/{name}") as fh:
+        with fs.open_input_stream(f"{prefix}/audit/{result}/{name}") as fh:
             return fh.read()
 
     cal = json.loads(read("calibration.json"))
     doc = json.loads(read("audit.json"))
     assert all(r["scored_this_run"] == 0 for r in doc["score_runs"].values())  # the rerun resumed
     assert doc["score_runs"]["corpus"]["already_done"] == 31
-    parts = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/audit/flags")) if i.path.endswith(".parquet")]
+    parts = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/audit/{result}/flags"))
+             if i.path.endswith(".parquet")]
     flags = ds.dataset(parts, filesystem=fs).to_table().to_pandas()
     assert len(flags) == 31 and cal["n_heldout"] == 100
     ok = flags[flags["status"] == "ok"]

@@ -132,7 +132,7 @@ def test_a_file_as_output_is_refused_and_left_alone(tmp_path, tiny_model, capsys
     assert cli_main(["score", "--input", str(corpus), "--output", str(out), *tiny_model.cli]) == 2
     err = capsys.readouterr().err
     assert "is a file, not a directory: --output needs a directory" in err
-    assert "another score run" not in err and "pid -1" not in err
+    assert "another run" not in err and "pid -1" not in err
     assert out.read_bytes() == b"precious"
 
 

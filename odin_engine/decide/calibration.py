@@ -119,6 +119,21 @@ def heldout_scores(heldout: ScoreTable, method: str) -> tuple[np.ndarray, int]:
     return ok.to_numpy(zero_copy_only=False).astype(np.float64), heldout.count(NOT_OK)
 
 
+def heldout_errors(heldout: ScoreTable, limit: int = 3) -> tuple[int, list[tuple[str, str]]]:
+    """How many held-out rows failed to score, and the first ``limit`` ``(image_id, error)`` of them."""
+    n = heldout.count(NOT_OK)
+    examples: list[tuple[str, str]] = []
+    if n:
+        cols = ["image_id"] + (["error"] if "error" in heldout.columns else [])
+        for batch in heldout.batches(cols, NOT_OK):
+            d = batch.to_pydict()
+            for i, image_id in enumerate(d["image_id"]):
+                examples.append((str(image_id), str((d.get("error") or [None] * (i + 1))[i] or "")))
+            if len(examples) >= limit:
+                break
+    return n, examples[:limit]
+
+
 def calibrate_tables(corpus: ScoreTable, heldout: ScoreTable,
                      settings: CalibrationSettings = CalibrationSettings()) -> dict[str, Any]:
     """Check both tables (one model/T/ε each and the same for both; each ``image_id`` once), then

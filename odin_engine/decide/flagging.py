@@ -309,9 +309,10 @@ def _error_rows(flagged: pa.RecordBatch, limit: int) -> list[tuple[str, str]]:
 
 
 def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gallery: int = 24,
-                errors_listed: int = 200, hist_edges: Sequence[float] | None = None) -> FlagResult:
+                errors_listed: int = 200, hist_edges: Sequence[float] | None = None,
+                part_prefix: str = "part") -> FlagResult:
     """Stream the flagged corpus into ``out`` (a :class:`~odin_engine.io.store.Store` for the flags
-    folder) as ``part-RRR-KKKKK.parquet`` files; see the module docstring."""
+    folder) as ``<part_prefix>-RRR-KKKKK.parquet`` files; see the module docstring."""
     table, method, delta = plan.table, plan.method, plan.delta
     schema = flag_schema(table.schema)
     # dictionary encoding only where values repeat (status, error, model_id, …): trying it on ids and
@@ -348,7 +349,7 @@ def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gall
                 while flagged.num_rows:
                     if writer is None or rows_in_file >= rows_per_file:
                         stack.close()  # publishes the previous part
-                        name = f"part-{r:03d}-{part:05d}.parquet"
+                        name = f"{part_prefix}-{r:03d}-{part:05d}.parquet"
                         writer = stack.enter_context(out.parquet_writer(name, schema, use_dictionary=dict_cols))
                         files.append(out.uri(name))
                         part, rows_in_file = part + 1, 0
@@ -356,7 +357,7 @@ def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gall
                     writer.write_batch(flagged.slice(0, take))
                     flagged, rows_in_file = flagged.slice(take), rows_in_file + take
     if not files:  # an empty corpus still gets a readable (empty) dataset
-        name = "part-000-00000.parquet"
+        name = f"{part_prefix}-000-00000.parquet"
         out.write_parquet(name, schema.empty_table())
         files.append(out.uri(name))
     if top is None:

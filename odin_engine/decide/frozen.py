@@ -45,20 +45,47 @@ def with_scoring_settings(calibration: Mapping[str, Any], config: Mapping[str, A
 
 def read_calibration(uri: str) -> dict[str, Any]:
     """Load a ``calibration.json`` (local path or ``s3://``/``gs://``/``file://`` URI; a directory
-    means its ``calibration.json``) and check it holds what a frozen calibration needs."""
+    means the ``calibration.json`` of its current result) and check it holds what a frozen calibration needs."""
     fs, path = resolve(str(uri))
     try:
         from pyarrow import fs as pafs
 
-        if fs.get_file_info(path).type == pafs.FileType.Directory:
-            path = posixpath.join(path, CALIBRATION_FILE)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:  # an output directory: its current result's
+            from odin_engine.io.results import current
+            from odin_engine.io.store import Store
+
+            path = posixpath.join(current(Store(str(uri))).path, CALIBRATION_FILE)
         with fs.open_input_stream(path) as fh:
             raw = fh.read()
     except FileNotFoundError as exc:
+        raw = _through_pointer(str(uri))  # DIR/calibration.json of an object store: DIR's current result's
+        if raw is not None:
+            return _checked(raw, uri)
         raise ConfigError(f"calibration not found: {uri} (an audit with a held-out set writes "
                           f"{CALIBRATION_FILE} into its output directory)") from exc
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read calibration {uri}: {exc}") from exc
+    return _checked(raw, uri)
+
+
+def _through_pointer(uri: str) -> bytes | None:
+    """``DIR/calibration.json`` where ``DIR`` publishes whole results (object stores have no link at
+    that path): the bytes of the current result's ``calibration.json``, or None."""
+    from odin_engine.io.results import read_pointer
+    from odin_engine.io.store import Store
+
+    parent, name = uri.rstrip("/").rsplit("/", 1) if "/" in uri.rstrip("/") else ("", uri)
+    if name != CALIBRATION_FILE or not parent:
+        return None
+    try:
+        out = Store(parent)
+        pointer = read_pointer(out)
+        return out.join(pointer["path"]).read_bytes(CALIBRATION_FILE) if pointer else None
+    except (OSError, ValueError, ConfigError):
+        return None
+
+
+def _checked(raw: bytes, uri: str) -> dict[str, Any]:
     try:
         doc = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -65,6 +65,7 @@ HISTORY_SCHEMA = pa.schema([
     pa.field("p_value", pa.float64()),         # P(X ≥ n_flagged), X ~ BetaBinomial(n_ok, n − k + 1, k)
     pa.field("alpha", pa.float64()),           # --fail-on-drift level; null when none was given
     pa.field("alarm", pa.bool_()),             # p_value < alpha; null without alpha or without ok images
+    pa.field("no_data", pa.bool_()),           # with alpha: fewer ok images than --min-ok (exit 6); null in old rows
     pa.field("per_class", pa.string()),        # JSON list, see the module docstring
     pa.field("decision_rule", pa.string()),    # which rule set is_outlier: "tpr" (score < δ) or "fdr" (BH)
     pa.field("fdr_q", pa.float64()),           # BH's level (the reference 0.1 when the TPR rule decided)
@@ -132,6 +133,7 @@ def history_row(audit: Mapping[str, Any], calibration: Mapping[str, Any], drift:
         "p_value": drift["p_value"],
         "alpha": drift["alpha"],
         "alarm": drift["alarm"],
+        "no_data": drift.get("no_data"),
         "per_class": json.dumps([dict(r) for r in per_class], sort_keys=True, default=str),
         "decision_rule": s.get("rule", "tpr"),
         "fdr_q": s.get("fdr_q"),

@@ -158,14 +158,9 @@ def tuning_document(result: Mapping[str, Any], model_id: str, sources: Mapping[s
 
 
 def _tuning_doc(path: str | Path) -> dict[str, Any]:
-    import json
+    from odin_engine.settings import read_tuning_file
 
-    from odin_engine.io.store import read_bytes
-
-    try:
-        doc = json.loads(read_bytes(str(path)).decode())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--tuning {path}: cannot read it ({exc})") from exc
+    doc = read_tuning_file(path)
     return doc if isinstance(doc, dict) else {}
 
 

@@ -1,0 +1,325 @@
+"""Whole results (odin_engine/io/results.py): a reader of an output directory sees the previous complete
+decision result or the new one, never a partial or mixed one — on a local disk and on moto's S3 server,
+while the writer is killed with SIGKILL at random moments of its decision stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from pyarrow import fs as pafs
+
+from odin_engine.io.results import KEEP, LATEST, POINTER, RESULTS_DIR, STABLE_NAMES, Publication, current
+from odin_engine.io.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS_ROWS, FILE_ROWS = 6_000, 1_000  # 6 flag parts per result
+TPRS = (0.90, 0.95, 0.80, 0.99)  # each run calibrates at another TPR: results differ in δ and outlier count
+
+
+# --------------------------------------------------------------------------- score tables without a model
+def _frame(n: int, prefix: str, seed: int, shift: float = 0.0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    odin = rng.normal(0.5 + shift, 0.1, n)
+    return pd.DataFrame({
+        "image_id": [f"{prefix}-{i:06d}" for i in range(n)], "uri": [f"/x/{prefix}-{i:06d}.png" for i in range(n)],
+        "status": "ok", "error": None, "pred": rng.integers(0, 10, n), "msp": odin, "max_logit": odin,
+        "energy": odin, "odin": odin, "temperature": 1000.0, "epsilon": 0.0014, "model_id": "synthetic-model",
+        "run_id": "r1",
+    })
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tables")
+    corpus = _frame(CORPUS_ROWS, "c", 1, shift=-0.05)
+    (root / "corpus").mkdir()
+    for k, lo in enumerate(range(0, CORPUS_ROWS, CORPUS_ROWS // 3)):
+        part = corpus.iloc[lo: lo + CORPUS_ROWS // 3]
+        pq.write_table(pa.Table.from_pandas(part, preserve_index=False), root / "corpus" / f"p{k}.parquet")
+    (root / "held").mkdir()
+    pq.write_table(pa.Table.from_pandas(_frame(2_000, "h", 2), preserve_index=False), root / "held" / "h.parquet")
+    return root
+
+
+def _calibrate_cmd(tables: Path, out: str, tpr: float) -> list[str]:
+    return [sys.executable, "-m", "jobs.cli", "calibrate", "--scores", str(tables / "corpus"), "--heldout-scores",
+            str(tables / "held"), "--output", out, "--tpr", str(tpr), "--flag-file-rows", str(FILE_ROWS)]
+
+
+# --------------------------------------------------------------------------- what a reader sees
+def read_current(fs: pafs.FileSystem, root: str, rows: int = CORPUS_ROWS,
+                 parts: int = CORPUS_ROWS // FILE_ROWS) -> dict | None:
+    """Read DIR through its pointer and check the result is whole; None before the first commit.
+    Raises AssertionError on a partial or mixed result."""
+    try:
+        with fs.open_input_stream(f"{root}/{POINTER}") as fh:
+            pointer = json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    base = f"{root}/{pointer['path']}"
+    with fs.open_input_stream(f"{base}/calibration.json") as fh:
+        cal = json.loads(fh.read())
+    with fs.open_input_stream(f"{base}/flag_summary.json") as fh:
+        summary = json.loads(fh.read())["overall"]
+    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{base}/flags")) if i.path.endswith(".parquet"))
+    flags = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["odin", "is_outlier"]).to_pandas()
+    rid = pointer["result_id"]
+    assert cal["result_id"] == rid, "calibration.json of another result"
+    assert all(os.path.basename(f).startswith(f"part-{rid}-") for f in files), files
+    assert len(files) == cal["flags"]["files"] == parts, f"{len(files)} flag files"
+    assert len(flags) == summary["n_rows"] == rows, f"{len(flags)} flag rows"
+    assert int(flags["is_outlier"].sum()) == summary["n_outliers"] == cal["summary"]["n_outliers"]
+    assert ((flags["odin"] < cal["delta"]) == flags["is_outlier"].astype(bool)).all(), "flags of another δ"
+    return {"result_id": rid, "n_outliers": summary["n_outliers"], "tpr": cal["target_tpr"]}
+
+
+def read_stable_paths(root: Path) -> int | None:
+    """A plain pandas reader of the local stable paths: the outlier count of the whole result it read,
+    None when the files changed under it (file not found: retry) or there is no result yet."""
+    try:
+        flags = pd.read_parquet(root / "flags", columns=["is_outlier"])
+    except (FileNotFoundError, OSError):
+        return None
+    assert len(flags) == CORPUS_ROWS, f"pd.read_parquet(DIR/flags) returned {len(flags)} rows"
+    return int(flags["is_outlier"].sum())
+
+
+class Reader(threading.Thread):
+    """Reads DIR in a loop while a writer runs; records every view and every violation."""
+
+    def __init__(self, fs, root: str, local: Path | None):
+        super().__init__(daemon=True)
+        self.fs, self.root, self.local = fs, root, local
+        self.stop = threading.Event()
+        self.views: list[dict] = []
+        self.stable: list[int] = []
+        self.violations: list[str] = []
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                view = read_current(self.fs, self.root)
+                if view:
+                    self.views.append(view)
+                if self.local is not None:
+                    n = read_stable_paths(self.local)
+                    if n is not None:
+                        self.stable.append(n)
+            except AssertionError as exc:
+                self.violations.append(str(exc))
+            except (FileNotFoundError, OSError):
+                pass  # pruned under the reader (a result two commits old): a retry, never a partial read
+            time.sleep(0.05)
+
+
+def _new_result_dir(fs, root: str, known: set[str]) -> bool:
+    infos = fs.get_file_info(pafs.FileSelector(f"{root}/{RESULTS_DIR}", allow_not_found=True))
+    return any(os.path.basename(i.path) not in known for i in infos)
+
+
+def _result_ids(fs, root: str) -> set[str]:
+    return {os.path.basename(i.path) for i in fs.get_file_info(pafs.FileSelector(f"{root}/{RESULTS_DIR}",
+                                                                                  allow_not_found=True))}
+
+
+def _kill_loop(fs, root: str, uri: str, tables: Path, env: dict, kills: int, local: Path | None) -> dict:
+    """Run calibrate again and again, SIGKILL most runs at a random moment after its decision stage
+    began writing, let every 5th finish; a reader checks DIR throughout and after each run."""
+    rng = random.Random(20)
+    reader = Reader(fs, root, local)
+    reader.start()
+    committed: dict[str, int] = {}  # result id -> outlier count, for every result seen committed
+    done = killed = 0
+    # one undisturbed run first: the previous complete result every kill must leave readable, and
+    # the decision stage's length (from its first write to the exit) for the kill window
+    t0 = time.monotonic()
+    proc = subprocess.Popen(_calibrate_cmd(tables, uri, TPRS[0]), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    while not _new_result_dir(fs, root, set()) and proc.poll() is None:
+        time.sleep(0.01)
+    t_first_write = time.monotonic()
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    window = max(0.2, time.monotonic() - t_first_write) * 1.2
+    first = read_current(fs, root)
+    committed[first["result_id"]] = first["n_outliers"]
+    runs = 0
+    while killed < kills:
+        runs += 1
+        before = read_current(fs, root)
+        known = _result_ids(fs, root)
+        proc = subprocess.Popen(_calibrate_cmd(tables, uri, TPRS[runs % len(TPRS)]), cwd=REPO, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        finish = runs % 5 == 0
+        if not finish:
+            while not _new_result_dir(fs, root, known) and proc.poll() is None:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0, window))
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed += 1
+        rc = proc.wait(timeout=120)
+        after = read_current(fs, root)  # raises on a partial or mixed result
+        assert after is not None
+        if after["result_id"] != before["result_id"]:
+            assert rc in (0, -signal.SIGKILL), proc.stderr.read()
+            committed[after["result_id"]] = after["n_outliers"]
+        else:
+            assert rc == -signal.SIGKILL, f"a finished run did not commit (rc {rc}): {proc.stderr.read()[-2000:]}"
+        done += rc == 0
+        for view in reader.views:
+            if view["result_id"] in committed:
+                assert view["n_outliers"] == committed[view["result_id"]]
+    # a last undisturbed run cleans up what the killed ones left
+    proc = subprocess.run(_calibrate_cmd(tables, uri, 0.95), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    reader.stop.set()
+    reader.join(timeout=30)
+    last = read_current(fs, root)
+    assert not reader.violations, reader.violations[:3]
+    assert {v["result_id"] for v in reader.views} <= set(committed) | {last["result_id"]}
+    valid_counts = set(committed.values()) | {last["n_outliers"]}
+    assert set(reader.stable) <= valid_counts, "a plain reader of DIR/flags saw a mixed result"
+    left = _result_ids(fs, root)
+    assert last["result_id"] in left and len(left) <= KEEP, left  # uncommitted and old results are gone
+    return {"killed": killed, "finished": done, "views": len(reader.views), "stable_reads": len(reader.stable)}
+
+
+@pytest.mark.slow
+def test_kill_9_during_publication_never_shows_a_partial_result_local(tables, tmp_path):
+    out = tmp_path / "out"
+    got = _kill_loop(pafs.LocalFileSystem(), str(out), str(out), tables, dict(os.environ), kills=11, local=out)
+    assert got["killed"] >= 11 and got["views"] > 0 and got["stable_reads"] > 0, got
+    assert os.path.realpath(out / LATEST) == str(out / json.loads((out / POINTER).read_text())["path"])
+    assert all((out / n).is_symlink() for n in ("flags", "calibration.json", "flag_summary.json"))
+    assert not any(os.path.lexists(out / n) for n in set(STABLE_NAMES) - {"flags", "calibration.json",
+                                                                        "flag_summary.json"})  # calibrate writes no report
+
+
+@pytest.mark.slow
+def test_kill_9_during_publication_never_shows_a_partial_result_s3(tables, tmp_path, s3_server, s3_bucket):
+    fs = s3_server.filesystem()
+    env = dict(os.environ, **s3_server.env)
+    got = _kill_loop(fs, f"{s3_bucket}/out", f"s3://{s3_bucket}/out", tables, env, kills=10, local=None)
+    assert got["killed"] >= 10 and got["views"] > 0, got
+
+
+# --------------------------------------------------------------------------- the publication itself
+def test_commit_publishes_links_and_prunes(tmp_path):
+    out = Store(str(tmp_path / "out"))
+    ids = []
+    for k in range(KEEP + 2):
+        pub = Publication(out, result_id=f"2026010{k}T000000Z-00000{k}")
+        pub.store.write_json("audit.json", {"k": k})
+        pub.store.join("flags").write_bytes(f"{pub.part_prefix}-000-00000.parquet", b"x")
+        ids.append(pub.result_id)
+        if k:  # before the commit, readers still see the previous result
+            assert current(out).read_json("audit.json") == {"k": k - 1}
+        pub.commit()
+        assert current(out).read_json("audit.json") == {"k": k}
+        assert json.loads((tmp_path / "out" / "audit.json").read_text()) == {"k": k}  # the stable link
+    dead = out.join(RESULTS_DIR, "20250101T000000Z-dead00")  # a killed run's uncommitted result
+    dead.write_json("audit.json", {"k": -1})
+    last = Publication(out, result_id="20270101T000000Z-ffffff")
+    last.store.write_json("audit.json", {"k": "last"})
+    last.commit()
+    left = sorted(p.name for p in (tmp_path / "out" / RESULTS_DIR).iterdir())
+    assert left == sorted(ids[-(KEEP - 1):] + ["20270101T000000Z-ffffff"])
+
+
+def test_an_output_of_the_older_layout_is_converted(tmp_path):
+    root = tmp_path / "out"
+    (root / "flags").mkdir(parents=True)
+    (root / "flags" / "part-000-00000.parquet").write_bytes(b"old")
+    (root / "audit.json").write_text('{"old": true}')
+    (root / "report.html").write_text("old")  # not part of the new result: removed, not left to look current
+    out = Store(str(root))
+    assert current(out).path == out.path  # no pointer: the files directly under DIR are the result
+    pub = Publication(out)
+    pub.store.write_json("audit.json", {"new": True})
+    pub.store.join("flags").write_bytes(f"{pub.part_prefix}-000-00000.parquet", b"new")
+    pub.commit()
+    assert (root / "flags").is_symlink() and (root / "audit.json").is_symlink()
+    assert json.loads((root / "audit.json").read_text()) == {"new": True}
+    assert [p.name for p in (root / "flags").iterdir()] == [f"{pub.part_prefix}-000-00000.parquet"]
+    assert not os.path.lexists(root / "report.html")
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # nothing set aside is left
+
+
+def test_s3_commit_and_old_layout_on_s3(s3_server, s3_bucket, monkeypatch):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    fs = s3_server.filesystem()
+    with fs.open_output_stream(f"{s3_bucket}/out/audit.json") as fh:
+        fh.write(b'{"old": true}')
+    out = Store(f"s3://{s3_bucket}/out")
+    pub = Publication(out)
+    pub.store.write_json("audit.json", {"new": True})
+    pub.commit()
+    assert current(out).read_json("audit.json") == {"new": True}
+    assert fs.get_file_info(f"{s3_bucket}/out/audit.json").type == pafs.FileType.NotFound  # old, stale: removed
+
+
+@pytest.mark.slow
+def test_kill_9_of_audit_in_its_decision_stage_keeps_the_previous_result(ray_head, tmp_path):
+    """The same, with `odin-audit audit` itself on a real Ray cluster (a resumed run: nothing to score,
+    so the kills land in the decision stage)."""
+    from PIL import Image
+
+    from _odin_helpers import random_weights, smooth_images
+
+    w = random_weights(tmp_path / "w.pt")
+    for name, n, seed in (("held", 10, 1), ("corpus", 12, 2)):
+        (tmp_path / name).mkdir()
+        for i, a in enumerate(smooth_images(n, seed)):
+            Image.fromarray(a).save(tmp_path / name / f"{name}{i:03d}.png")
+    out = tmp_path / "out"
+    fs, root = pafs.LocalFileSystem(), str(out)
+
+    def cmd(tpr: float) -> list[str]:
+        return [sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(tmp_path / "corpus"), "--heldout",
+                str(tmp_path / "held"), "--output", root, "--model", "cifar_resnet20", "--weights", str(w),
+                "--tpr", str(tpr), "--flag-file-rows", "3", "--gallery", "4", "--quiet"]
+
+    first = subprocess.run(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    previous = read_current(fs, root, rows=12, parts=4)
+    rng = random.Random(7)
+    kills = 0
+    for k in range(6):
+        if kills == 3:
+            break
+        known = _result_ids(fs, root)
+        # another δ each time (10 held-out images allow a TPR up to 0.5)
+        proc = subprocess.Popen(cmd((0.3, 0.4, 0.45)[k % 3]), cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        while not _new_result_dir(fs, root, known) and proc.poll() is None:
+            time.sleep(0.005)
+        time.sleep(rng.uniform(0, 0.15))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        assert proc.wait(timeout=600) in (0, -signal.SIGKILL), proc.stderr.read()[-3000:]
+        now = read_current(fs, root, rows=12, parts=4)  # whole: the previous result, or the new one if committed
+        assert now["result_id"] == previous["result_id"] or now["result_id"] not in known
+        assert len(pd.read_parquet(out / "flags")) == 12  # the plain reader's stable path
+        previous = now
+    assert kills >= 1, "every audit finished before its kill"
+    last = subprocess.run(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stderr[-3000:]  # the lease of the killed drivers died with them
+    assert read_current(fs, root, rows=12, parts=4)["result_id"] not in known
+    assert len(_result_ids(fs, root)) <= KEEP
