@@ -16,6 +16,7 @@ import pytest
 from jobs.cli import main as cli
 from odin_engine import methods
 from odin_engine.errors import ConfigError
+from odin_engine.io.results import current
 from odin_engine.io.scores import OK, ScoreTable, output_schema
 from odin_engine.io.store import Store
 
@@ -140,16 +141,18 @@ def _bucket_roundtrip(uri: str, env: dict, tmp_path, monkeypatch) -> None:
               "--output", root.uri("cal")])
     assert rc == 0
     assert list(tmp_path.iterdir()) == []  # nothing local
-    cal = root.join("cal").read_json("calibration.json")
-    flags = ScoreTable.open(root.uri("cal", "flags")).read().to_pandas()
+    result = current(root.join("cal"))  # the published result the pointer names (docs/decision-stage.md)
+    cal = result.read_json("calibration.json")
+    flags = ScoreTable.open(result.uri("flags")).read().to_pandas()
     assert len(flags) == 60 and cal["summary"]["n_ok"] == 58
     ok = flags[flags["status"] == "ok"]
     assert (ok["is_outlier"] == (ok["odin"] < cal["delta"])).all()
     # a rerun replaces the flags, it does not add to them
     assert cli(["calibrate", "--scores", root.uri("corpus"), "--heldout-scores", root.uri("held"),
                 "--output", root.uri("cal")]) == 0
-    assert ScoreTable.open(root.uri("cal", "flags")).count() == 60
-    assert json.loads(root.join("cal").read_bytes("flag_summary.json"))["overall"]["n_rows"] == 60
+    rerun = current(root.join("cal"))
+    assert rerun.uri() != result.uri() and ScoreTable.open(rerun.uri("flags")).count() == 60
+    assert json.loads(rerun.read_bytes("flag_summary.json"))["overall"]["n_rows"] == 60
 
 
 def test_s3_store_and_calibrate(s3_server, s3_bucket, tmp_path, monkeypatch):
