@@ -15,6 +15,7 @@ from PIL import Image
 
 from _odin_helpers import noise_images, random_weights, smooth_images
 from jobs.cli import main as cli
+from odin_engine import methods
 from odin_engine.loading import load_model
 from odin_engine.metrics import threshold_at_tpr
 
@@ -74,7 +75,8 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
     assert (ok["is_outlier"].astype(bool) == (ok["odin"] < cal["delta"])).all()
     ev = json.loads((out / "evaluation.json").read_text())
     assert set(ev["sets"]) == {"noise"} and ev["sets"]["noise"]["n"] == 20
-    assert set(ev["sets"]["noise"]["metrics"]) == {"msp", "energy", "odin"}
+    # every method computed without a fit is evaluated (fitted ones need --fit/--reference)
+    assert set(ev["sets"]["noise"]["metrics"]) == {m for m in methods.TABLE_METHODS if not methods.REGISTRY[m].needs_fit}
     report = (out / "report.html").read_text()
     assert report.count("data:image/png;base64,") >= 4 and "c0" in report
     doc = json.loads((out / "audit.json").read_text())
