@@ -152,11 +152,23 @@ class RayHead:
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _worker_ports() -> tuple[int, int]:
+    """The shared head's worker port range: 20000–29999, split between pytest-xdist workers
+    (``-n N``: each runs its own session and so its own head) so that two heads never hand out
+    the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = 10000 // max(count, 1)
+    return 20000 + index * width, 20000 + (index + 1) * width - 1
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     token = secrets.token_hex(32)
     temp_dir = Path("/tmp") / f"odin-ray-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths are length-limited
     gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
+    lo, hi = _worker_ports()
     env = dict(os.environ)
     env.update(
         RAY_AUTH_MODE="token",
@@ -174,7 +186,7 @@ def ray_head(tmp_path_factory):
         "--include-dashboard", "true", "--num-cpus", "2", "--num-gpus", "0",
         "--temp-dir", str(temp_dir), "--disable-usage-stats",
         "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(free_port()),
-        "--min-worker-port", "20000", "--max-worker-port", "29999",
+        "--min-worker-port", str(lo), "--max-worker-port", str(hi),
     ]
     ray_exe = _executable("ray")
     if ray_exe is None:
