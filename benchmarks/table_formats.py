@@ -629,30 +629,40 @@ def kill_trials(lay: Layout, current: pa.Table, work: Path, trials: int, s3: S3 
                 sqlkill: bool = False) -> tuple[list[dict], pa.Table]:
     """SIGKILL a writer process at spread-out instants of its commit; check what readers see, then rerun.
 
-    A first night runs unkilled and gives the commit's duration ``D``; trial ``k`` kills at
-    ``k/trials · 1.1 D`` after the writer said READY (everything loaded, nothing written). Each
-    trial: the table must be the previous snapshot or the next one, whole; then the same night is
-    committed again in this process, after which the table must be exactly the expected rows, one per
-    image. Returns the trial records and the table's rows at the end."""
+    A first night runs unkilled and gives ``D``, the time from the writer's READY (everything loaded,
+    nothing written) to its exit. Then: with ``sqlkill`` (Iceberg), a writer that SIGKILLs itself
+    inside the catalog's commit transaction (the UPDATE ran, the COMMIT did not); a writer killed as
+    soon as its first new file appears under the table (its data is being written, nothing committed);
+    and writers killed ``k/trials · 1.2 D`` after READY, k = 1…trials. Each trial: the table must be the
+    previous snapshot or the next one, whole; then the same night is committed again in this process,
+    after which the table must be exactly the expected rows, one per image. Returns the trial records
+    and the table's rows at the end."""
     spec, env = lay.spec(), (s3.env if s3 else None)
     night = make_night(current, seed=100)
     p = _spawn(spec, night, work, "plain", env)
     _wait_line(p, "READY")
-    dur = float(_wait_line(p, "DONE").split()[1])
+    t0 = time.perf_counter()
     p.wait()
+    dur = time.perf_counter() - t0
     lay.reload()
     assert same_rows(lay.read(), night.after)
     current = night.after
     out = []
     plan = [("sqlkill", None)] if sqlkill else []
-    plan += [("plain", k / trials * 1.1 * dur) for k in range(1, trials + 1)]
+    plan += [("firstfile", None)] + [("plain", k / trials * 1.2 * dur) for k in range(1, trials + 1)]
     for i, (mode, delay) in enumerate(plan):
         night = make_night(current, seed=101 + i)
         files_before = snapshot_files(lay.root, s3)
         v_before = lay.version()
-        p = _spawn(spec, night, work, mode, env)
+        p = _spawn(spec, night, work, "plain" if mode == "firstfile" else mode, env)
         _wait_line(p, "READY")
-        if delay is not None:
+        t0 = time.perf_counter()
+        if mode == "firstfile":
+            while p.poll() is None and snapshot_files(lay.root, s3).keys() <= files_before.keys():
+                time.sleep(0.001)
+            p.send_signal(signal.SIGKILL)
+            delay = time.perf_counter() - t0
+        elif delay is not None:
             time.sleep(delay)
             p.send_signal(signal.SIGKILL)
         rc = p.wait()
