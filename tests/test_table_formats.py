@@ -83,8 +83,13 @@ def test_a_mixed_night_is_exact_and_time_travel_reads_the_night_before(kind, tmp
     night = tf.make_night(base, seed=2)
     assert night.counts == {"new": 20, "gone": 2, "changed": 2}
     m = tf.measure_night(lay, "apply", night)
-    # one commit; pyiceberg's overwrite records it as two snapshots (delete, then append)
+    # one commit; pyiceberg's overwrite records it as two snapshots (delete, then append), and the
+    # first one is the night half applied: time travel to it reads neither the night before nor after
     assert m["snapshots_added"] == {"delta": 1, "iceberg": 2}[kind]
+    if kind == "iceberg":
+        half = lay.read_version(lay.tbl.snapshots()[-2].snapshot_id)
+        assert not tf.same_rows(half, base) and not tf.same_rows(half, night.after)
+        assert half.num_rows == ROWS - night.counts["gone"] - night.counts["changed"]
     got = lay.read()
     assert tf.same_rows(got, night.after) and tf.unique_ids(got)
     # the same night again changes nothing (the rerun of a night whose commit did land)
