@@ -10,14 +10,18 @@ synthesized):
 * **today** — one Parquet file per hash bucket of ``--shard-rows`` rows (``jobs.shards``' bucket hash
   and atomic writer); a night rewrites every bucket whose rows changed, as ``commit_partition`` does;
 * **iceberg** — pyiceberg 0.12, ``SqlCatalog`` on SQLite (embedded, no server); a night is one
-  transaction: ``delete(In(image_id, gone))`` + ``upsert(join_cols=[image_id])``;
+  ``overwrite(rows, overwrite_filter=In(image_id, new ∪ changed ∪ gone))`` (and, as
+  ``iceberg-upsert``, ``delete(In(image_id, gone))`` + ``upsert(join_cols=[image_id])`` in one
+  transaction);
 * **delta** — deltalake (delta-rs) 1.x; a night is one ``merge`` (delete gone, update changed,
   insert new).
 
 Measured: (1) bytes written by a night of +1 % new images (append) and by a mixed night
 (+1 % new, −0.1 % gone, 0.1 % changed) against the table's bytes, the three layouts side by side;
-(2) full-scan and lookup times with DuckDB and pyarrow over each layout's current files, as ratios
-to the same rows in one compacted Parquet file, before and after compaction; (3) compaction;
+(2) after 8 more nights of +1 % new images, full-scan and lookup times with DuckDB and pyarrow over
+each layout's current files, as ratios to the same rows in one Parquet file, before and after
+(3) compaction; which readers open each table offline (pandas, pyarrow, DuckDB, Polars if installed),
+and what a plain Parquet glob of the table's directory reads;
 (4) SIGKILL of a writer process mid-night at spread-out instants (and, for Iceberg, inside the
 catalog's commit transaction): readers see the previous or the next snapshot whole, a rerun gives
 one row per image; (5) two writer processes committing at once; (6) time travel by version and by
@@ -40,7 +44,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
