@@ -102,7 +102,24 @@ def real_part_missing(part: str, reason: str):
     pytest.skip(f"{part} not available on this machine: {reason}")
 
 
+_PART_REASON = re.compile(r"^(?:Skipped: |Failed: )?(.{1,60}?) (?:is required under CI=true and could not be "
+                          r"started|not available on this machine): (.*)$")
+
+
+def _parts_from_reports(terminalreporter) -> None:
+    """Under pytest-xdist the tests run in worker processes: read the parts back from their reports."""
+    for key in ("skipped", "failed", "error"):
+        for report in terminalreporter.stats.get(key, []):
+            longrepr = getattr(report, "longrepr", None)
+            text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr or "")
+            for line in text.splitlines():
+                found = _PART_REASON.match(line.strip())
+                if found:
+                    _MISSING_PARTS.setdefault(found.group(1), found.group(2))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    _parts_from_reports(terminalreporter)
     if not _MISSING_PARTS:
         return
     verdict = "their tests FAILED (CI=true)" if in_ci() else "their tests were skipped"

@@ -49,17 +49,22 @@ def bare_python(tmp_path_factory) -> tuple[str, dict]:
     return str(bare / "bin" / "python"), env
 
 
-def _pytest(python: str, env: dict, ci: str | None) -> subprocess.CompletedProcess:
+def _pytest(python: str, env: dict, ci: str | None, *extra: str) -> subprocess.CompletedProcess:
     env = dict(env)
     env.pop("CI", None)
     if ci is not None:
         env["CI"] = ci
-    return subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", *SELECTION], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([python, "-m", "pytest", "-p", "no:cacheprovider", "-q", *extra, *SELECTION], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_under_ci_a_missing_ray_head_and_s3_server_fail_the_run(bare_python):
-    p = _pytest(*bare_python, ci="true")
+# as scripts/test runs the suite (two pytest-xdist workers), and in one process
+WORKERS = [pytest.param((), id="one-process"), pytest.param(("-n", "2", "--dist", "loadfile"), id="xdist")]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_under_ci_a_missing_ray_head_and_s3_server_fail_the_run(bare_python, workers):
+    p = _pytest(*bare_python, "true", *workers)
     out = p.stdout + p.stderr
     assert p.returncode == 1, out[-4000:]
     assert "2 error" in out and "skipped" not in out.split("real parts not available")[0].lower(), out[-4000:]
@@ -68,8 +73,9 @@ def test_under_ci_a_missing_ray_head_and_s3_server_fail_the_run(bare_python):
     assert "real parts not available: their tests FAILED (CI=true)" in out, out[-4000:]
 
 
-def test_on_a_developer_machine_they_skip_and_the_summary_says_so(bare_python):
-    p = _pytest(*bare_python, ci=None)
+@pytest.mark.parametrize("workers", WORKERS)
+def test_on_a_developer_machine_they_skip_and_the_summary_says_so(bare_python, workers):
+    p = _pytest(*bare_python, None, *workers)
     out = p.stdout + p.stderr
     assert p.returncode == 0 and "2 skipped" in out, out[-4000:]
     summary = out.split("real parts not available: their tests were skipped", 1)
