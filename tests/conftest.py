@@ -118,6 +118,18 @@ def _parts_from_reports(terminalreporter) -> None:
                     _MISSING_PARTS.setdefault(found.group(1), found.group(2))
 
 
+# The files that run whole jobs, longest first (docs/testing.md, "Where the time goes"). With
+# `-n 2 --dist loadfile` (scripts/test) files go to the workers in collection order: starting the
+# longest first keeps one long file from being the tail while the other worker idles.
+LONGEST_FILES = ("test_score_job", "test_results", "test_audit", "test_exit_codes", "test_scheduled",
+                 "test_cluster", "test_demo", "test_fit_job", "test_console", "test_gpu_rehearsal")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(Path(str(item.fspath)).stem, len(rank)))  # stable: file order kept
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     _parts_from_reports(terminalreporter)
     if not _MISSING_PARTS:
