@@ -4,9 +4,11 @@ and the cost of scoring every registered method against ODIN alone (same run, ra
     python -m benchmarks.engine_throughput [--data ../shared/data] [--images 2048] [--repeats 5]
 
 Every-method variants (``OdinScorer.score`` on uint8 images, so both sides pay the same
-conversion): ``methods=["odin"]`` (today's ODIN-only scoring) vs every table method with a fit
-whose KNN bank holds ``--bank`` rows (the fit's features tiled: a bank of that size costs the same),
-with and without AdaSCALE (its perturbed forward is the one extra pass).
+conversion): ``methods=["odin"]`` (today's ODIN-only scoring) vs the default set (what ``score``
+and ``audit`` compute: every method but AdaSCALE) without and with a fit whose KNN bank holds
+``--bank`` rows (the fit's features tiled: a bank of that size costs the same), and all 13
+(``methods=["all"]``: AdaSCALE's perturbed input is the one extra forward). The FLOPs of one
+batch's scoring pass with and without AdaSCALE are counted too (``torch.utils.flop_counter``).
 
 ResNet-20, batch 256, one process. Each variant is timed ``--repeats`` times, interleaved
 with the others (the machine is noisy); the median is reported. Every variant is given as a
@@ -131,10 +133,11 @@ def main(argv=None) -> None:
         reps = -(-args.bank // fit.bank.shape[0])
         fit = dataclasses.replace(fit, bank=np.tile(fit.bank, (reps, 1))[:args.bank])
         only = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, methods=["odin"])
-        every = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit)
-        no_ada = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit,
-                               methods=[m for m in TABLE_METHODS if m != "adascale"])
+        every = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit, methods=["all"])
+        no_ada = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit)  # the default set
         no_fit = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs)
+        assert every.methods == list(TABLE_METHODS) and "adascale" not in no_ada.methods
+        flops = _pass_flops(every, imgs[:bs])
 
         def scorer(sc):
             def run():
@@ -143,9 +146,9 @@ def main(argv=None) -> None:
             return run
 
         variants["OdinScorer, ODIN only (methods=['odin'])"] = (scorer(only), n)
-        variants[f"OdinScorer, all 13 methods (fit, bank {args.bank:,})"] = (scorer(every), n)
-        variants["OdinScorer, all but adascale (fit)"] = (scorer(no_ada), n)
-        variants["OdinScorer, no fit (7 methods: no fitted ones)"] = (scorer(no_fit), n)
+        variants[f"OdinScorer, all 13 methods (methods=['all'], fit, bank {args.bank:,})"] = (scorer(every), n)
+        variants[f"OdinScorer, default set (12: all but adascale; fit, bank {args.bank:,})"] = (scorer(no_ada), n)
+        variants["OdinScorer, default set without a fit (7 methods)"] = (scorer(no_fit), n)
     if args.compile:
         compiled = torch.compile(folded_cl)
         odin(compiled, cl_chunks[:1])()  # build outside the timing
@@ -177,6 +180,50 @@ def main(argv=None) -> None:
         only = rates["OdinScorer, ODIN only (methods=['odin'])"]
         for name in [k for k in rates if k.startswith("OdinScorer, ") and "ODIN only" not in k]:
             print(f"{name}: cost {only / rates[name]:.3f}× ODIN-only scoring (time ratio, same run)")
+        print(f"FLOPs per image of the scoring pass: ODIN {flops['odin'] / 1e6:.1f} M, with AdaSCALE's perturbed "
+              f"forward {flops['adascale'] / 1e6:.1f} M ({flops['adascale'] / flops['odin']:.3f}×; one plain forward "
+              f"{flops['forward'] / 1e6:.1f} M)")
+
+
+def _pass_flops(scorer, imgs) -> dict[str, float]:
+    """FLOPs per image (``torch.utils.flop_counter``'s formulas for convolutions and matrix products,
+    backward included) of one forward, ODIN's scoring pass, and the pass with AdaSCALE's forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    from odin_engine.detectors.passes import run_pass
+
+    class Count(TorchDispatchMode):  # FlopCounterMode's module hooks refuse autograd.grad on the input
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func._overloadpacket
+            if packet in (torch.ops.aten.conv2d, torch.ops.aten.linear):  # inference_mode: not decomposed
+                self.total += 2 * out.numel() * args[1].shape[1:].numel()
+            elif packet in flop_registry:
+                self.total += flop_registry[packet](*args, **kwargs, out_val=out)
+            return out
+
+    x = next(scorer.batches(imgs))
+    std = scorer.std.flatten()
+
+    def forward():
+        with torch.inference_mode():
+            scorer.module(x)
+
+    runs = {"forward": forward,
+            "odin": lambda: run_pass(scorer.module, x, std, temperature=scorer.temperature, epsilon=scorer.epsilon,
+                                     head=scorer.head),
+            "adascale": lambda: run_pass(scorer.module, x, std, temperature=scorer.temperature,
+                                         epsilon=scorer.epsilon, head=scorer.head, adascale=True)}
+    out = {}
+    for name, fn in runs.items():
+        with Count() as counter:
+            fn()
+        out[name] = counter.total / x.shape[0]
+    return out
 
 
 if __name__ == "__main__":

@@ -121,6 +121,15 @@ def add_detector_options(parser: argparse.ArgumentParser) -> None:
     add_head_option(parser)
 
 
+def add_methods_option(parser: argparse.ArgumentParser) -> None:
+    """``--methods``: which score columns to compute (odin_engine.methods.parse_methods)."""
+    parser.add_argument("--methods", metavar="LIST", default=None,
+                        help="comma-separated methods to compute: names and the words `default` (every method the "
+                             "model and --fit allow except adascale, whose extra forward costs ~25%% of ODIN's "
+                             "scoring; the default) and `all` (adascale too), e.g. `default,adascale`; the other "
+                             "columns are null")
+
+
 def add_head_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head", metavar="MODULE_NAME", default=None,
                         help="the classifier head whose input is the penultimate feature h (default: the last "
