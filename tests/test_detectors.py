@@ -288,8 +288,8 @@ def test_fit_refuses_another_model():
 
 def test_default_set_leaves_adascale_to_request_and_scores_do_not_depend_on_the_batch():
     """The default set is every method but AdaSCALE (its extra forward is paid only when asked for);
-    with it, ODIN's x̃ and AdaSCALE's x̃ share one forward of 2N images, and still every image's
-    scores are those it gets alone (batch 1) and ODIN's are those of an ODIN-only scorer."""
+    with it, every image's scores are those it gets alone (batch 1), and ODIN's are those of an
+    ODIN-only scorer."""
     torch.manual_seed(3)
     net = CifarResNet(20).eval()
     for p in net.parameters():

@@ -2,9 +2,8 @@
 
 ``run_pass`` runs what ODIN already runs — a forward with the input gradient, and the forward on
 ``x̃ = x − ε·g`` — and takes, on the way, the head's input ``h`` (forward pre-hook, no second
-clean forward). AdaSCALE reuses ODIN's gradient ``g`` and, only when it is asked for, runs its own
-perturbed input (:func:`odin_engine.detectors.shaping.adascale_perturb`) through the same forward
-as ODIN's ``x̃`` (one batch of 2N images: the same FLOPs as a second forward, one call fewer).
+clean forward). AdaSCALE reuses ODIN's gradient ``g`` and adds one forward on its own perturbed
+input (:func:`odin_engine.detectors.shaping.adascale_perturb`) only when it is asked for.
 Methods then compute their scores from the :class:`ScoringPass` (cheap tensor math on ``h``
 and the logits).
 """
@@ -16,8 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from odin_engine.odin import (_autocast, _wide, max_tempered_softmax, perturb, perturbation_direction,
-                              perturbed_scores)
+from odin_engine.odin import _autocast, _wide, max_tempered_softmax, perturbation_direction, perturbed_scores
 
 from .features import FeatureTap, Head
 from .fit import FitStats
@@ -56,21 +54,11 @@ def run_pass(model, x: torch.Tensor, std: torch.Tensor, *, temperature: float, e
             logits, pred = first.logits, first.pred
             if epsilon == 0.0:
                 odin = max_tempered_softmax(logits, temperature)
-            elif not adascale:
+            else:
                 (odin,) = perturbed_scores(model, x, direction, temperature, [epsilon], autocast_dtype)
             if adascale:
-                x_ada = adascale_perturb(x, first.grad)
                 with torch.inference_mode(), _autocast(x.device, autocast_dtype):
-                    if epsilon == 0.0:
-                        model(x_ada)
-                        h_pert = tap.take()
-                    else:  # ODIN's x̃ and AdaSCALE's x̃ through one forward of 2N images
-                        both = torch.cat([perturb(x, direction, epsilon), x_ada])
-                        if x.is_contiguous(memory_format=torch.channels_last):
-                            both = both.contiguous(memory_format=torch.channels_last)
-                        out = _wide(model(both))
-                        n = x.shape[0]
-                        odin = max_tempered_softmax(out[:n], temperature)
-                        h_pert = tap.take()[n:]
+                    model(adascale_perturb(x, first.grad))
+                h_pert = tap.take()
     return ScoringPass(logits=logits, pred=pred, odin=odin, h=h, h_perturbed=h_pert, head=head, fit=fit,
                        energy_temperature=energy_temperature)
