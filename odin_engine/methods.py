@@ -174,13 +174,14 @@ _TENSORS: dict[tuple[int, str, str], Any] = {}
 
 
 def _cached(fit, name: str, device):
-    """``fit.<name>`` as a tensor on ``device``, converted once per fit object."""
+    """``fit.<name>`` as a contiguous float32 tensor on ``device``, prepared once per fit object (the
+    KNN bank: once per scoring actor, not per batch; the methods compute in float32 anyway)."""
     import torch
 
     key = (id(fit), name, str(device))
     t = _TENSORS.get(key)
     if t is None or t[0] is not fit:
-        t = (fit, torch.as_tensor(getattr(fit, name), device=device))
+        t = (fit, torch.as_tensor(getattr(fit, name), dtype=torch.float32, device=device).contiguous())
         if len(_TENSORS) > 64:
             _TENSORS.clear()
         _TENSORS[key] = t
