@@ -11,7 +11,8 @@ and ``audit`` compute: every method but AdaSCALE) without and with a fit whose K
 batch's scoring pass with and without AdaSCALE are counted too (``torch.utils.flop_counter``).
 
 ResNet-20, batch 256, one process. Each variant is timed ``--repeats`` times, interleaved
-with the others (the machine is noisy); the median is reported. Every variant is given as a
+with the others (the machine is noisy); the median is reported (``--clock cpu``: process CPU
+time instead of wall time, steadier on a shared machine with ``--threads 1``). Every variant is given as a
 ratio against two forward passes measured in the same run: the model *as loaded* (plain) and
 the *equally optimized* model (BN folded, channels-last — what ``OdinScorer`` itself runs). The
 second is the stricter figure (ODIN's own overhead, not the optimizations'), and the one to quote.
@@ -66,6 +67,9 @@ def main(argv=None) -> None:
                     help="time only the two forwards and the every-method variants (a shorter run)")
     ap.add_argument("--bank", type=int, default=50_000, help="KNN bank rows for the every-method variants")
     ap.add_argument("--fit-images", type=int, default=512, help="images the every-method variants' fit sees")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, the work itself: "
+                         "steadier than wall time on a machine shared with other jobs)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = args.data if args.data.is_dir() else None
@@ -157,17 +161,18 @@ def main(argv=None) -> None:
     for fn, _ in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.repeats):
         for name, (fn, _) in variants.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
 
     rates = {k: variants[k][1] / statistics.median(v) for k, v in times.items()}
     base = rates["plain forward (model as loaded, NCHW)"]
     fast = rates["forward, BN folded + channels-last"]
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, batch {bs}, images {n}, "
-          f"median of {args.repeats}, model {loaded.model_id}")
+          f"median of {args.repeats} ({args.clock} clock), model {loaded.model_id}")
     print("| variant | images/s | × plain forward | × optimized forward |")
     print("|---|---:|---:|---:|")
     for name, r in rates.items():
