@@ -70,6 +70,9 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                     help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, the work itself: "
                          "steadier than wall time on a machine shared with other jobs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="with the every-method variants: also print where one batch's time goes (the scoring pass "
+                         "with and without AdaSCALE's forward, each method's own math, KNN's product and top-k)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = args.data if args.data.is_dir() else None
@@ -142,6 +145,8 @@ def main(argv=None) -> None:
         no_fit = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs)
         assert every.methods == list(TABLE_METHODS) and "adascale" not in no_ada.methods
         flops = _pass_flops(every, imgs[:bs])
+        if args.profile:
+            _profile(every, imgs[:bs], args.repeats)
 
         def scorer(sc):
             def run():
@@ -188,6 +193,42 @@ def main(argv=None) -> None:
         print(f"FLOPs per image of the scoring pass: ODIN {flops['odin'] / 1e6:.1f} M, with AdaSCALE's perturbed "
               f"forward {flops['adascale'] / 1e6:.1f} M ({flops['adascale'] / flops['odin']:.3f}×; one plain forward "
               f"{flops['forward'] / 1e6:.1f} M)")
+
+
+def _profile(scorer, imgs, repeats: int) -> None:
+    """Milliseconds per batch (median of ``repeats``) of the parts of scoring every method."""
+    from odin_engine.detectors.passes import run_pass
+    from odin_engine.methods import REGISTRY, _cached
+
+    x = next(scorer.batches(imgs))
+    std = scorer.std.flatten()
+
+    def ms(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts) * 1e3
+
+    kw = dict(temperature=scorer.temperature, epsilon=scorer.epsilon, head=scorer.head, fit=scorer.fit)
+    parts = {"scoring pass (ODIN: forward + input gradient + perturbed forward, h hooked)":
+             ms(lambda: run_pass(scorer.module, x, std, **kw)),
+             "scoring pass with AdaSCALE's perturbed forward": ms(lambda: run_pass(scorer.module, x, std, **kw,
+                                                                                     adascale=True))}
+    p = scorer.run_pass(x)
+    for name in scorer.methods:
+        parts[f"method {name} (its math on the pass)"] = ms(lambda: REGISTRY[name].score(p))
+    q = torch.nn.functional.normalize(p.h, dim=1)
+    bank = _cached(scorer.fit, "bank", p.h.device)
+    sims = q @ bank.t()
+    parts[f"knn: similarity {len(q)} × {bank.shape[0]:,} × {bank.shape[1]}"] = ms(lambda: q @ bank.t())
+    parts["knn: top-50 of each row"] = ms(lambda: torch.topk(sims, 50, dim=1))
+    parts["knn: kthvalue instead of top-k"] = ms(lambda: torch.kthvalue(sims, sims.shape[1] - 49, dim=1))
+    print(f"where one batch of {len(x)} goes (ms, median of {repeats}):")
+    for name, t in parts.items():
+        print(f"  {name}: {t:.2f}")
 
 
 def _pass_flops(scorer, imgs) -> dict[str, float]:

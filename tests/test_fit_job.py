@@ -32,10 +32,12 @@ def test_fitted_method_without_fit_exits_2_naming_fit(tmp_path, tiny_model, caps
 
 
 def test_methods_option_is_checked_before_anything_is_written(tmp_path, tiny_model, capsys):
-    base, held = _audit_base(tmp_path, tiny_model)
-    assert cli([*base, "--heldout", str(held), "--methods", "default,knn"]) == 2
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    base = ["score", "--input", str(corpus), "--output", str(tmp_path / "out"), *tiny_model.cli]
+    assert cli([*base, "--methods", "default,knn"]) == 2
     assert "--methods knn needs fitted reference statistics" in capsys.readouterr().err
-    assert cli([*base, "--heldout", str(held), "--methods", "default,nope"]) == 2
+    assert cli([*base, "--methods", "default,nope"]) == 2
     assert "--methods: unknown method 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
