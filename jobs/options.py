@@ -117,7 +117,8 @@ def add_detector_options(parser: argparse.ArgumentParser) -> None:
     """``--fit`` (the fitted methods' reference statistics) and ``--head`` (the classifier head's name)."""
     parser.add_argument("--fit", metavar="FIT", default=None,
                         help="fitted reference statistics from `odin-audit fit` (local or bucket): computes the "
-                             "fitted methods react, knn, vim, nci, fdbd, adascale (their columns are null without it)")
+                             "fitted methods react, knn, vim, nci, fdbd (their columns are null without it) and, when "
+                             "asked for (--methods, tune), adascale")
     add_head_option(parser)
 
 
