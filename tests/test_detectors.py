@@ -314,3 +314,19 @@ def test_default_set_leaves_adascale_to_request_and_scores_do_not_depend_on_the_
     np.testing.assert_allclose(batched["odin"], odin_only.score(imgs)["odin"], rtol=1e-5, atol=1e-7)
     with pytest.raises(ConfigError, match="unknown method 'nope'"):
         OdinScorer(loaded, device="cpu", methods=["default", "nope"])
+
+
+def test_methods_words_and_the_deciding_method():
+    from odin_engine.methods import ON_REQUEST_METHODS, parse_methods, with_method
+
+    assert ON_REQUEST_METHODS == ("adascale",)
+    assert parse_methods(None) is None and parse_methods("default") is None and parse_methods(" , ") is None
+    assert parse_methods("default, adascale,adascale") == ("default", "adascale")
+    assert parse_methods(["all"]) == ("all",)
+    with pytest.raises(ConfigError, match="--methods: unknown method 'knnn'"):
+        parse_methods("default,knnn")
+    # audit: the method δ thresholds is computed; an on-request one is added to the set
+    assert with_method(None, "knn") is None
+    assert with_method(None, "adascale") == ("default", "adascale")
+    assert with_method(("all",), "adascale") == ("all",)
+    assert with_method(("odin", "adascale"), "adascale") == ("odin", "adascale")
