@@ -252,12 +252,13 @@ def parse_methods(spec, flag: str = "--methods") -> tuple[str, ...] | None:
 
 
 def with_method(spec: tuple[str, ...] | None, method: str | None) -> tuple[str, ...] | None:
-    """``spec`` extended so that ``method`` (the one δ thresholds) is computed: an on-request
-    method is added to the set; any other is in the default set already."""
-    if not method or method not in ON_REQUEST_METHODS:
+    """``spec`` extended so that ``method`` (the one δ thresholds) is computed: added unless the set
+    already holds it (by name, ``all``, or ``default`` for a method that is not on request)."""
+    if not method:
         return spec
     words = spec or ("default",)
-    return words if method in words or "all" in words else (*words, method)
+    covered = method in words or "all" in words or ("default" in words and method not in ON_REQUEST_METHODS)
+    return spec if covered else (*words, method)
 
 
 def require_fit(method: str | None, fit_given: bool, flag: str = "--method") -> None:

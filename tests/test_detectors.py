@@ -330,3 +330,4 @@ def test_methods_words_and_the_deciding_method():
     assert with_method(None, "adascale") == ("default", "adascale")
     assert with_method(("all",), "adascale") == ("all",)
     assert with_method(("odin", "adascale"), "adascale") == ("odin", "adascale")
+    assert with_method(("odin",), "knn") == ("odin", "knn")
