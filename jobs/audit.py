@@ -393,8 +393,10 @@ def _calibrate(args: argparse.Namespace, plan: AuditPlan, corpus, heldout, confi
     if plan.frozen:
         c_set = corpus.settings("corpus scores")
         if c_set:  # the score run used the calibration's settings; a table scored otherwise is refused
-            check_calibration(plan.frozen, {k: c_set[k] for k in ("model_id", "temperature", "epsilon")},
-                              where=f"calibration {plan.frozen['frozen_from']}")
+            expect = {k: c_set[k] for k in ("model_id", "temperature", "epsilon")}
+            if plan.frozen.get("fit_id"):  # a fitted method's δ holds only for the fit it was made with
+                expect["fit_id"] = corpus.fit_id()
+            check_calibration(plan.frozen, expect, where=f"calibration {plan.frozen['frozen_from']}")
         return dict(plan.frozen)
     cal = with_scoring_settings(calibrate_tables(corpus, heldout, plan.calibration), configs["corpus"])
     cal["settings_from"] = plan.odin.origin

@@ -26,7 +26,7 @@ from odin_engine.decide.tuning import load_tuning, resolve_settings, tuned_param
 from odin_engine.errors import ConfigError
 from odin_engine.io.corpus import CorpusSource, duplicate_error, empty_error, open_corpus
 from odin_engine.io.images import RESIZE_POLICIES
-from odin_engine.io.scores import SCHEMA_VERSION, output_schema
+from odin_engine.io.scores import FIT_ID_KEY, SCHEMA_VERSION, output_schema
 from odin_engine.io.store import Store, is_uri
 
 from jobs import shards
@@ -147,7 +147,7 @@ class Prepared:
             "odin.temperature": repr(cfg.temperature), "odin.epsilon": repr(cfg.epsilon),
             "odin.normalization": _json({"mean": self.mean, "std": self.std, "pixel_range": [0, 1]}),
             "odin.input_size": str(self.input_size), "odin.resize": cfg.resize, "odin.run_id": self.run_id,
-            "odin.versions": _json(_versions()),
+            "odin.versions": _json(_versions()), FIT_ID_KEY: self.config.get("fit_id") or "",
         }
         return output_schema(self.carried, metadata)
 

@@ -142,6 +142,7 @@ class RayHead:
     token: str
     temp_dir: str
     env: dict = field(repr=False)
+    client_port: int | None = None  # its Ray Client server's port (stopped with the head)
 
     def submit(self, args: list[str], cwd: str | Path, timeout: float = 600, extra_env: dict | None = None):
         """``ray job submit --address <dashboard> --working-dir <cwd> -- <args>``; returns CompletedProcess."""
@@ -151,11 +152,23 @@ class RayHead:
         return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def _worker_ports() -> tuple[int, int]:
+    """The shared head's worker port range: 20000–29999, split between pytest-xdist workers
+    (``-n N``: each runs its own session and so its own head) so that two heads never hand out
+    the same port."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    index = int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    width = 10000 // max(count, 1)
+    return 20000 + index * width, 20000 + (index + 1) * width - 1
+
+
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
     token = secrets.token_hex(32)
     temp_dir = Path("/tmp") / f"odin-ray-{uuid.uuid4().hex[:8]}"  # short: Ray's socket paths are length-limited
-    gcs_port, dash_port = free_port(), free_port()
+    gcs_port, dash_port, client_port = free_port(), free_port(), free_port()
+    lo, hi = _worker_ports()
     env = dict(os.environ)
     env.update(
         RAY_AUTH_MODE="token",
@@ -172,8 +185,8 @@ def ray_head(tmp_path_factory):
         "--port", str(gcs_port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
         "--include-dashboard", "true", "--num-cpus", "2", "--num-gpus", "0",
         "--temp-dir", str(temp_dir), "--disable-usage-stats",
-        "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port", str(free_port()),
-        "--min-worker-port", "20000", "--max-worker-port", "29999",
+        "--ray-client-server-port", str(client_port), "--dashboard-agent-listen-port", str(free_port()),
+        "--min-worker-port", str(lo), "--max-worker-port", str(hi),
     ]
     ray_exe = _executable("ray")
     if ray_exe is None:
@@ -181,14 +194,14 @@ def ray_head(tmp_path_factory):
     cmd[0] = ray_exe
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0 or not _wait_port(dash_port, 60):
-        _stop_head(temp_dir)
+        _stop_head(temp_dir, client_port)
         real_part_missing("Ray head", f"`ray start --head` failed: rc={proc.returncode} {proc.stderr[-2000:]}")
     env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, str(temp_dir), env)
+    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, str(temp_dir), env, client_port)
     try:
         yield head
     finally:
-        _stop_head(temp_dir)
+        _stop_head(temp_dir, client_port)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -211,11 +224,17 @@ def pids_matching(needle: str) -> list[int]:
     return [pid for pid, cmd in process_cmdlines().items() if needle in cmd and pid != me]
 
 
-def _stop_head(temp_dir: Path) -> None:
+def _stop_head(temp_dir: Path, client_port: int | None = None) -> None:
     """Stop *this* head only. ``ray stop`` would stop every Ray cluster of the user on the
     machine (other test sessions' included), so signal just the processes whose command line
-    names our unique temp dir (GCS, raylet, dashboard, agents); workers exit with their raylet."""
-    pids = _with_descendants(pids_matching(str(temp_dir)))
+    names our unique temp dir (GCS, raylet, dashboard, agents) and the head's Ray Client server
+    (its command line names only its port: ``--port=<client_port>``, and ``ray start`` leaves it
+    an orphan); workers exit with their raylet."""
+    pids = pids_matching(str(temp_dir))
+    if client_port is not None:
+        pids += [pid for pid, cmd in process_cmdlines().items()
+                 if "ray.util.client.server" in cmd and f"--port={client_port} " in f"{cmd} "]
+    pids = _with_descendants(pids)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             try:
@@ -500,20 +519,20 @@ def foreign_gpu_head():
     client = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
     client.update(RAY_TMPDIR=str(root), RAY_USAGE_STATS_ENABLED="0",
                   PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
-    gcs_port = free_port()
+    gcs_port, client_port = free_port(), free_port()
     cmd = [str(VENV_BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
            "--include-dashboard", "false", "--num-cpus", "1", "--num-gpus", "1", "--temp-dir", str(temp_dir),
-           "--disable-usage-stats", "--ray-client-server-port", str(free_port()),
+           "--disable-usage-stats", "--ray-client-server-port", str(client_port),
            "--dashboard-agent-listen-port", str(free_port()), "--min-worker-port", "15000",
            "--max-worker-port", "19999"]
     head_env = dict(client, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     proc = subprocess.run(cmd, env=head_env, capture_output=True, text=True, timeout=180)
     if proc.returncode != 0 or not _wait_port(gcs_port, 60):
-        _stop_head(temp_dir)
+        _stop_head(temp_dir, client_port)
         shutil.rmtree(root, ignore_errors=True)
         pytest.skip(f"could not start a foreign Ray head: rc={proc.returncode} {proc.stderr[-2000:]}")
     try:
         yield ForeignHead(f"127.0.0.1:{gcs_port}", token, str(temp_dir), client)
     finally:
-        _stop_head(temp_dir)
+        _stop_head(temp_dir, client_port)
         shutil.rmtree(root, ignore_errors=True)

@@ -235,7 +235,8 @@ def test_dev_ray_head_token_auth(tmp_path):
     env.update(
         RAY_PORT=str(_free_port()), RAY_DASHBOARD_PORT=str(dash), RAY_AUTH_TOKEN=token,
         RAY_DEV_TEMP_DIR=f"/tmp/odin-dev-{uuid.uuid4().hex[:8]}",
-        RAY_START_ARGS=(f"--ray-client-server-port {_free_port()} --dashboard-agent-listen-port {_free_port()} "
+        RAY_CLIENT_PORT=str(_free_port()),
+        RAY_START_ARGS=(f"--dashboard-agent-listen-port {_free_port()} "
                         "--min-worker-port 30000 --max-worker-port 30999 --num-cpus 1"),
     )
     script = str(DEPLOY / "dev-ray-head.sh")
@@ -259,6 +260,12 @@ def test_dev_ray_head_token_auth(tmp_path):
     finally:
         stop = subprocess.run([script, "--stop"], env=env, capture_output=True, text=True, timeout=120)
     assert stop.returncode == 0 and "stopped" in stop.stdout, stop.stdout + stop.stderr
+    from conftest import process_cmdlines  # nothing of this head is left, its Ray Client server included
+
+    client = f"--port={env['RAY_CLIENT_PORT']} "
+    left = {pid: cmd for pid, cmd in process_cmdlines().items()
+            if env["RAY_DEV_TEMP_DIR"] in cmd or ("ray.util.client.server" in cmd and client in f"{cmd} ")}
+    assert not left, left
 
 
 @pytest.mark.slow

@@ -157,3 +157,71 @@ def test_tune_picks_a_non_odin_method_on_the_test_bed_and_audit_decides_with_it(
     assert f"({doc['method']}," in proc.stdout
     report = (out / "report.html").read_text()
     assert "Detector comparison" in report and f"{doc['method']} (decided)" in report
+
+
+def test_calibration_refuses_corpus_and_heldout_scored_with_different_fits():
+    """A fitted method's score is a distance to one fit's statistics: corpus and held-out scores made
+    with different --fit files (the digest in each table's Parquet metadata) cannot share a δ."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from odin_engine.decide.calibration import calibrate_tables
+    from odin_engine.errors import ConfigError
+    from odin_engine.io.scores import FIT_ID_KEY, ScoreTable
+    from odin_engine.settings import CalibrationSettings
+
+    def table(prefix: str, n: int, fit_id: str | None) -> ScoreTable:
+        rng = np.random.default_rng(len(prefix))
+        frame = pd.DataFrame({"image_id": [f"{prefix}{i}" for i in range(n)], "status": "ok", "model_id": "m",
+                              "temperature": 1.0, "epsilon": 0.0, "knn": rng.standard_normal(n),
+                              "odin": rng.standard_normal(n)})
+        t = pa.Table.from_pandas(frame, preserve_index=False)
+        return ScoreTable.from_table(t.replace_schema_metadata({FIT_ID_KEY: fit_id} if fit_id is not None else {}))
+
+    settings = CalibrationSettings(0.8, "knn")
+    with pytest.raises(ConfigError, match="different --fit files.*aaaa vs bbbb"):
+        calibrate_tables(table("c", 30, "aaaa"), table("h", 40, "bbbb"), settings)
+    assert calibrate_tables(table("c", 30, "aaaa"), table("h", 40, "aaaa"), settings)["fit_id"] == "aaaa"
+    # a table rewritten by another tool keeps no metadata: nothing to compare, the known digest is kept
+    assert calibrate_tables(table("c", 30, None), table("h", 40, "aaaa"), settings)["fit_id"] == "aaaa"
+    # a method without a fit does not depend on it
+    assert calibrate_tables(table("c", 30, "aaaa"), table("h", 40, "bbbb"),
+                            CalibrationSettings(0.8, "odin"))["fit_id"] is None
+    # a frozen calibration records the fit: corpus scores of another fit are refused
+    from odin_engine.decide.frozen import check_calibration
+
+    frozen = {"model_id": "m", "method": "knn", "fit_id": "aaaa"}
+    with pytest.raises(ConfigError, match="fit_id: 'aaaa' there vs 'bbbb' now"):
+        check_calibration(frozen, {"model_id": "m", "fit_id": "bbbb"})
+    assert check_calibration(frozen, {"model_id": "m", "fit_id": "aaaa"}) == []
+
+
+@pytest.mark.slow
+def test_audit_with_reference_fits_first_then_decides_with_a_fitted_method(ray_head, tiny_model, tmp_path):
+    """`audit --reference SRC --method knn`: the fit runs first into <output>/fit.npz, both score runs
+    use it (their Parquet metadata names its digest), and δ records it."""
+    import hashlib
+
+    import pandas as pd
+
+    from odin_engine.io.scores import ScoreTable
+
+    ref, corpus, held = tmp_path / "ref", tmp_path / "corpus", tmp_path / "held"
+    make_images(ref, 12)
+    make_images(corpus, 5)
+    make_images(held, 20)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(corpus), "--heldout", str(held),
+            "--reference", str(ref), "--bank-size", "8", "--method", "knn", "--tpr", "0.75",
+            "--output", str(out), "--quiet", *tiny_model.cli]
+    proc = subprocess.run(args, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    digest = hashlib.sha256((out / "fit.npz").read_bytes()).hexdigest()[:16]
+    for name in ("corpus", "heldout"):
+        table = ScoreTable.open(str(out / name))
+        assert table.fit_id() == digest
+        assert table.read(["knn"]).column("knn").null_count == 0
+    cal = json.loads((out / "latest" / "calibration.json").read_text())
+    assert cal["method"] == "knn" and cal["fit_id"] == digest
+    flags = pd.read_parquet(out / "latest" / "flags")
+    assert len(flags) == 5 and flags["score"].notna().all()

@@ -136,6 +136,23 @@ def heldout_errors(heldout: ScoreTable, limit: int = 3) -> tuple[int, list[tuple
     return n, examples[:limit]
 
 
+def check_same_fit(corpus: ScoreTable, heldout: ScoreTable, method: str) -> str | None:
+    """For a method fitted on reference images (``needs_fit``: knn, vim, …), refuse corpus and
+    held-out scores made with different ``--fit`` files — a score is a distance to *that* fit's
+    statistics, so δ from another fit means nothing. Returns the fit's digest (``None`` for a
+    method without a fit, or tables whose metadata does not record it)."""
+    from odin_engine.methods import REGISTRY
+
+    if method not in REGISTRY or not REGISTRY[method].needs_fit:
+        return None
+    c, h = corpus.fit_id(), heldout.fit_id()
+    if c and h and c != h:
+        raise ConfigError(
+            f"the corpus and held-out {method} scores were made with different --fit files (fit digest "
+            f"{c} vs {h}): score both sets with the same --fit")
+    return c or h
+
+
 def calibrate_tables(corpus: ScoreTable, heldout: ScoreTable,
                      settings: CalibrationSettings = CalibrationSettings()) -> dict[str, Any]:
     """Check both tables (one model/T/ε each and the same for both; each ``image_id`` once), then
@@ -152,6 +169,7 @@ def calibrate_tables(corpus: ScoreTable, heldout: ScoreTable,
     # a corpus whose every image failed to decode has no scores to compare: its rows stay errors
     c_set = corpus.settings("corpus scores") or h_set
     check_same_settings(c_set, h_set)
+    fit_id = check_same_fit(corpus, heldout, method)
     heldout.check_unique_ids("held-out scores")
     corpus.check_unique_ids("corpus scores")
     scores, n_errors = heldout_scores(heldout, method)
@@ -164,6 +182,7 @@ def calibrate_tables(corpus: ScoreTable, heldout: ScoreTable,
         "temperature": c_set["temperature"],
         "epsilon": c_set["epsilon"],
         "n_heldout_errors": n_errors,
+        "fit_id": fit_id,  # the --fit a fitted method's scores depend on (None: no fitted method)
         # the held-out distribution in HELDOUT_QUANTILES + 1 points: a later audit that reuses this
         # file (a frozen --calibration) scores no held-out set and draws its histogram from these
         "heldout_quantiles": heldout_quantiles(scores),

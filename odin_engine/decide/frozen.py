@@ -23,7 +23,7 @@ from odin_engine.io.store import resolve
 
 CALIBRATION_FILE = "calibration.json"
 # what a calibration is only valid for; the first four have been recorded since version 1
-SETTING_KEYS = ("model_id", "temperature", "epsilon", "method", "mean", "std", "input_size", "resize")
+SETTING_KEYS = ("model_id", "temperature", "epsilon", "method", "mean", "std", "input_size", "resize", "fit_id")
 SCORING_KEYS = ("mean", "std", "input_size", "resize")
 REQUIRED_KEYS = ("delta", "n_heldout", "order_statistic_k", "target_tpr", "model_id", "temperature", "epsilon",
                  "method")

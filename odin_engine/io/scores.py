@@ -34,6 +34,7 @@ SCHEMA_VERSION = 1
 SCORE_METHODS: tuple[str, ...] = TABLE_METHODS
 FLOAT_COLUMNS: tuple[str, ...] = TABLE_METHODS  # the float score columns, in schema order
 SETTING_COLUMNS = ("model_id", "temperature", "epsilon")
+FIT_ID_KEY = "odin.fit_id"  # Parquet key-value metadata: the --fit's digest ("" without one)
 REQUIRED_COLUMNS = ("image_id", "status", *SETTING_COLUMNS)
 SCORES_DIR = "scores"  # where the score job keeps its table under its --output
 BATCH_ROWS = 65_536  # rows per scanned batch
@@ -155,6 +156,13 @@ class ScoreTable:
     @property
     def columns(self) -> list[str]:
         return list(self.dataset.schema.names)
+
+    def fit_id(self) -> str | None:
+        """The digest of the ``--fit`` the rows were scored with (Parquet key ``odin.fit_id``, read
+        from the first file); ``None`` when scored without a fit or the metadata was not kept (a
+        table rewritten by another tool)."""
+        value = (self.dataset.schema.metadata or {}).get(FIT_ID_KEY.encode())
+        return value.decode() if value else None
 
     def require(self, columns: Sequence[str], what: str = "scores") -> None:
         missing = [c for c in columns if c not in self.columns]
