@@ -37,7 +37,8 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     fit = fit_images(model, cifar[:5000], temperature=1000.0, device=args.device, batch_size=args.batch_size)
     t_fit = time.perf_counter() - t0
-    scorer = oe.OdinScorer(model, 1000.0, 0.0014, device=args.device, batch_size=args.batch_size, fit=fit)
+    scorer = oe.OdinScorer(model, 1000.0, 0.0014, device=args.device, batch_size=args.batch_size, fit=fit,
+                           methods=["all"])
     t0 = time.perf_counter()
     ident = scorer.score(cifar[5000:10000])
     ood = {}

@@ -4,12 +4,15 @@ and the cost of scoring every registered method against ODIN alone (same run, ra
     python -m benchmarks.engine_throughput [--data ../shared/data] [--images 2048] [--repeats 5]
 
 Every-method variants (``OdinScorer.score`` on uint8 images, so both sides pay the same
-conversion): ``methods=["odin"]`` (today's ODIN-only scoring) vs every table method with a fit
-whose KNN bank holds ``--bank`` rows (the fit's features tiled: a bank of that size costs the same),
-with and without AdaSCALE (its perturbed forward is the one extra pass).
+conversion): ``methods=["odin"]`` (today's ODIN-only scoring) vs the default set (what ``score``
+and ``audit`` compute: every method but AdaSCALE) without and with a fit whose KNN bank holds
+``--bank`` rows (the fit's features tiled: a bank of that size costs the same), and all 13
+(``methods=["all"]``: AdaSCALE's perturbed input is the one extra forward). The FLOPs of one
+batch's scoring pass with and without AdaSCALE are counted too (``torch.utils.flop_counter``).
 
 ResNet-20, batch 256, one process. Each variant is timed ``--repeats`` times, interleaved
-with the others (the machine is noisy); the median is reported. Every variant is given as a
+with the others (the machine is noisy); the median is reported (``--clock cpu``: process CPU
+time instead of wall time, steadier on a shared machine with ``--threads 1``). Every variant is given as a
 ratio against two forward passes measured in the same run: the model *as loaded* (plain) and
 the *equally optimized* model (BN folded, channels-last — what ``OdinScorer`` itself runs). The
 second is the stricter figure (ODIN's own overhead, not the optimizations'), and the one to quote.
@@ -64,6 +67,12 @@ def main(argv=None) -> None:
                     help="time only the two forwards and the every-method variants (a shorter run)")
     ap.add_argument("--bank", type=int, default=50_000, help="KNN bank rows for the every-method variants")
     ap.add_argument("--fit-images", type=int, default=512, help="images the every-method variants' fit sees")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, the work itself: "
+                         "steadier than wall time on a machine shared with other jobs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="with the every-method variants: also print where one batch's time goes (the scoring pass "
+                         "with and without AdaSCALE's forward, each method's own math, KNN's product and top-k)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = args.data if args.data.is_dir() else None
@@ -131,10 +140,13 @@ def main(argv=None) -> None:
         reps = -(-args.bank // fit.bank.shape[0])
         fit = dataclasses.replace(fit, bank=np.tile(fit.bank, (reps, 1))[:args.bank])
         only = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, methods=["odin"])
-        every = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit)
-        no_ada = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit,
-                               methods=[m for m in TABLE_METHODS if m != "adascale"])
+        every = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit, methods=["all"])
+        no_ada = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs, fit=fit)  # the default set
         no_fit = oe.OdinScorer(loaded, T, eps, device=dev, batch_size=bs)
+        assert every.methods == list(TABLE_METHODS) and "adascale" not in no_ada.methods
+        flops = _pass_flops(every, imgs[:bs])
+        if args.profile:
+            _profile(every, imgs[:bs], args.repeats, time.process_time if args.clock == "cpu" else time.perf_counter)
 
         def scorer(sc):
             def run():
@@ -143,9 +155,9 @@ def main(argv=None) -> None:
             return run
 
         variants["OdinScorer, ODIN only (methods=['odin'])"] = (scorer(only), n)
-        variants[f"OdinScorer, all 13 methods (fit, bank {args.bank:,})"] = (scorer(every), n)
-        variants["OdinScorer, all but adascale (fit)"] = (scorer(no_ada), n)
-        variants["OdinScorer, no fit (7 methods: no fitted ones)"] = (scorer(no_fit), n)
+        variants[f"OdinScorer, all 13 methods (methods=['all'], fit, bank {args.bank:,})"] = (scorer(every), n)
+        variants[f"OdinScorer, default set (12: all but adascale; fit, bank {args.bank:,})"] = (scorer(no_ada), n)
+        variants["OdinScorer, default set without a fit (7 methods)"] = (scorer(no_fit), n)
     if args.compile:
         compiled = torch.compile(folded_cl)
         odin(compiled, cl_chunks[:1])()  # build outside the timing
@@ -154,17 +166,18 @@ def main(argv=None) -> None:
     for fn, _ in variants.values():  # warm-up
         fn()
     times: dict[str, list[float]] = {k: [] for k in variants}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     for _ in range(args.repeats):
         for name, (fn, _) in variants.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
 
     rates = {k: variants[k][1] / statistics.median(v) for k, v in times.items()}
     base = rates["plain forward (model as loaded, NCHW)"]
     fast = rates["forward, BN folded + channels-last"]
     print(f"torch {torch.__version__}, device {dev}, threads {torch.get_num_threads()}, batch {bs}, images {n}, "
-          f"median of {args.repeats}, model {loaded.model_id}")
+          f"median of {args.repeats} ({args.clock} clock), model {loaded.model_id}")
     print("| variant | images/s | × plain forward | × optimized forward |")
     print("|---|---:|---:|---:|")
     for name, r in rates.items():
@@ -177,6 +190,87 @@ def main(argv=None) -> None:
         only = rates["OdinScorer, ODIN only (methods=['odin'])"]
         for name in [k for k in rates if k.startswith("OdinScorer, ") and "ODIN only" not in k]:
             print(f"{name}: cost {only / rates[name]:.3f}× ODIN-only scoring (time ratio, same run)")
+        print(f"FLOPs per image of the scoring pass: ODIN {flops['odin'] / 1e6:.1f} M, with AdaSCALE's perturbed "
+              f"forward {flops['adascale'] / 1e6:.1f} M ({flops['adascale'] / flops['odin']:.3f}×; one plain forward "
+              f"{flops['forward'] / 1e6:.1f} M)")
+
+
+def _profile(scorer, imgs, repeats: int, clock) -> None:
+    """Milliseconds per batch (median of ``repeats``) of the parts of scoring every method."""
+    from odin_engine.detectors.passes import run_pass
+    from odin_engine.methods import REGISTRY, _cached
+
+    x = next(scorer.batches(imgs))
+    std = scorer.std.flatten()
+
+    def ms(fn) -> float:
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t0 = clock()
+            fn()
+            ts.append(clock() - t0)
+        return statistics.median(ts) * 1e3
+
+    kw = dict(temperature=scorer.temperature, epsilon=scorer.epsilon, head=scorer.head, fit=scorer.fit)
+    parts = {"scoring pass (ODIN: forward + input gradient + perturbed forward, h hooked)":
+             ms(lambda: run_pass(scorer.module, x, std, **kw)),
+             "scoring pass with AdaSCALE's perturbed forward": ms(lambda: run_pass(scorer.module, x, std, **kw,
+                                                                                     adascale=True))}
+    p = scorer.run_pass(x)
+    for name in scorer.methods:
+        parts[f"method {name} (its math on the pass)"] = ms(lambda: REGISTRY[name].score(p))
+    q = torch.nn.functional.normalize(p.h, dim=1)
+    bank = _cached(scorer.fit, "bank", p.h.device)
+    sims = q @ bank.t()
+    parts[f"knn: similarity {len(q)} × {bank.shape[0]:,} × {bank.shape[1]}"] = ms(lambda: q @ bank.t())
+    parts["knn: top-50 of each row"] = ms(lambda: torch.topk(sims, 50, dim=1))
+    parts["knn: kthvalue instead of top-k"] = ms(lambda: torch.kthvalue(sims, sims.shape[1] - 49, dim=1))
+    print(f"where one batch of {len(x)} goes (ms of the {'CPU' if clock is time.process_time else 'wall'} clock, "
+          f"median of {repeats}):")
+    for name, t in parts.items():
+        print(f"  {name}: {t:.2f}")
+
+
+def _pass_flops(scorer, imgs) -> dict[str, float]:
+    """FLOPs per image (``torch.utils.flop_counter``'s formulas for convolutions and matrix products,
+    backward included) of one forward, ODIN's scoring pass, and the pass with AdaSCALE's forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    from odin_engine.detectors.passes import run_pass
+
+    class Count(TorchDispatchMode):  # FlopCounterMode's module hooks refuse autograd.grad on the input
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            packet = func._overloadpacket
+            if packet in (torch.ops.aten.conv2d, torch.ops.aten.linear):  # inference_mode: not decomposed
+                self.total += 2 * out.numel() * args[1].shape[1:].numel()
+            elif packet in flop_registry:
+                self.total += flop_registry[packet](*args, **kwargs, out_val=out)
+            return out
+
+    x = next(scorer.batches(imgs))
+    std = scorer.std.flatten()
+
+    def forward():
+        with torch.inference_mode():
+            scorer.module(x)
+
+    runs = {"forward": forward,
+            "odin": lambda: run_pass(scorer.module, x, std, temperature=scorer.temperature, epsilon=scorer.epsilon,
+                                     head=scorer.head),
+            "adascale": lambda: run_pass(scorer.module, x, std, temperature=scorer.temperature,
+                                         epsilon=scorer.epsilon, head=scorer.head, adascale=True)}
+    out = {}
+    for name, fn in runs.items():
+        with Count() as counter:
+            fn()
+        out[name] = counter.total / x.shape[0]
+    return out
 
 
 if __name__ == "__main__":

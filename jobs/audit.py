@@ -81,6 +81,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     options.add_method_option(parser)
     options.add_fdr_options(parser)
     options.add_detector_options(parser)
+    options.add_methods_option(parser)
     parser.add_argument("--reference", metavar="SRC", default=None,
                         help="in-distribution reference images to fit the fitted detectors on first "
                              "(`odin-audit fit`, written to <output>/fit.npz); must not be the --heldout set")
@@ -311,6 +312,8 @@ def _check_sources(args: argparse.Namespace, jobs: list[tuple[str, str, str]], c
 
 def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
     """The ``score_corpus`` options every set of this audit is scored with."""
+    from odin_engine.methods import parse_methods, with_method
+
     return dict(model=args.model, weights=args.weights, mean=args.mean, std=args.std, input_size=args.input_size,
                 # score_corpus refuses a tuning file made for another model before scoring anything;
                 # with a frozen calibration T and ε are the calibration's (checked against any tuning file)
@@ -319,6 +322,8 @@ def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
                 batch_size=args.batch_size, workers=args.workers, resize=args.resize,
                 shard_rows=args.shard_rows, object_store_mib=args.object_store_mib, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
                 ray_verbose=getattr(args, "verbose", False), print_summary=not args.quiet, head=args.head,
+                # --methods, plus the method δ thresholds when it is computed only on request (adascale)
+                methods=with_method(parse_methods(args.methods), plan.calibration.method),
                 # with --reference the fit does not exist yet when the outputs are checked
                 fit=None if args.reference and not plan.fit_ready else plan.fit)
 

@@ -117,8 +117,18 @@ def add_detector_options(parser: argparse.ArgumentParser) -> None:
     """``--fit`` (the fitted methods' reference statistics) and ``--head`` (the classifier head's name)."""
     parser.add_argument("--fit", metavar="FIT", default=None,
                         help="fitted reference statistics from `odin-audit fit` (local or bucket): computes the "
-                             "fitted methods react, knn, vim, nci, fdbd, adascale (their columns are null without it)")
+                             "fitted methods react, knn, vim, nci, fdbd (their columns are null without it) and, when "
+                             "asked for (--methods, tune), adascale")
     add_head_option(parser)
+
+
+def add_methods_option(parser: argparse.ArgumentParser) -> None:
+    """``--methods``: which score columns to compute (odin_engine.methods.parse_methods)."""
+    parser.add_argument("--methods", metavar="LIST", default=None,
+                        help="comma-separated methods to compute: names and the words `default` (every method the "
+                             "model and --fit allow except adascale, whose extra forward costs ~25%% of ODIN's "
+                             "scoring; the default) and `all` (adascale too), e.g. `default,adascale`; the other "
+                             "columns are null")
 
 
 def add_head_option(parser: argparse.ArgumentParser) -> None:

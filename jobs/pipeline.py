@@ -89,7 +89,7 @@ class ScoreBatch:
 
     def __init__(self, spec, weights, mean, std, input_size, temperature, epsilon, batch_size, model_id, run_id,
                  threads, unsafe_pickle, schema_bytes, device=None, staging=None, fit=None, head=None,
-                 params=None):
+                 params=None, methods=None):
         import torch
 
         from odin_engine.loading import load_model
@@ -110,7 +110,7 @@ class ScoreBatch:
 
             fitted = load_fit(fit)
         self.scorer = OdinScorer(model, temperature, epsilon, device=device, batch_size=batch_size, head=head,
-                                 fit=fitted, params=params)
+                                 fit=fitted, params=params, methods=methods)
         self.model_id, self.run_id = model_id, run_id
         self.temperature, self.epsilon = float(temperature), float(epsilon)
         self.schema = pa.ipc.read_schema(pa.py_buffer(schema_bytes))

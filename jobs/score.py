@@ -40,7 +40,8 @@ RUN_JSON = "run.json"
 LAYOUT = 2  # 1: Ray Data row checkpoints + one corpus listing per directory; 2: hash buckets, incremental
 PARTITION_ROWS = 131072  # listing rows a plan/commit task holds (whole buckets; at least one)
 IDENTITY = ("schema_version", "layout", "model_id", "mean", "std", "input_size", "resize", "temperature", "epsilon",
-            "head", "fit_id", "params")  # None for runs without --head/--fit/tuned parameters (and older runs)
+            "head", "fit_id", "params", "methods")  # None for runs without --head/--fit/tuned parameters/--methods
+# (and older runs)
 
 
 # --------------------------------------------------------------------------- 1. configuration
@@ -77,6 +78,7 @@ class ScoreConfig:
     object_store_mib: int | None = None  # the scoring pipeline's object-store budget (None: derived)
     fit: str | None = None  # fitted reference statistics (`odin-audit fit`): the fitted methods' columns
     head: str | None = None  # the classifier head's module name (default: found)
+    methods: str | Sequence[str] | None = None  # `--methods`: None = the default set (odin_engine.methods)
 
     def checked(self) -> "ScoreConfig":
         for name, value in (("--input", self.input), ("--output", self.output), ("--model", self.model)):
@@ -101,11 +103,16 @@ class ScoreConfig:
             raise ConfigError(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}; got {self.decode_device!r}")
         if self.run_id is not None and (not str(self.run_id).strip() or len(str(self.run_id)) > 200):
             raise ConfigError(f"--run-id must be a non-empty string of at most 200 characters; got {self.run_id!r}")
+        from odin_engine.methods import parse_methods, require_fit
+
+        methods = parse_methods(self.methods)
+        for m in methods or ():
+            require_fit(m, self.fit is not None, "--methods")
         w = self.weights
         if w and not is_uri(str(w)) and w != "DEFAULT" and not os.path.isfile(w):
             raise ConfigError(f"weights file not found: {w}")
         return dataclasses.replace(self, input=str(self.input), output=str(self.output),
-                                   temperature=temperature, epsilon=epsilon)
+                                   temperature=temperature, epsilon=epsilon, methods=methods)
 
 
 # --------------------------------------------------------------------------- 2. preparation (writes nothing)
@@ -167,7 +174,7 @@ def prepare(cfg: ScoreConfig) -> Prepared:
                         unsafe_pickle=cfg.unsafe_pickle)
     if cfg.tuning:  # a file tuned for another model is refused
         load_tuning(cfg.tuning, expect_model_id=loaded.model_id)
-    fit_id = check_fit(loaded, cfg.fit, cfg.head, cfg.temperature)
+    fit_id = check_fit(loaded, cfg.fit, cfg.head, cfg.temperature, cfg.methods)
     params = json.loads(json.dumps(tuned_params(cfg.tuning))) or None  # the tuned hyperparameters, JSON-shaped
     config = {
         "schema_version": SCHEMA_VERSION, "layout": LAYOUT, "model": cfg.model,
@@ -175,7 +182,7 @@ def prepare(cfg: ScoreConfig) -> Prepared:
         "mean": list(loaded.mean), "std": list(loaded.std), "input_size": loaded.input_size, "resize": cfg.resize,
         "temperature": cfg.temperature, "epsilon": cfg.epsilon, "carried": _carried_spec(source.carried),
         "input": cfg.input, "corpus_kind": source.kind, "head": cfg.head, "fit_id": fit_id, "fit": cfg.fit,
-        "params": params,
+        "params": params, "methods": list(cfg.methods) if cfg.methods else None,
     }
     out = Store(cfg.output)
     lock = RunLock(out.fs, out.path, display=cfg.output)
@@ -216,8 +223,10 @@ def prepare(cfg: ScoreConfig) -> Prepared:
                     existing, existing is None and not entries, run_id, config, started_at)
 
 
-def check_fit(loaded, fit: str | None, head: str | None, temperature: float) -> str | None:
-    """Refuse (exit 2) a --fit of another model/head/T, or a --head the model lacks; the fit's digest or None."""
+def check_fit(loaded, fit: str | None, head: str | None, temperature: float,
+              methods: Sequence[str] | None = None) -> str | None:
+    """Refuse (exit 2) a --fit of another model/head (or T, when ``--methods`` names adascale: its reference
+    Q' was measured at the fit's T), or a --head the model lacks; the fit's digest or None."""
     if fit is None and head is None:
         return None
     import hashlib
@@ -233,7 +242,8 @@ def check_fit(loaded, fit: str | None, head: str | None, temperature: float) -> 
         data = read_bytes(str(fit))
     except OSError as exc:
         raise ConfigError(f"--fit {fit}: cannot read it ({exc}); write one with `odin-audit fit`") from exc
-    FitStats.from_bytes(data, f"--fit {fit}").check_model(loaded.model_id, found.name)
+    FitStats.from_bytes(data, f"--fit {fit}").check_model(loaded.model_id, found.name,
+                                                          temperature if "adascale" in (methods or ()) else None)
     return hashlib.sha256(data).hexdigest()[:16]
 
 
@@ -414,7 +424,7 @@ def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str
     scorer_kwargs = dict(spec=cfg.model, weights=cfg.weights, mean=prep.mean, std=prep.std,
                          input_size=prep.input_size, temperature=cfg.temperature, epsilon=cfg.epsilon,
                          model_id=prep.model_id, run_id=prep.run_id, unsafe_pickle=cfg.unsafe_pickle,
-                         fit=cfg.fit, head=cfg.head, params=prep.config.get("params"))
+                         fit=cfg.fit, head=cfg.head, params=prep.config.get("params"), methods=cfg.methods)
     # without a TTY (cron, Kubernetes, `ray job submit` logs) a timed line; on a TTY Ray Data's bars
     every = cfg.progress_every_s if cfg.verbose and not sys.stdout.isatty() else 0.0
     with ScoringProgress(total, lambda line: _say(prep, line), every) as progress:
@@ -644,6 +654,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     options.add_model_options(parser)
     options.add_odin_options(parser)
     options.add_detector_options(parser)
+    options.add_methods_option(parser)
     options.add_batch_size_option(parser)
     options.add_workers_option(parser)
     parser.add_argument("--run-id", default=None, help="id stored in every row (default: generated; kept on resume)")
@@ -665,7 +676,7 @@ def run(args: argparse.Namespace) -> int:
         decode_cpus=args.decode_cpus, shard_rows=args.shard_rows, unsafe_pickle=args.unsafe_pickle,
         ray_address=args.ray_address, verbose=args.verbose or not args.quiet, ray_verbose=args.verbose,
         decode_device=args.decode_device,
-        object_store_mib=args.object_store_mib, fit=args.fit, head=args.head,
+        object_store_mib=args.object_store_mib, fit=args.fit, head=args.head, methods=args.methods,
     )
     return 0 if result["verification"]["exactly_once"] else 1
 

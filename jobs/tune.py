@@ -112,7 +112,7 @@ def _compare(args, model, heldout, ood, odin_result, progress):
     fit = load_fit(args.fit) if args.fit else None
     t = fit.temperature if fit is not None else args.temperature
     scorer = OdinScorer(model, temperature=t, epsilon=0.0, device=args.device, batch_size=args.batch_size,
-                        head=args.head, fit=fit)
+                        head=args.head, fit=fit, methods=["all"])  # adascale too: tune compares every method
     progress(f"comparing methods {', '.join(scorer.methods)} (one scoring pass per set)")
     return compare_methods(scorer, heldout, ood, args.tpr, odin=odin_result)
 

@@ -48,6 +48,9 @@ class ScoreMethod:
     needs_fit: bool = False
     param: Param | None = None
     citation: str = ""
+    #: costs a pass of its own (AdaSCALE: a forward on its perturbed input): not in the default set,
+    #: computed only when named (``methods=[…]``/``--methods``, the deciding ``--method``, ``tune``)
+    on_request: bool = False
 
     def __post_init__(self):
         if self.fn is None:
@@ -171,13 +174,14 @@ _TENSORS: dict[tuple[int, str, str], Any] = {}
 
 
 def _cached(fit, name: str, device):
-    """``fit.<name>`` as a tensor on ``device``, converted once per fit object."""
+    """``fit.<name>`` as a contiguous float32 tensor on ``device``, prepared once per fit object (the
+    KNN bank: once per scoring actor, not per batch; the methods compute in float32 anyway)."""
     import torch
 
     key = (id(fit), name, str(device))
     t = _TENSORS.get(key)
     if t is None or t[0] is not fit:
-        t = (fit, torch.as_tensor(getattr(fit, name), device=device))
+        t = (fit, torch.as_tensor(getattr(fit, name), dtype=torch.float32, device=device).contiguous())
         if len(_TENSORS) > 64:
             _TENSORS.clear()
         _TENSORS[key] = t
@@ -219,12 +223,42 @@ register(ScoreMethod("adascale", "logsumexp(W·(h·exp(Σrelu(h)/Σ_top-k(x) rel
                      needs_features=True, needs_fit=True,
                      param=Param("p_range", (75.0, 85.0), ((60.0, 70.0), (70.0, 80.0), (75.0, 85.0), (80.0, 90.0),
                                                            (85.0, 95.0), (90.0, 99.0))),
-                     citation="Regmi, 2025"))
+                     citation="Regmi, 2025", on_request=True))
 
 #: the score-table columns, one per built-in method (methods registered later are not in the table)
 TABLE_METHODS: tuple[str, ...] = tuple(REGISTRY)
 FEATURE_METHODS: tuple[str, ...] = tuple(n for n, m in REGISTRY.items() if m.needs_features)
 FITTED_METHODS: tuple[str, ...] = tuple(n for n, m in REGISTRY.items() if m.needs_fit)
+#: computed only when asked for (an extra pass each); the rest is the default set
+ON_REQUEST_METHODS: tuple[str, ...] = tuple(n for n, m in REGISTRY.items() if m.on_request)
+#: ``--methods`` words: ``default`` = every method this model and fit allow but the on-request ones
+#: (they ride in the pass ODIN already runs), ``all`` = every one, AdaSCALE included
+METHOD_SETS = ("default", "all")
+
+
+def parse_methods(spec, flag: str = "--methods") -> tuple[str, ...] | None:
+    """``"default,adascale"`` / ``["all"]`` → the words and names, checked (``ConfigError`` naming
+    ``flag``); ``None``, empty or ``"default"`` alone → ``None`` (the default set)."""
+    if spec is None:
+        return None
+    items = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
+    items = [t for t in items if t]
+    for t in items:
+        if t not in METHOD_SETS and t not in REGISTRY:
+            raise ConfigError(f"{flag}: unknown method {t!r}; give a comma-separated list of "
+                              f"{', '.join(METHOD_SETS)} or method names {sorted(REGISTRY)}")
+    out = tuple(dict.fromkeys(items))
+    return None if out in ((), ("default",)) else out
+
+
+def with_method(spec: tuple[str, ...] | None, method: str | None) -> tuple[str, ...] | None:
+    """``spec`` extended so that ``method`` (the one δ thresholds) is computed: added unless the set
+    already holds it (by name, ``all``, or ``default`` for a method that is not on request)."""
+    if not method:
+        return spec
+    words = spec or ("default",)
+    covered = method in words or "all" in words or ("default" in words and method not in ON_REQUEST_METHODS)
+    return spec if covered else (*words, method)
 
 
 def require_fit(method: str | None, fit_given: bool, flag: str = "--method") -> None:

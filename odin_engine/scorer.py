@@ -20,7 +20,7 @@ from .errors import ConfigError
 from .detectors.features import Head, find_head
 from .detectors.fit import FitStats
 from .detectors.passes import ScoringPass, run_pass
-from .methods import REGISTRY, TABLE_METHODS, get_method
+from .methods import METHOD_SETS, REGISTRY, TABLE_METHODS, get_method, parse_methods
 from .loading import LoadedModel
 from .odin import perturbation_direction, perturbed_scores, baseline_scores
 from .optimize import optimize_for_inference
@@ -53,9 +53,11 @@ class OdinScorer:
     method is not computed). Each image's scores are independent of the batch it rides in.
 
     ``head``: the classifier head's module name (default: found, :func:`find_head`); ``fit``: the
-    reference statistics of the fitted methods; ``methods``: the methods to compute (default:
-    every table method this model and fit allow; naming one that cannot be computed is a
-    ``ConfigError``); ``params``: ``{method: hyperparameter}`` overriding the defaults (``tune``'s choice).
+    reference statistics of the fitted methods; ``methods``: the methods to compute — names and
+    the words ``"default"`` (every table method this model and fit allow except the on-request
+    ones, :data:`~odin_engine.methods.ON_REQUEST_METHODS`: AdaSCALE's extra forward) and ``"all"``
+    (AdaSCALE included); default ``["default"]``; naming one that cannot be computed is a
+    ``ConfigError``. ``params``: ``{method: hyperparameter}`` overriding the defaults (``tune``'s choice).
     """
 
     def __init__(
@@ -89,10 +91,9 @@ class OdinScorer:
         module: nn.Module = copy.deepcopy(model.module).to(self.device)
         self.head: Head | None = None
         self.head_note = ""
-        wanted = list(methods) if methods is not None else None
-        for name in wanted or ():
-            get_method(name)
-        must = head is not None or fit is not None or any(REGISTRY[m].needs_features for m in wanted or ())
+        words = parse_methods(methods, "methods") or ("default",)
+        named = [m for m in words if m not in METHOD_SETS]  # named explicitly: must be computable
+        must = head is not None or fit is not None or any(REGISTRY[m].needs_features for m in named)
         try:
             self.head = find_head(module, model.input_size, head)
         except ConfigError as exc:
@@ -112,21 +113,25 @@ class OdinScorer:
                 bias = sub.bias if sub.bias is not None else torch.zeros(sub.out_features, device=self.device)
                 self.head = Head(self.head.name, sub.weight.detach(), bias.detach())
         if fit is not None:
-            fit.check_model(model.model_id, self.head.name, self.temperature if "adascale" in (wanted or ()) else None)
+            fit.check_model(model.model_id, self.head.name, self.temperature if "adascale" in named else None)
         self.fit = fit
         available = [m for m, meth in REGISTRY.items()
                      if (self.head is not None or not meth.needs_features) and (fit is not None or not meth.needs_fit)
                      and not (m == "adascale" and fit is not None and not fit.same_temperature(self.temperature))]
-        if wanted is None:
-            self.methods = [m for m in TABLE_METHODS if m in available]
-        else:
-            missing = [m for m in wanted if m not in available]
-            if missing:
-                from .methods import require_fit
+        missing = [m for m in named if m not in available]
+        if missing:
+            from .methods import require_fit
 
-                for m in missing:
-                    require_fit(m, fit is not None, "method")
-            self.methods = wanted
+            for m in missing:
+                require_fit(m, fit is not None, "method")
+            raise ConfigError(f"method(s) {missing} cannot be computed with this model and fit")
+        chosen: list[str] = []
+        for w in words:
+            if w in METHOD_SETS:
+                chosen += [m for m in TABLE_METHODS if m in available and (w == "all" or not REGISTRY[m].on_request)]
+            else:
+                chosen.append(w)
+        self.methods = list(dict.fromkeys(chosen))
         self.params = dict(params or {})  # {method: hyperparameter value} (tune's choice); default otherwise
         for name in self.params:
             get_method(name)

@@ -233,7 +233,8 @@ def independent_scores(net: CifarResNet, ref_imgs: np.ndarray, imgs: np.ndarray)
 def _check_parity(net, loaded, ref_imgs, imgs, atol=0.0):
     fit = fit_images(loaded, ref_imgs, temperature=T, bank_size=len(ref_imgs), device="cpu", batch_size=64)
     fit = FitStats.from_bytes(fit.to_bytes())  # what `fit` writes is what scoring reads
-    engine = OdinScorer(loaded, temperature=T, epsilon=0.0014, device="cpu", fit=fit, batch_size=64).score(imgs)
+    engine = OdinScorer(loaded, temperature=T, epsilon=0.0014, device="cpu", fit=fit, batch_size=64,
+                         methods=["all"]).score(imgs)
     expect = independent_scores(net, ref_imgs, imgs)
     assert set(expect) == set(TABLE_METHODS) - {"msp", "max_logit", "energy", "odin"}
     for name, want in expect.items():
@@ -281,3 +282,52 @@ def test_fit_refuses_another_model():
         OdinScorer(_loaded(net), temperature=10.0, device="cpu", fit=fit, methods=["adascale"])
     with pytest.raises(ConfigError, match="odin-audit fit"):
         OdinScorer(_loaded(net), device="cpu", methods=["knn"])
+    other_all = OdinScorer(_loaded(net), temperature=10.0, device="cpu", fit=fit, methods=["all"])
+    assert "knn" in other_all.methods and "adascale" not in other_all.methods  # `all`: what this fit allows
+
+
+def test_default_set_leaves_adascale_to_request_and_scores_do_not_depend_on_the_batch():
+    """The default set is every method but AdaSCALE (its extra forward is paid only when asked for);
+    with it, every image's scores are those it gets alone (batch 1), and ODIN's are those of an
+    ODIN-only scorer."""
+    torch.manual_seed(3)
+    net = CifarResNet(20).eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    rng = np.random.default_rng(3)
+    loaded = _loaded(net)
+    fit = fit_images(loaded, rng.integers(0, 256, (40, 32, 32, 3), np.uint8), temperature=T, device="cpu")
+    imgs = rng.integers(0, 256, (9, 32, 32, 3), np.uint8)
+    default = OdinScorer(loaded, temperature=T, epsilon=0.0014, device="cpu", fit=fit, batch_size=9)
+    assert default.methods == [m for m in TABLE_METHODS if m != "adascale"]
+    assert np.isnan(default.score(imgs[:2])["adascale"]).all()
+    every = OdinScorer(loaded, temperature=T, epsilon=0.0014, device="cpu", fit=fit, batch_size=9,
+                       methods=["default", "adascale"])
+    assert every.methods == list(TABLE_METHODS)
+    assert OdinScorer(loaded, temperature=T, device="cpu", fit=fit, methods=["all"]).methods == list(TABLE_METHODS)
+    batched = every.score(imgs)
+    alone = OdinScorer(loaded, temperature=T, epsilon=0.0014, device="cpu", fit=fit, batch_size=1,
+                       methods=["all"]).score(imgs)
+    for name in TABLE_METHODS:
+        np.testing.assert_allclose(batched[name], alone[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    odin_only = OdinScorer(loaded, temperature=T, epsilon=0.0014, device="cpu", batch_size=9, methods=["odin"])
+    np.testing.assert_allclose(batched["odin"], odin_only.score(imgs)["odin"], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ConfigError, match="unknown method 'nope'"):
+        OdinScorer(loaded, device="cpu", methods=["default", "nope"])
+
+
+def test_methods_words_and_the_deciding_method():
+    from odin_engine.methods import ON_REQUEST_METHODS, parse_methods, with_method
+
+    assert ON_REQUEST_METHODS == ("adascale",)
+    assert parse_methods(None) is None and parse_methods("default") is None and parse_methods(" , ") is None
+    assert parse_methods("default, adascale,adascale") == ("default", "adascale")
+    assert parse_methods(["all"]) == ("all",)
+    with pytest.raises(ConfigError, match="--methods: unknown method 'knnn'"):
+        parse_methods("default,knnn")
+    # audit: the method δ thresholds is computed; an on-request one is added to the set
+    assert with_method(None, "knn") is None
+    assert with_method(None, "adascale") == ("default", "adascale")
+    assert with_method(("all",), "adascale") == ("all",)
+    assert with_method(("odin", "adascale"), "adascale") == ("odin", "adascale")
+    assert with_method(("odin",), "knn") == ("odin", "knn")

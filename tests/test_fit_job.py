@@ -31,6 +31,17 @@ def test_fitted_method_without_fit_exits_2_naming_fit(tmp_path, tiny_model, caps
     assert not (tmp_path / "out").exists()
 
 
+def test_methods_option_is_checked_before_anything_is_written(tmp_path, tiny_model, capsys):
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 3)
+    base = ["score", "--input", str(corpus), "--output", str(tmp_path / "out"), *tiny_model.cli]
+    assert cli([*base, "--methods", "default,knn"]) == 2
+    assert "--methods knn needs fitted reference statistics" in capsys.readouterr().err
+    assert cli([*base, "--methods", "default,nope"]) == 2
+    assert "--methods: unknown method 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_reference_equal_to_heldout_exits_2(tmp_path, tiny_model, capsys):
     base, held = _audit_base(tmp_path, tiny_model)
     assert cli([*base, "--heldout", str(held), "--reference", str(held) + "/", "--method", "knn"]) == 2
@@ -75,8 +86,8 @@ def test_fit_on_a_bucket_then_score_with_it(ray_head, s3_server, s3_bucket, tiny
     make_images(corpus, 5)
     out = tmp_path / "scores"
     proc = subprocess.run([sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out),
-                           *tiny_model.cli, "--fit", fit_uri], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+                           *tiny_model.cli, "--fit", fit_uri, "--methods", "default,adascale"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = ScoreTable.open(str(out)).read().to_pandas()
     assert table[["knn", "vim", "nci", "fdbd", "react", "adascale", "scale", "gen"]].notna().all().all()

@@ -112,7 +112,9 @@ def heldout_scores(heldout: ScoreTable, method: str) -> tuple[np.ndarray, int]:
         from odin_engine.methods import REGISTRY
 
         m = REGISTRY.get(method)
-        why = ("it needs fitted reference statistics: score with --fit FIT (`odin-audit fit`)" if m and m.needs_fit
+        why = (f"it is computed only on request (its own extra forward): score with --fit FIT --methods "
+               f"default,{method}" if m and m.on_request
+               else "it needs fitted reference statistics: score with --fit FIT (`odin-audit fit`)" if m and m.needs_fit
                else "it needs the model's classifier head (see --head)" if m and m.needs_features
                else "those rows were scored without it")
         raise ConfigError(f"{ok.null_count} of {len(ok)} ok held-out rows have no {method} score: {why}")
