@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import posixpath
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -95,6 +96,57 @@ def list_parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
                   and not _hidden(i.path[len(base):] if i.path.startswith(base) else posixpath.basename(i.path)))
 
 
+DELTA_LOG = "_delta_log"  # a folder holding it is a Delta Lake table (docs/table-formats.md)
+
+
+def is_delta_table(fs: pafs.FileSystem, path: str) -> bool:
+    """Whether the folder ``path`` is a Delta table: it has a ``_delta_log/`` folder."""
+    return fs.get_file_info(posixpath.join(path, DELTA_LOG)).type == pafs.FileType.Directory
+
+
+def _delta_storage_options(fs: pafs.FileSystem) -> dict[str, str] | None:
+    """delta-rs's settings for the bucket ``fs`` reaches: the endpoint and region pyarrow resolved
+    (from ``AWS_ENDPOINT_URL``/``AWS_REGION``…); credentials are left to delta-rs's own reading of
+    the same ``AWS_*`` variables."""
+    if not isinstance(fs, pafs.S3FileSystem):
+        return None
+    kw = fs.__reduce__()[1][0]
+    opts = {"AWS_REGION": fs.region} if fs.region else {}
+    endpoint = kw.get("endpoint_override")
+    if endpoint:
+        if "://" not in endpoint:
+            endpoint = f"{kw.get('scheme') or 'https'}://{endpoint}"
+        opts["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            opts["AWS_ALLOW_HTTP"] = "true"
+    for key, name in (("access_key", "AWS_ACCESS_KEY_ID"), ("secret_key", "AWS_SECRET_ACCESS_KEY"),
+                      ("session_token", "AWS_SESSION_TOKEN")):
+        if kw.get(key):
+            opts[name] = kw[key]
+    return opts
+
+
+def _delta_dataset(fs: pafs.FileSystem, path: str, source: str, what: str) -> ds.FileSystemDataset:
+    """The current snapshot of the Delta table at ``path``: exactly the files its log names (a
+    folder glob would also read the files that later commits replaced, until they are vacuumed),
+    read through ``fs`` — the same filesystem and credentials as any other input — in the
+    score schema's types (:func:`_canonical`)."""
+    try:
+        from deltalake import DeltaTable
+    except ImportError as exc:
+        raise ConfigError(f"the {what} at {source} are a Delta table: reading it needs the `tables` extra "
+                          "(pip install 'odin-audit[tables]')") from exc
+    from deltalake.exceptions import DeltaError
+
+    uri = path if isinstance(fs, pafs.LocalFileSystem) else f"{source.split('://', 1)[0]}://{path}"
+    try:
+        table = DeltaTable(uri, storage_options=_delta_storage_options(fs))
+        found = pa.schema(table.schema().to_arrow())
+        return table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, fs), schema=_canonical(found))
+    except DeltaError as exc:  # DeltaProtocolError (deletion vectors, column mapping…), TableNotFoundError…
+        raise ConfigError(f"cannot read the Delta table of the {what} at {source}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class ScoreTable:
     """A score dataset (optionally filtered). Open one with :meth:`open`."""
@@ -103,36 +155,49 @@ class ScoreTable:
     dataset: ds.Dataset = field(repr=False)
     filter: pc.Expression | None = field(default=None, repr=False)
     files: int = 0
+    filter_after_cast: bool = False  # see :meth:`batches`; set for Delta tables
 
     # ---------------------------------------------------------------- open
     @classmethod
     def open(cls, source: str, what: str = "scores") -> "ScoreTable":
         """``source``: a score job's ``--output`` (its ``scores/`` is used), a folder of Parquet files
-        (nested folders fine), or one Parquet file; local or object store."""
+        (nested folders fine), one Parquet file, or a Delta table (its current version; needs the
+        ``tables`` extra); local or object store."""
         from odin_engine.io.store import resolve
 
         fs, path = resolve(str(source))
         try:
             info = fs.get_file_info(path)
-            if info.type == pafs.FileType.Directory and fs.get_file_info(posixpath.join(path, SCORES_DIR)).type \
-                    == pafs.FileType.Directory:
+            delta = info.type == pafs.FileType.Directory and is_delta_table(fs, path)
+            if info.type == pafs.FileType.Directory and not delta and \
+                    fs.get_file_info(posixpath.join(path, SCORES_DIR)).type == pafs.FileType.Directory:
                 path = posixpath.join(path, SCORES_DIR)
+                delta = is_delta_table(fs, path)
+            if delta:  # its log names the files: never globbed (replaced files stay on disk until vacuumed)
+                dataset = _delta_dataset(fs, path, str(source), what)
+                return cls._checked(str(source), dataset, len(dataset.files), filter_after_cast=True)
             if info.type == pafs.FileType.File:
                 files = [path]
             elif info.type == pafs.FileType.Directory:
                 files = list_parquet_files(fs, path)
             else:
-                raise ConfigError(f"{what} not found: {source} (give a score job's --output, or a Parquet dataset)")
+                raise ConfigError(f"{what} not found: {source} (give a score job's --output, a Parquet dataset "
+                                  "or a Delta table)")
             if not files:
-                raise ConfigError(f"no Parquet files in {source} (give a score job's --output, or a Parquet dataset)")
+                raise ConfigError(f"no Parquet files in {source} (give a score job's --output, a Parquet dataset "
+                                  "or a Delta table)")
             first = ds.dataset(files[:1], filesystem=fs, format="parquet").schema
             dataset = ds.dataset(files, filesystem=fs, format="parquet", schema=_canonical(first))
         except (OSError, pa.ArrowInvalid) as exc:
             raise ConfigError(f"cannot read the {what} at {source}: {exc}") from exc
+        return cls._checked(str(source), dataset, len(files))
+
+    @classmethod
+    def _checked(cls, source: str, dataset: ds.Dataset, files: int, filter_after_cast: bool = False) -> "ScoreTable":
         missing = [c for c in REQUIRED_COLUMNS if c not in dataset.schema.names]
         if missing:
             raise ConfigError(f"{source} is not a score table: columns {missing} are missing")
-        return cls(str(source), dataset, None, len(files))
+        return cls(source, dataset, None, files, filter_after_cast)
 
     @classmethod
     def from_table(cls, table: "pa.Table | Any", source: str = "<in memory>") -> "ScoreTable":
@@ -146,7 +211,7 @@ class ScoreTable:
 
     def where(self, expr: pc.Expression) -> "ScoreTable":
         """The rows that also satisfy ``expr``."""
-        return ScoreTable(self.source, self.dataset, expr if self.filter is None else self.filter & expr, self.files)
+        return replace(self, filter=expr if self.filter is None else self.filter & expr)
 
     # ---------------------------------------------------------------- read
     @property
@@ -186,23 +251,40 @@ class ScoreTable:
         projected column chunks of *every row group of a file* before the first batch, so the
         scan held a whole file's columns in pyarrow's pool — memory that grew with the rows per
         file, i.e. with the corpus for a table of a fixed number of files (docs/decision-stage.md).
+
+        With ``filter_after_cast`` (Delta tables) the filter is applied after the scan has cast each
+        file's columns to the table's types: delta-rs writes the files its DML rewrites with
+        ``string_view`` columns, for which pyarrow has no comparison kernels, and a scan filters a
+        file's batches in the file's own types. The scan then reads the filter's columns too.
         """
         kw = dict(batch_readahead=2, fragment_readahead=1,
                   fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False)) \
             if isinstance(self.dataset, ds.FileSystemDataset) else {}
-        scanner = self.dataset.scanner(columns=list(columns) if columns is not None else None,
-                                       filter=self._filter(where), batch_size=batch_size,
-                                       use_threads=False, **kw)
+        names = list(columns) if columns is not None else None
+        flt = self._filter(where)
+        if self.filter_after_cast and flt is not None:
+            wanted = self.columns if names is None else names
+            used = [c for c in self.columns if c in wanted or re.search(rf"(?<![\w]){re.escape(c)}(?![\w])", str(flt))]
+            cast = self.dataset.scanner(columns=used, batch_size=batch_size, use_threads=False, **kw)
+            scanner = ds.Scanner.from_batches(cast.to_batches(), schema=cast.projected_schema, columns=wanted,
+                                              filter=flt, batch_size=batch_size, use_threads=False)
+        else:
+            scanner = self.dataset.scanner(columns=names, filter=flt, batch_size=batch_size, use_threads=False, **kw)
         for batch in scanner.to_batches():
             if batch.num_rows:
                 yield batch
 
     def read(self, columns: Sequence[str] | None = None, where: pc.Expression | None = None) -> pa.Table:
         """The matching rows as one table: for small sets (held-out, labelled OOD), not the corpus."""
-        return self.dataset.to_table(columns=list(columns) if columns is not None else None,
-                                     filter=self._filter(where))
+        names = list(columns) if columns is not None else None
+        if self.filter_after_cast and self._filter(where) is not None:
+            schema = pa.schema([self.schema.field(c) for c in (names if names is not None else self.columns)])
+            return pa.Table.from_batches(list(self.batches(names, where)), schema=schema)
+        return self.dataset.to_table(columns=names, filter=self._filter(where))
 
     def count(self, where: pc.Expression | None = None) -> int:
+        if self.filter_after_cast and self._filter(where) is not None:
+            return sum(b.num_rows for b in self.batches([], where))
         return int(self.dataset.count_rows(filter=self._filter(where)))
 
     # ---------------------------------------------------------------- checks
