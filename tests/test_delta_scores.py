@@ -72,7 +72,12 @@ def _check_current_version(t: ScoreTable, expected: pa.Table, files_on_disk: lis
     assert t.schema.field("image_id").type == pa.string() and t.schema.field("scored_at").type == \
         output_schema().field("scored_at").type
     assert t.fit_id() is None  # Parquet key-value metadata is not kept by Delta
-    assert sum(b.num_rows for b in t.batches(["odin"], pc.field("status") == "ok", batch_size=8)) == 40
+    ok = pc.field("status") == "ok"
+    assert sum(b.num_rows for b in t.batches(["odin"], ok, batch_size=8)) == 40 == t.count(ok)
+    high = t.where(ok & (pc.field("odin") > 100.0))  # the replaced rows' new scores, filtered after the cast
+    assert sorted(high.read(["image_id"]).column(0).to_pylist()) == REPLACED == sorted(
+        r[0] for r in _rows(expected) if r[2] is not None and r[2] > 100)
+    assert high.read().schema == t.schema and high.count() == 10
 
 
 def test_a_local_delta_table_reads_as_its_current_version(tmp_path):

@@ -6,7 +6,9 @@ carried from a manifest). **Any Parquet dataset in this schema is a valid input*
 stage: the score job's ``<output>/scores/``, a DuckDB- or Spark-compacted copy, a filtered
 subset, one file or a tree of folders, local or ``s3://``/``gs://``/``file://``. Files and folders
 whose names start with ``_`` or ``.`` are not part of it (the score job keeps its own state there;
-Spark its ``_SUCCESS``/``.crc`` files).
+Spark its ``_SUCCESS``/``.crc`` files). A **Delta Lake table** (a folder with ``_delta_log/``) is
+read as its current version — the files its log names, never a glob of the folder, which still
+holds replaced files until vacuumed — and needs the ``tables`` extra (deltalake).
 
 :class:`ScoreTable` reads it as a ``pyarrow.dataset``: only the columns asked for, with a filter
 pushed into the scan, in bounded batches — memory does not grow with the table. Settings checks:
@@ -147,6 +149,13 @@ def _delta_dataset(fs: pafs.FileSystem, path: str, source: str, what: str) -> ds
         raise ConfigError(f"cannot read the Delta table of the {what} at {source}: {exc}") from exc
 
 
+def _named_in(column: str, expr: pc.Expression) -> bool:
+    """Whether ``expr`` may refer to ``column`` (its name appears in the expression's text as a
+    whole word): never a false no for the score table's plain names; a false yes (the name inside a
+    string literal) only reads one more column."""
+    return re.search(rf"(?<!\w){re.escape(column)}(?!\w)", str(expr)) is not None
+
+
 @dataclass(frozen=True)
 class ScoreTable:
     """A score dataset (optionally filtered). Open one with :meth:`open`."""
@@ -264,7 +273,7 @@ class ScoreTable:
         flt = self._filter(where)
         if self.filter_after_cast and flt is not None:
             wanted = self.columns if names is None else names
-            used = [c for c in self.columns if c in wanted or re.search(rf"(?<![\w]){re.escape(c)}(?![\w])", str(flt))]
+            used = [c for c in self.columns if c in wanted or _named_in(c, flt)]
             cast = self.dataset.scanner(columns=used, batch_size=batch_size, use_threads=False, **kw)
             scanner = ds.Scanner.from_batches(cast.to_batches(), schema=cast.projected_schema, columns=wanted,
                                               filter=flt, batch_size=batch_size, use_threads=False)
