@@ -263,9 +263,9 @@ class ScoreTable:
 
         With ``filter_after_cast`` (Delta tables) the filter is applied after the scan has cast each
         file's columns to the table's types: delta-rs writes the files its DML rewrites with
-        ``string_view`` columns, for which pyarrow has no comparison kernels, and a scan filters a
-        file's batches in the file's own types. The scan then reads the filter's columns too.
-        """
+        ``string_view`` columns, a scan filters a file's batches in the file's own types, and
+        pyarrow (26) has no kernel comparing ``string_view`` with the filter's ``string`` values
+        (``status == "ok"`` fails). The scan then also reads the filter's columns."""
         kw = dict(batch_readahead=2, fragment_readahead=1,
                   fragment_scan_options=ds.ParquetFragmentScanOptions(pre_buffer=False)) \
             if isinstance(self.dataset, ds.FileSystemDataset) else {}
