@@ -107,9 +107,10 @@ def is_delta_table(fs: pafs.FileSystem, path: str) -> bool:
 
 
 def _delta_storage_options(fs: pafs.FileSystem) -> dict[str, str] | None:
-    """delta-rs's settings for the bucket ``fs`` reaches: the endpoint and region pyarrow resolved
-    (from ``AWS_ENDPOINT_URL``/``AWS_REGION``…); credentials are left to delta-rs's own reading of
-    the same ``AWS_*`` variables."""
+    """delta-rs's settings for the bucket ``fs`` reaches (it reads the table's log; pyarrow reads
+    the data): the endpoint and region pyarrow resolved (from ``AWS_ENDPOINT_URL``/``AWS_REGION``…,
+    taken from the filesystem's pickled options), keys only where pyarrow was given them; otherwise
+    delta-rs reads the same ``AWS_*`` variables itself."""
     if not isinstance(fs, pafs.S3FileSystem):
         return None
     kw = fs.__reduce__()[1][0]
