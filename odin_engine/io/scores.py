@@ -113,7 +113,10 @@ def _delta_storage_options(fs: pafs.FileSystem) -> dict[str, str] | None:
     delta-rs reads the same ``AWS_*`` variables itself."""
     if not isinstance(fs, pafs.S3FileSystem):
         return None
-    kw = fs.__reduce__()[1][0]
+    try:  # pyarrow has no public accessor for these; its pickling carries them as keyword arguments
+        kw = dict(fs.__reduce__()[1][0])
+    except (TypeError, IndexError, KeyError, ValueError):
+        return None  # delta-rs reads the same AWS_* variables pyarrow did
     opts = {"AWS_REGION": fs.region} if fs.region else {}
     endpoint = kw.get("endpoint_override")
     if endpoint:
