@@ -126,8 +126,8 @@ def add_methods_option(parser: argparse.ArgumentParser) -> None:
     """``--methods``: which score columns to compute (odin_engine.methods.parse_methods)."""
     parser.add_argument("--methods", metavar="LIST", default=None,
                         help="comma-separated methods to compute: names and the words `default` (every method the "
-                             "model and --fit allow except adascale, whose extra forward costs ~25%% of ODIN's "
-                             "scoring; the default) and `all` (adascale too), e.g. `default,adascale`; the other "
+                             "model and --fit allow except adascale, whose extra forward makes scoring ~1.33× ODIN's "
+                             "FLOPs; the default) and `all` (adascale too), e.g. `default,adascale`; the other "
                              "columns are null")
 
 

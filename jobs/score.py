@@ -40,8 +40,8 @@ RUN_JSON = "run.json"
 LAYOUT = 2  # 1: Ray Data row checkpoints + one corpus listing per directory; 2: hash buckets, incremental
 PARTITION_ROWS = 131072  # listing rows a plan/commit task holds (whole buckets; at least one)
 IDENTITY = ("schema_version", "layout", "model_id", "mean", "std", "input_size", "resize", "temperature", "epsilon",
-            "head", "fit_id", "params", "methods")  # None for runs without --head/--fit/tuned parameters/--methods
-# (and older runs)
+            "head", "fit_id", "params", "methods")
+# (the last four are None for runs without --head/--fit/tuned parameters/--methods, and for older runs)
 
 
 # --------------------------------------------------------------------------- 1. configuration

@@ -98,12 +98,14 @@ def real_part_missing(part: str, reason: str):
     """
     _MISSING_PARTS.setdefault(part, reason)
     if in_ci():
-        pytest.fail(f"{part} is required under CI=true and could not be started: {reason}", pytrace=False)
-    pytest.skip(f"{part} not available on this machine: {reason}")
+        pytest.fail(f"{part} {_REQUIRED}: {reason}", pytrace=False)
+    pytest.skip(f"{part} {_UNAVAILABLE}: {reason}")
 
 
-_PART_REASON = re.compile(r"^(?:Skipped: |Failed: )?(.{1,60}?) (?:is required under CI=true and could not be "
-                          r"started|not available on this machine): (.*)$")
+# the two messages of real_part_missing, and how the summary reads them back from xdist workers' reports
+_REQUIRED, _UNAVAILABLE = "is required under CI=true and could not be started", "not available on this machine"
+_PART_REASON = re.compile(rf"^(?:Skipped: |Failed: )?(.{{1,60}}?) (?:{re.escape(_REQUIRED)}|"
+                          rf"{re.escape(_UNAVAILABLE)}): (.*)$")
 
 
 def _parts_from_reports(terminalreporter) -> None:
