@@ -148,4 +148,4 @@ def test_without_deltalake_a_delta_table_is_a_configuration_error(tmp_path, monk
     pq.write_table(table(150, prefix="h"), tmp_path / "h.parquet")
     assert cli(["calibrate", "--scores", str(tmp_path / "corpus"), "--heldout-scores", str(tmp_path / "h.parquet"),
                 "--output", str(tmp_path / "cal")]) == 2
-    assert "tables" in capsys.readouterr().err and not (tmp_path / "cal").exists()
+    assert "deltalake" in capsys.readouterr().err and not (tmp_path / "cal").exists()
