@@ -431,6 +431,53 @@ def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tin
     assert_exactly_once(out, {f"img_{i:05d}.png" for i in range(n)})
 
 
+@pytest.mark.slow
+def test_kill_9_between_the_delta_files_and_the_commit_then_rerun(ray_head, tiny_model, tmp_path):
+    """A night (+10 new, 1 changed, 3 gone) killed with SIGKILL as soon as its first new table file
+    exists — after its data files began, before its Delta commit: readers still see the previous
+    version whole (the dead attempt's files are in no version); the same command then commits the
+    night as one version, exactly once."""
+    from deltalake import DeltaTable
+
+    from odin_engine.io.scores import ScoreTable
+
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 40)
+    out = tmp_path / "out"
+    code = ("from jobs.score import score_corpus; "
+            f"score_corpus({str(corpus)!r}, {str(out)!r}, {tiny_model.spec!r}, {tiny_model.weights!r}, "
+            "temperature=1000.0, epsilon=0.0014, batch_size=8, shard_rows=2, partition_rows=4, verbose=False)")
+    first = run_job([sys.executable, "-c", code], ray_head.env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    scores = out / "scores"
+    night_before = sorted(ScoreTable.open(str(out)).read(["image_id"]).column("image_id").to_pylist())
+    files_before = {p.name for p in scores.glob("*.parquet")}
+    make_images(corpus, 10, prefix="new_", seed=5)
+    _new_bytes(corpus / "img_00000.png", seed=11)
+    for i in (1, 2, 3):
+        (corpus / f"img_{i:05d}.png").unlink()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait(lambda: {p.name for p in scores.glob("*.parquet")} - files_before, 300, "the night's first table file")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    table = DeltaTable(str(scores))
+    assert table.version() == 0, "the kill came after the commit: the window was missed"
+    assert sorted(ScoreTable.open(str(out)).read(["image_id"]).column("image_id").to_pylist()) == night_before
+    _wait(lambda: not _map_worker_pids(ray_head), 60, "the killed job's actors to exit")
+    again = run_job([sys.executable, "-c", code], ray_head.env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["verification"]["exactly_once"] and run["attempts"][-1]["table"]["version"] == 1
+    today = {p.name for p in corpus.iterdir()}
+    rows = {r["image_id"]: r for r in assert_exactly_once(out, today).to_pylist()}
+    st = (corpus / "img_00000.png").stat()
+    assert rows["img_00000.png"]["version"] == f"{st.st_size}:{st.st_mtime_ns}"
+    assert DeltaTable(str(scores)).version() == 1  # one version for the night, whatever the kill left
+
+
 # --------------------------------------------------------------------------- the pieces of the exactly-once scheme
 def test_corpus_shards_read_each_block_in_its_own_small_read_unit(tmp_path):
     """A block (``block_rows`` rows: the unit an actor stages) is a plan file's row group; there is
