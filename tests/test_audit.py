@@ -223,7 +223,8 @@ def test_failure_after_scoring_is_not_a_configuration_error(ray_head, data, tmp_
     assert not (out / "calibration.json").exists() and not (out / "flags").exists()
 
 
-def _bucket_audit(root: Path, w: Path, env: dict, put, uri: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def _bucket_audit(root: Path, w: Path, env: dict, put, uri: str, tmp_path: Path, *extra: str
+                  ) -> subprocess.CompletedProcess:
     for name in ("held", "corpus"):
         for p in sorted((root / name).iterdir()):
             put(f"in/{name}/{p.name}", p.read_bytes())
@@ -231,7 +232,7 @@ def _bucket_audit(root: Path, w: Path, env: dict, put, uri: str, tmp_path: Path)
     cwd.mkdir(exist_ok=True)
     env = dict(env, PYTHONPATH=f"{REPO}:{env.get('PYTHONPATH', '')}")
     args = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", f"{uri}/in/corpus", "--heldout", f"{uri}/in/held",
-            "--output", f"{uri}/audit", *_model_args(w), "--quiet"]
+            "--output", f"{uri}/audit", *_model_args(w), "--quiet", *extra]
     first = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
     assert first.returncode == 0, first.stderr[-3000:]
     assert list(cwd.iterdir()) == []
@@ -288,5 +289,8 @@ def test_audit_gcs_to_gcs_creates_nothing_local_and_resumes(ray_head, gcs_server
         with fs.open_output_stream(f"{bucket}/{key}") as fh:
             fh.write(body)
 
-    again = _bucket_audit(root, w, dict(ray_head.env, **gcs_server.env), put, f"gs://{bucket}", tmp_path)
+    # the score tables in the bucket-file layout: delta-rs's GCS client speaks GCS's XML API, which
+    # the emulator lacks (it serves the JSON API pyarrow uses), so the Delta layout is tested on S3
+    again = _bucket_audit(root, w, dict(ray_head.env, **gcs_server.env), put, f"gs://{bucket}", tmp_path,
+                          "--table-format", "buckets")
     _check_bucket_outputs(fs, bucket, again)
