@@ -115,8 +115,17 @@ class FileStats:
     small_files: int  # files below target_bytes / 2
     small_bytes: int
 
+    @classmethod
+    def of(cls, sizes: Sequence[int], target_bytes: int = DEFAULT_TARGET_BYTES) -> "FileStats":
+        """The statistics of files of these ``sizes`` (bytes) against ``target_bytes``."""
+        total = int(sum(sizes))
+        target = min(int(target_bytes), total)
+        small = [int(s) for s in sizes if s < target / 2]
+        return cls(len(sizes), total, target, len(small), sum(small))
+
     @property
     def due(self) -> bool:
+        """:func:`needs_compaction`'s rule."""
         return self.small_files >= 2 and (self.small_files >= SMALL_FILES_MAX or
                                           self.small_bytes >= SMALL_BYTES_SHARE * self.bytes)
 
@@ -128,11 +137,7 @@ def file_sizes(table: Any) -> list[int]:
 
 
 def file_stats(table: Any, target_bytes: int = DEFAULT_TARGET_BYTES) -> FileStats:
-    sizes = file_sizes(table)
-    total = sum(sizes)
-    target = min(int(target_bytes), total)
-    small = [s for s in sizes if s < target / 2]
-    return FileStats(len(sizes), total, target, len(small), sum(small))
+    return FileStats.of(file_sizes(table), target_bytes)
 
 
 def needs_compaction(table: Any, target_bytes: int = DEFAULT_TARGET_BYTES) -> bool:
@@ -176,7 +181,7 @@ def compact(table_uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, *, dry_run
     loc = table_uri if isinstance(table_uri, DeltaLocation) else locate(table_uri)
     dt = loc.open()
     sizes = file_sizes(dt)
-    before = file_stats(dt, target_bytes)
+    before = FileStats.of(sizes, target_bytes)
     cand = [s for s in sizes if s < target_bytes]
     version = dt.version()
     if dry_run:
@@ -205,12 +210,12 @@ class VacuumResult:
     source: str
     files: list[str]  # removed (or, in a dry run, to be removed), relative to the table's folder
     bytes: int
-    retention_hours: float | None
+    retention_hours: int | None
     keep_versions: list[int]
     dry_run: bool
 
 
-def vacuum(table_uri: str, retention_hours: float | None = None, keep_versions: Sequence[int] | None = None, *,
+def vacuum(table_uri: str, retention_hours: int | None = None, keep_versions: Sequence[int] | None = None, *,
            dry_run: bool = False, full: bool = True) -> VacuumResult:
     """Delete the files that no retained version references (delta-rs's ``vacuum``).
 
@@ -232,8 +237,7 @@ def vacuum(table_uri: str, retention_hours: float | None = None, keep_versions: 
         raise ConfigError(f"cannot keep versions {bad} of {loc.source}: its versions are 0..{dt.version()}")
     from deltalake.exceptions import DeltaError
 
-    hours = None if retention_hours is None else int(-(-retention_hours // 1))  # delta-rs takes whole hours
-    kw = dict(retention_hours=hours, enforce_retention_duration=retention_hours is None, full=full,
+    kw = dict(retention_hours=None if retention_hours is None else int(retention_hours), enforce_retention_duration=retention_hours is None, full=full,
               keep_versions=keep or None)
     try:
         listed = dt.vacuum(dry_run=True, **kw)
@@ -384,3 +388,54 @@ def open_delta_version(source: str, as_of: int | str | datetime | date | None = 
                               f"{len(gone)} of its {len(infos)} files (e.g. {gone[0]}); versions kept by "
                               "`vacuum(keep_versions=…)` or younger than its retention stay readable")
     return DeltaSnapshot(loc, version, current, dataset, dt)
+
+
+# --------------------------------------------------------------------------- the tables of an output
+#: Delta tables directly under an output: a score job's ``scores/``; ``flags/`` and ``history/`` once they are Delta
+OUTPUT_TABLES = ("scores", "flags", "history")
+#: an audit's score runs, each its own score-job output with a ``scores/`` table (``ood/<name>/`` too)
+AUDIT_SETS = ("corpus", "heldout")
+
+
+@dataclass(frozen=True)
+class OutputTable:
+    """A Delta table of an output: ``name`` relative to it (``""``: the output is the table) and the
+    output directories whose writers write it (their leases guard it: ``jobs.run_lock``)."""
+
+    name: str
+    location: DeltaLocation
+    owners: tuple[str, ...]
+
+
+def output_tables(output: str) -> list[OutputTable]:
+    """The Delta tables of the output directory ``output`` (local or URI): the output itself when it
+    is one (a ``--history`` location), else ``scores/``, ``flags/``, ``history/`` and, in an audit's
+    output, each score run's ``<set>/scores/`` (``corpus``, ``heldout``, ``ood/<name>``). Folders
+    that are not Delta tables (today's per-bucket Parquet layout) are not listed. ``ConfigError``
+    when ``output`` is not a directory."""
+    fs, path = resolve(str(output))
+    try:
+        kind = fs.get_file_info(path).type
+        if kind != pafs.FileType.Directory:
+            what = "does not exist" if kind == pafs.FileType.NotFound else "is a file, not an output directory"
+            raise ConfigError(f"{output} {what}")
+        root = to_uri(fs, path, str(output))
+        if is_delta_table(fs, path):
+            return [OutputTable("", locate(root), (root,))]
+        found = []
+
+        def add(name: str, owners: tuple[str, ...]) -> None:
+            p = posixpath.join(path, name)
+            if is_delta_table(fs, p):
+                found.append(OutputTable(name, locate(to_uri(fs, p, str(output))), owners))
+
+        for name in OUTPUT_TABLES:
+            add(name, (root,))
+        sets = list(AUDIT_SETS)
+        ood = fs.get_file_info(pafs.FileSelector(posixpath.join(path, "ood"), allow_not_found=True))
+        sets += sorted(f"ood/{posixpath.basename(i.path)}" for i in ood if i.type == pafs.FileType.Directory)
+        for s in sets:
+            add(f"{s}/scores", (root, to_uri(fs, posixpath.join(path, s), str(output))))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {output}: {exc}") from exc
+    return found
