@@ -35,8 +35,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="after compacting, delete the files no version committed in the last H hours "
                              "references (and files no version ever named, e.g. a killed run's); versions older "
                              "than H hours can then no longer be read. Default: no vacuum")
-    parser.add_argument("--keep-version", type=int, action="append", default=None, metavar="V",
-                        help="with --vacuum-hours: keep the files of this table version readable (repeatable)")
+    parser.add_argument("--keep-version", action="append", default=None, metavar="[TABLE=]V",
+                        help="with --vacuum-hours: keep the files of version V readable (repeatable); TABLE names "
+                             "the table as printed (e.g. corpus/scores=12) when the output has several")
     parser.add_argument("--dry-run", action="store_true",
                         help="write nothing: show each table's files, what compaction would consider and what a "
                              "vacuum would delete")
@@ -65,9 +66,34 @@ def _checked(args: argparse.Namespace):
                           "history/ and an audit's corpus/, heldout/, ood/NAME/ scores/): nothing to compact; a "
                           "score table in the per-bucket Parquet layout is not a Delta table")
     require_deltalake(f"compacting the Delta tables of {args.output}")
+    keep = _keep_versions(args.keep_version or [], tables)
     for t in tables:
-        t.location.open()  # readable (protocol, credentials): refused before anything is written
-    return tables, int(args.target_mib * MIB)
+        current = t.location.open().version()  # readable (protocol, credentials): checked before any write
+        bad = [v for v in keep.get(t.name, []) if not 0 <= v <= current]
+        if bad:
+            raise ConfigError(f"--keep-version: {t.name or args.output} has no version {bad}: its versions are "
+                              f"0..{current}")
+    return tables, int(args.target_mib * MIB), keep
+
+
+def _keep_versions(specs: list[str], tables) -> dict[str, list[int]]:
+    """``--keep-version [TABLE=]V`` → ``{table name: [versions]}``; a bare V needs a single table."""
+    names = [t.name for t in tables]
+    keep: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, value = spec.rpartition("=")
+        if not sep:
+            if len(tables) > 1:
+                raise ConfigError(f"--keep-version {spec}: {len(tables)} tables ({', '.join(names)}); name one, "
+                                  f"e.g. --keep-version {names[0]}={spec}")
+            name = names[0]
+        if name not in names:
+            raise ConfigError(f"--keep-version {spec}: no table {name!r}; the tables are {names}")
+        try:
+            keep.setdefault(name, []).append(int(value))
+        except ValueError:
+            raise ConfigError(f"--keep-version {spec}: V must be a version number") from None
+    return keep
 
 
 def run(args: argparse.Namespace) -> int:
@@ -75,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from odin_engine.io.maintenance import compact, vacuum
     from odin_engine.io.store import resolve
 
-    tables, target = _checked(args)
+    tables, target, keep = _checked(args)
     say = (lambda *_: None) if args.quiet else (lambda line: print(f"odin compact: {line}", flush=True))
     owners = list(dict.fromkeys(o for t in tables for o in t.owners))
     leases = [RunLock(*resolve(o), display=o) for o in owners]
@@ -108,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
             if args.vacuum_hours is not None:
                 for lease in held:
                     lease.check_held()
-                v = vacuum(t.location, args.vacuum_hours, args.keep_version, dry_run=args.dry_run)
+                v = vacuum(t.location, args.vacuum_hours, keep.get(t.name), dry_run=args.dry_run)
                 kept = f", keeping versions {v.keep_versions}" if v.keep_versions else ""
                 say(f"{name}: vacuum (older than {args.vacuum_hours} h{kept}): "
                     f"{'would delete' if args.dry_run else 'deleted'} {len(v.files)} files, {_mib(v.bytes)}")

@@ -1,11 +1,13 @@
-"""Audit history: one Parquet row per audit (local and S3), read back sorted; the report's history plot."""
+"""Audit history: a Delta table, one version per audit (local and S3), read back sorted and as of an
+audit; the earlier per-audit files read, and converted by the first append; the report's history plot."""
 
 from __future__ import annotations
 
 import base64
 import json
-import os
+import posixpath
 import re
+import sys
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
@@ -18,8 +20,10 @@ from odin_engine.decide.calibration import calibrate
 from odin_engine.decide.drift import drift_test
 from odin_engine.decide.flagging import prepare, summarize
 from odin_engine.io.scores import ScoreTable
-from odin_engine.decide.history import (HISTORY_SCHEMA, append_history, history_file_name, history_row,
-                                        read_history)
+from odin_engine.decide.history import (CONVERTED_KEY, HISTORY_KEY, HISTORY_SCHEMA, append_history, check_history,
+                                        history_file_name, history_key, history_row, read_history)
+from odin_engine.errors import ConfigError
+from odin_engine.io.maintenance import AUDIT_ID_KEY, locate
 from odin_engine.io.store import Store
 from odin_engine.report.history import history_plot_html
 
@@ -76,24 +80,49 @@ def _append_nights(store: Store, cal: dict, days, ood_day: int | None = 3) -> li
     for day in days:  # written out of order: the reader sorts by time
         doc, drift, per_class = _night(cal, day, ood_share=0.34 if day == ood_day else 0.0)
         rows.append(history_row(doc, cal, drift, per_class))
-        append_history(store, rows[-1])
+        append_history(store, rows[-1], audit_id=f"result-{day}")
     return rows
 
 
-def test_append_and_read_local(tmp_path):
+@pytest.fixture
+def deltalake():
+    try:
+        import deltalake
+    except ImportError:
+        from conftest import real_part_missing
+
+        real_part_missing("tables extra (deltalake)", "deltalake not installed (pip install -e '.[tables]')")
+    return deltalake
+
+
+def _commits(uri: str) -> dict[int, dict]:
+    """The table's commits by version (their metadata), local or S3 (the reader's storage options)."""
+    return {c["version"]: c for c in locate(uri).open().history()}
+
+
+def test_append_and_read_local(tmp_path, deltalake):
     store = Store(str(tmp_path / "history"))
     assert read_history(store).empty and list(read_history(store).columns) == HISTORY_SCHEMA.names
     cal = _calibration()
-    _append_nights(store, cal, [2, 0, 3, 1])
-    names = sorted(os.listdir(tmp_path / "history"))
-    assert len(names) == 4 and all(re.fullmatch(r"audit-\d{8}T\d{6}Z-run_1_x\.parquet", n) for n in names)
+    rows = _append_nights(store, cal, [2, 0, 3, 1])
+    commits = _commits(store.uri())
+    assert sorted(commits) == [0, 1, 2, 3]  # one version per audit, carrying its result id and row key
+    assert [(commits[v][AUDIT_ID_KEY], commits[v][HISTORY_KEY]) for v in range(4)] == \
+        [(f"result-{d}", history_key(r)) for d, r in zip([2, 0, 3, 1], rows)]
     df = read_history(store)
     assert len(df) == 4 and df["finished_at"].is_monotonic_increasing
     assert df["alarm"].tolist() == [False, False, False, True]  # the night with a third OOD images
     assert df.loc[3, "p_value"] < 1e-6 and df.loc[:2, "p_value"].min() > 0.01
-    # each file is a Parquet table in the documented schema, readable without odin-audit
-    t = pq.read_table(tmp_path / "history" / names[0])
-    assert t.schema.equals(HISTORY_SCHEMA, check_metadata=False) and t.num_rows == 1
+    # a Delta table in the documented schema, readable without odin-audit
+    t = deltalake.DeltaTable(store.uri()).to_pyarrow_table()
+    assert t.num_rows == 4 and t.schema.names == HISTORY_SCHEMA.names
+    assert t.cast(HISTORY_SCHEMA).sort_by("finished_at").to_pandas().equals(df)
+    # time travel: the history as the audit of day 0 left it (nights 2 and 0), as version 0 (night 2)
+    assert read_history(store, as_of="result-0")["finished_at"].tolist() == sorted(
+        [rows[1]["finished_at"], rows[0]["finished_at"]])
+    assert len(read_history(store, as_of=0)) == 1
+    append_history(store, rows[2], audit_id="result-3")  # a retried append: not a second row, no new version
+    assert len(read_history(store)) == 4 and sorted(_commits(store.uri())) == [0, 1, 2, 3]
 
 
 def test_a_night_without_ok_images_and_without_alpha(tmp_path):
@@ -107,34 +136,85 @@ def test_a_night_without_ok_images_and_without_alpha(tmp_path):
     assert "<img" in history_plot_html(df)
 
 
-def test_older_files_missing_a_column_still_read(tmp_path):
-    """A file written before a column existed comes back with that column null."""
+def test_older_files_missing_a_column_are_read_and_converted(tmp_path, deltalake):
+    """A per-audit file written before a column existed comes back with that column null, before and
+    after the first Delta append converts the folder."""
     cal = _calibration()
     doc, drift, per_class = _night(cal, 1)
     row = history_row(doc, cal, drift, per_class)
     doc, drift, per_class = _night(cal, 0)
     legacy = pa.Table.from_pylist([history_row(doc, cal, drift, per_class)], schema=HISTORY_SCHEMA)
-    pq.write_table(legacy.drop_columns(["predicted_rate_lo", "predicted_rate_hi"]),
-                   tmp_path / "audit-20261101T023000Z-old.parquet")
-    append_history(Store(str(tmp_path)), row)
+    old = tmp_path / "audit-20261101T023000Z-old.parquet"
+    pq.write_table(legacy.drop_columns(["predicted_rate_lo", "predicted_rate_hi"]), old)
+    first = read_history(Store(str(tmp_path)))
+    assert len(first) == 1 and pd.isna(first.loc[0, "predicted_rate_lo"])
+    append_history(Store(str(tmp_path)), row, audit_id="r1")
     df = read_history(Store(str(tmp_path)))
     assert len(df) == 2 and pd.isna(df.loc[0, "predicted_rate_lo"]) and df.loc[1, "predicted_rate_lo"] > 0
+    commits = _commits(str(tmp_path))
+    assert sorted(commits) == [0, 1] and "1 per-audit Parquet files" in commits[0][CONVERTED_KEY]
+    assert commits[1][AUDIT_ID_KEY] == "r1" and old.is_file()  # the old file is left (no version names it)
+    assert read_history(Store(str(tmp_path)), as_of=0).drop(columns=["predicted_rate_lo", "predicted_rate_hi"]).equals(
+        first.drop(columns=["predicted_rate_lo", "predicted_rate_hi"]))
 
 
-def test_append_and_read_on_s3(s3_server, s3_bucket, monkeypatch):
+def test_append_and_read_on_s3(s3_server, s3_bucket, monkeypatch, deltalake):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     store = Store(f"s3://{s3_bucket}/history/rn20")
     assert read_history(store).empty
     cal = _calibration()
     rows = _append_nights(store, cal, [1, 0])
-    uri = append_history(store, rows[0])  # the same audit again: the same file, not a second row
-    assert uri == f"s3://{s3_bucket}/history/rn20/{history_file_name(rows[0])}"
+    assert append_history(store, rows[0]) == f"s3://{s3_bucket}/history/rn20"  # the same audit again: no second row
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]
             if not o["Key"].endswith("/")]  # pyarrow's create_dir leaves "directory" markers
-    assert sorted(keys) == sorted(f"history/rn20/{history_file_name(r)}" for r in rows)
+    assert sorted(k.rsplit("/", 1)[1] for k in keys if "_delta_log" in k) == ["00000000000000000000.json",
+                                                                            "00000000000000000001.json"]
+    assert len([k for k in keys if k.endswith(".parquet")]) == 2 and not any("audit-" in k for k in keys)
     df = read_history(store)
     assert len(df) == 2 and df["finished_at"].is_monotonic_increasing
+    assert read_history(store, as_of="result-1")["finished_at"].tolist() == [rows[0]["finished_at"]]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_folder_of_per_audit_files_stays_readable_and_the_first_append_converts_it(
+        where, tmp_path, monkeypatch, request, deltalake):
+    """Without the `tables` extra the earlier layout is written (one file per audit); an odin-audit
+    with the extra reads it, and its first append converts it: nothing lost, nothing doubled."""
+    if where == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        for k, v in s3.env.items():
+            monkeypatch.setenv(k, v)
+        store = Store(f"s3://{request.getfixturevalue('s3_bucket')}/history/rn20")
+    else:
+        store = Store(str(tmp_path / "history"))
+    cal = _calibration()
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "deltalake", None)  # `import deltalake` raises ImportError: the earlier layout
+        old = _append_nights(store, cal, [0, 1, 2], ood_day=None)
+        assert sorted(posixpath.basename(i.path) for i in store.listdir()) == sorted(
+            history_file_name(r) for r in old)
+        assert len(read_history(store)) == 3
+    assert len(read_history(store)) == 3  # read with deltalake present, still the per-file layout
+    with pytest.raises(ConfigError, match="not a Delta table .* no versions"):
+        read_history(store, as_of=0)
+    new = _append_nights(store, cal, [3])
+    df = read_history(store)
+    assert df["finished_at"].tolist() == [r["finished_at"] for r in old + new]
+    assert len(read_history(store, as_of=0)) == 3 and len(read_history(store, as_of="result-3")) == 4
+    append_history(store, old[1])  # a row that was one of the converted files: not appended again
+    assert len(read_history(store)) == 4 and len(_commits(store.uri())) == 2
+    with monkeypatch.context() as mp:  # a Delta history needs the extra: refused before anything is written
+        mp.setitem(sys.modules, "deltalake", None)
+        for call in (lambda: check_history(store), lambda: append_history(store, new[0])):
+            with pytest.raises(ConfigError, match=r"odin-audit\[tables\]"):
+                call()
+
+
+def test_a_file_as_history_is_refused(tmp_path):
+    (tmp_path / "h").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        check_history(Store(str(tmp_path / "h")))
 
 
 def _png_of(html_text: str) -> bytes:

@@ -6,7 +6,7 @@ the history is read as one table by anything that reads Delta (pandas/pyarrow th
 Polars, DuckDB, Spark), is never rewritten by an append, takes concurrent appends from two audits
 (delta-rs retries a conflicting append), and can be read as it was after any audit
 (:func:`read_history`'s ``as_of``: a version, a date, an audit id). Appending is idempotent: a row
-whose ``history_key`` (finished time + corpus run id) a version already carries is not appended
+whose :func:`history_key` (finished time + corpus run id) the table already holds is not appended
 again. An append never compacts: one small file per night, merged by ``odin-audit compact --output
 <history>`` (a year of nights is a few MB).
 
@@ -208,7 +208,7 @@ def append_history(store: Store, row: Mapping[str, Any], audit_id: str | None = 
 
     Delta (see the module docstring): one version per audit, committed with ``audit_id`` and the
     row's :func:`history_key`; a folder of per-audit files is converted first; a row whose key is
-    already there is not appended again. Without deltalake: one Parquet file per audit (local: a
+    already in the table is not appended again. Without deltalake: one Parquet file per audit (local: a
     hidden temp file renamed; object stores: one upload), as before."""
     key = history_key(row)
     table = pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA)
@@ -227,10 +227,8 @@ def append_history(store: Store, row: Mapping[str, Any], audit_id: str | None = 
             legacy = _legacy_files(store)
             if legacy:
                 _convert(store, loc, legacy)
-                if key + ".parquet" in {posixpath.basename(f) for f in legacy}:
-                    return store.uri()  # this audit's row was one of the converted files
-        if _is_delta(store) and any(c.get(HISTORY_KEY) == key for c in loc.open().history()):
-            return store.uri()  # appended already (a retried append)
+        if _is_delta(store) and key in _keys(store):
+            return store.uri()  # appended already (a retried append, or a converted file's row)
         meta = {HISTORY_KEY: key, **({AUDIT_ID_KEY: str(audit_id)} if audit_id else {})}
         deltalake.write_deltalake(loc.uri, table, mode="append", schema_mode="merge",
                                   storage_options=loc.storage_options,
@@ -238,6 +236,15 @@ def append_history(store: Store, row: Mapping[str, Any], audit_id: str | None = 
     except DeltaError as exc:
         raise ConfigError(f"cannot append to the history at {store.uri()}: {exc}") from exc
     return store.uri()
+
+
+def _keys(store: Store) -> set[str]:
+    """The :func:`history_key` of every row of the current version (two small columns of a small table)."""
+    from odin_engine.io.maintenance import open_delta_version
+
+    t = open_delta_version(store.uri(), schema=HISTORY_SCHEMA, what="history").dataset.to_table(
+        columns=["finished_at", "corpus_run_id"])
+    return {history_key(r) for r in t.to_pylist()}
 
 
 def _convert(store: Store, loc, files: list[str]) -> None:
