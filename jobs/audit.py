@@ -325,7 +325,7 @@ def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
                 **({"tuning": args.tuning} if args.tuning and not plan.frozen else
                    {"temperature": plan.odin.temperature, "epsilon": plan.odin.epsilon}),
                 batch_size=args.batch_size, workers=args.workers, resize=args.resize,
-                shard_rows=args.shard_rows, object_store_mib=args.object_store_mib, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
+                shard_rows=args.shard_rows, table_format=args.table_format, object_store_mib=args.object_store_mib, unsafe_pickle=args.unsafe_pickle, ray_address=args.ray_address, verbose=not args.quiet,
                 ray_verbose=getattr(args, "verbose", False), print_summary=not args.quiet, head=args.head,
                 # --methods, plus the method δ thresholds when it is computed only on request (adascale)
                 methods=with_method(parse_methods(args.methods), plan.calibration.method),

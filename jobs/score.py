@@ -26,6 +26,8 @@ from odin_engine.decide.tuning import load_tuning, resolve_settings, tuned_param
 from odin_engine.errors import ConfigError
 from odin_engine.io.corpus import CorpusSource, duplicate_error, empty_error, open_corpus
 from odin_engine.io.images import RESIZE_POLICIES
+from odin_engine.io.delta import (ATTEMPT_KEY, RUN_ID_KEY, DeltaLocation, add_action, commit as commit_version,
+                                  remove_action, version_files)
 from odin_engine.io.scores import FIT_ID_KEY, SCHEMA_VERSION, output_schema
 from odin_engine.io.store import Store, is_uri
 
@@ -33,12 +35,13 @@ from jobs import shards
 from jobs.options import DECODE_DEVICES
 from jobs.progress import PROGRESS_EVERY_S, ScoringProgress
 from jobs.run_lock import LOCK_FILE, RunLock
-from jobs.shards import LISTING_DIR, PLAN_DIR, SCORES_DIR, STAGING_DIR
+from jobs.shards import COMMIT_DIR, LISTING_DIR, PLAN_DIR, SCORES_DIR, STAGING_DIR
 
 JOB_FILE = "_odin_job.json"  # the model + settings this output directory belongs to, and its bucket layout
 RUN_JSON = "run.json"
 LAYOUT = 2  # 1: Ray Data row checkpoints + one corpus listing per directory; 2: hash buckets, incremental
 PARTITION_ROWS = 131072  # listing rows a plan/commit task holds (whole buckets; at least one)
+TABLE_FORMATS = ("delta", "buckets")  # scores/ as a Delta table (default), or one Parquet file per bucket (before 23)
 IDENTITY = ("schema_version", "layout", "model_id", "mean", "std", "input_size", "resize", "temperature", "epsilon",
             "head", "fit_id", "params", "methods")
 # (the last four are None for runs without --head/--fit/tuned parameters/--methods, and for older runs)
@@ -79,6 +82,7 @@ class ScoreConfig:
     fit: str | None = None  # fitted reference statistics (`odin-audit fit`): the fitted methods' columns
     head: str | None = None  # the classifier head's module name (default: found)
     methods: str | Sequence[str] | None = None  # `--methods`: None = the default set (odin_engine.methods)
+    table_format: str | None = None  # `--table-format`: a new output's score table (None: the output's, else delta)
 
     def checked(self) -> "ScoreConfig":
         for name, value in (("--input", self.input), ("--output", self.output), ("--model", self.model)):
@@ -99,6 +103,8 @@ class ScoreConfig:
         for name, value in (("--cpus-per-worker", self.cpus_per_worker), ("--decode-cpus", self.decode_cpus)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ConfigError(f"{name} must be a number > 0; got {value!r}")
+        if self.table_format is not None and self.table_format not in TABLE_FORMATS:
+            raise ConfigError(f"--table-format must be one of {', '.join(TABLE_FORMATS)}; got {self.table_format!r}")
         if self.decode_device not in DECODE_DEVICES:
             raise ConfigError(f"--decode-device must be one of {', '.join(DECODE_DEVICES)}; got {self.decode_device!r}")
         if self.run_id is not None and (not str(self.run_id).strip() or len(str(self.run_id)) > 200):
@@ -209,6 +215,10 @@ def prepare(cfg: ScoreConfig) -> Prepared:
             raise ConfigError(f"{cfg.output!r} holds scores whose carried manifest columns were {old.get('carried')}; "
                               f"today's corpus has {config['carried']}. Keep the label/split columns (and their "
                               "types) of the first run, or use a new --output directory.")
+        fmt = table_format(existing)
+        if cfg.table_format is not None and cfg.table_format != fmt:
+            raise ConfigError(f"{cfg.output!r} keeps its scores as {fmt!r} (its {JOB_FILE}), not "
+                              f"--table-format {cfg.table_format}: drop the option to continue it, or use a new --output")
         if run_id is not None and run_id != existing.get("run_id"):
             raise ConfigError(f"{cfg.output!r} belongs to run_id {existing.get('run_id')!r}, not {run_id!r}: "
                               "drop --run-id to resume it, or use a new --output directory")
@@ -221,6 +231,14 @@ def prepare(cfg: ScoreConfig) -> Prepared:
         run_id = str(run_id) if run_id else _default_run_id()
     return Prepared(cfg, loaded.model_id, list(loaded.mean), list(loaded.std), loaded.input_size, source, out, lock,
                     existing, existing is None and not entries, run_id, config, started_at)
+
+
+def table_format(job: dict | None, requested: str | None = None) -> str:
+    """The score table's format of an output: its job file's ``layout.format`` (outputs written
+    before issue 23 have none: ``buckets``), or for a new output ``requested`` (default ``delta``)."""
+    if job is None:
+        return requested or "delta"
+    return str(job.get("layout", {}).get("format", "buckets"))
 
 
 def check_fit(loaded, fit: str | None, head: str | None, temperature: float,
@@ -390,8 +408,12 @@ def plan(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) 
 
     out = prep.out
     parts = _partitions(n_buckets, listing["listed"], prep.cfg.partition_rows)
-    committed, stray = _scan_scores(out, n_buckets)
+    delta = table_format(prep.existing, prep.cfg.table_format) == "delta"
+    committed = {} if delta else _scan_scores(out, n_buckets)[0]
     per = _by_partition(parts, committed, _scan_staging(out))
+    if delta:  # every task gets the version's file list and picks the files of its range
+        version = ray.put(_current_version(prep)[1])
+        per = [(version, staged) for _, staged in per]
     out.fs.create_dir(out.p(PLAN_DIR, attempt), recursive=True)
     chunks = ray.put(listing["chunks"])
     schema = prep.source.schema
@@ -437,6 +459,89 @@ def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str
     return {**totals, "object_store_mib": round(budget / 2**20, 1)}
 
 
+def _table_schema(prep: Prepared) -> pa.Schema:
+    """The Delta score table's schema: the score schema and each row's hash ``bucket``."""
+    return prep.schema().append(pa.field("bucket", pa.int64()))
+
+
+def _current_version(prep: Prepared):
+    """``(DeltaTable, VersionFiles)`` of the score table's current version; ``(None, None)`` before the first commit."""
+    loc = DeltaLocation(prep.out.fs, prep.out.p(SCORES_DIR))
+    if not loc.exists():
+        return None, None
+    table = loc.open(what="scores")
+    return table, shards.VersionFiles(version_files(loc, table, "bucket"), _table_schema(prep))
+
+
+def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) -> dict[str, Any]:
+    """One Delta version for the night (``jobs.table_commit``): range tasks write the new rows and
+    record the removed ones, file tasks rewrite the touched files, the driver commits both, then
+    verification tasks check the new version range by range; counts only."""
+    import ray
+
+    from jobs import table_commit
+    from jobs.pipeline import run_tasks
+
+    out = prep.out
+    loc = DeltaLocation(out.fs, out.p(SCORES_DIR))
+    parts = _partitions(n_buckets, listing["listed"], prep.cfg.partition_rows)
+    base, version = _current_version(prep)
+    staged = _scan_staging(out)
+    per = _by_partition(parts, {}, staged)
+    work = out.p(COMMIT_DIR, attempt)
+    out.fs.create_dir(work, recursive=True)
+    out.fs.create_dir(loc.path, recursive=True)
+    schema = _table_schema(prep)
+    constants = {"temperature": prep.cfg.temperature, "epsilon": prep.cfg.epsilon, "model_id": prep.model_id,
+                 "run_id": prep.run_id}
+    chunks, vref = ray.put(listing["chunks"]), ray.put(version)
+    calls = [(out.fs, loc.path, prep.source.schema, chunks, n_buckets, lo, hi, vref, per[k][1], schema, constants,
+              f"part-{attempt}-{k:06d}.parquet", posixpath.join(work, f"r{k:06d}.parquet"))
+             for k, (lo, hi) in enumerate(parts)]
+    entries, removals, removal_files = [], {}, []
+    totals: dict[str, Any] = dict.fromkeys(("listed", "written_rows", "kept_rows", "from_staging", "dropped",
+                                            "torn_staging"), 0)
+    for res in run_tasks(table_commit.commit_range, calls):
+        for k in totals:
+            totals[k] += res[k]
+        if res["entry"]:
+            entries.append(res["entry"])
+        if res.get("removals_file"):
+            removal_files.append(res["removals_file"])
+        for path, n in res["removals"].items():
+            removals[path] = removals.get(path, 0) + n
+    rows_of = {f.path: f for f in version.files} if version else {}
+    emptied = [p for p, n in removals.items() if rows_of[p].rows is not None and n >= rows_of[p].rows]
+    rewrites = [(out.fs, loc.path, path, removal_files, schema, f"part-{attempt}-w{i:06d}.parquet")
+                for i, path in enumerate(sorted(set(removals) - set(emptied)))]
+    entries += list(run_tasks(table_commit.rewrite_file, rewrites))
+    prep.lock.check_held()  # a run that lost its lease commits nothing
+    adds = [add_action(e) for e in entries]
+    removes = [remove_action(loc, p, rows_of[p].size) for p in sorted(removals)]
+    settings = {k.decode(): v.decode() for k, v in prep.schema().metadata.items()
+                if k.decode() not in ("odin.run_id", "odin.versions")}
+    settings["odin.run_id"] = prep.run_id
+    new_version = base.version() if base is not None else None
+    if adds or removes:
+        new_version = commit_version(loc, schema, adds, removes, base=base, settings=settings,
+                             metadata={RUN_ID_KEY: prep.run_id, ATTEMPT_KEY: attempt})
+    # verification: the committed version, range by range, against today's listing
+    after = ray.put(_current_version(prep)[1])
+    checks = dict.fromkeys(("rows", "ok", "error", "duplicates", "missing", "unexpected"), 0)
+    for res in run_tasks(table_commit.verify_range, [(out.fs, prep.source.schema, chunks, n_buckets, lo, hi, after)
+                                                      for lo, hi in parts]):
+        for k in checks:
+            checks[k] += res[k]
+    for _, _, path in staged:  # every staged row is in the version now (or its image is no longer listed)
+        out.fs.delete_file(path)
+    _delete_tree(out, COMMIT_DIR)
+    if out.exists(STAGING_DIR) and not out.listdir(STAGING_DIR):
+        out.fs.delete_dir(out.p(STAGING_DIR))
+    kept = len(rows_of) - len(removals)
+    return {**totals, **checks, "written": len(adds), "unchanged": kept, "deleted": len(removes),
+            "rewritten": len(rewrites), "table_version": new_version, "stray_files": 0, "stray_examples": []}
+
+
 def commit(prep: Prepared, listing: dict[str, Any], n_buckets: int) -> dict[str, Any]:
     """Commit tasks (one per bucket range): each bucket's new file where it changed, verified; counts only."""
     import ray
@@ -476,7 +581,7 @@ def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
     """List → plan → score → commit under the lease; returns the attempt's aggregates."""
     out, cfg = prep.out, prep.cfg
     attempt = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    for leftover in (LISTING_DIR, PLAN_DIR):  # dead attempts' (this run holds the lease): never this one's
+    for leftover in (LISTING_DIR, PLAN_DIR, COMMIT_DIR):  # dead attempts' (this run holds the lease): never this one's
         _delete_other_attempts(out, leftover, attempt)
     t = time.time()
     listing = list_corpus(prep.source, out, attempt)
@@ -493,7 +598,8 @@ def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
     prep.lock.check_held()
     if prep.existing is None:  # the job file = this directory is a run (written once, before any score)
         prep.existing = {"run_id": prep.run_id, "config": prep.config, "created_at": prep.started_at,
-                         "layout": {"buckets": n_buckets, "hash": shards.HASH, "shard_rows": cfg.shard_rows}}
+                         "layout": {"buckets": n_buckets, "hash": shards.HASH, "shard_rows": cfg.shard_rows,
+                                    "format": table_format(None, cfg.table_format)}}
         out.write_json(JOB_FILE, prep.existing)
     _say(prep, f"{planned['todo']} to score ({planned['new']} new, {planned['changed']} changed, "
                f"{planned['retried']} retried), {planned['reused']} already done; {n_buckets} buckets "
@@ -505,7 +611,10 @@ def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
     t_score = time.time() - t
     prep.lock.check_held()  # a run that lost its lease commits nothing
     t = time.time()
-    committed = commit(prep, listing, n_buckets)
+    if table_format(prep.existing) == "delta":
+        committed = commit_delta(prep, listing, n_buckets, attempt)
+    else:
+        committed = commit(prep, listing, n_buckets)
     t_commit = time.time() - t
     for done in (LISTING_DIR, PLAN_DIR):
         _delete_other_attempts(out, done, None)
@@ -536,6 +645,12 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
         "listing_errors": stats["listing"]["listing_errors"],
         "buckets": {"total": stats["n_buckets"], "written": c["written"], "unchanged": c["unchanged"],
                     "deleted": c["deleted"], "ranges": p["partitions"]},
+        # a Delta table: the version this attempt committed (None: nothing changed), its files
+        # added (new rows and rewrites), rewritten, removed and kept, and its rows written and kept
+        **({"table": {"format": "delta", "version": c["table_version"], "files_added": c["written"],
+                      "files_rewritten": c["rewritten"], "files_removed": c["deleted"],
+                      "files_kept": c["unchanged"], "rows_written": c["written_rows"],
+                      "rows_kept": c["kept_rows"]}} if "table_version" in c else {}),
         "staging": {"files_written": stats["scored"]["files"], "rows_committed": c["from_staging"],
                     "torn_files": c.get("torn_staging", 0)},
         **{k: round(v, 3) for k, v in d.items()},
@@ -558,7 +673,9 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
         "counts": {"ok": c["ok"], "error": c["error"], "total": c["rows"]},
         "verification": {"listed": listed, "rows": c["rows"], "duplicates": c["duplicates"], "missing": c["missing"],
                          "unexpected": c["unexpected"], "stray_files": c["stray_examples"],
-                         "checked_in": "commit tasks, bucket by bucket", "exactly_once": exactly_once},
+                         "checked_in": ("verification tasks over the committed Delta version, bucket range by "
+                                        "bucket range" if "table_version" in c else "commit tasks, bucket by bucket"),
+                         "exactly_once": exactly_once},
         "durations": {"this_attempt_s": attempt["total_s"], "pipeline_s": attempt["pipeline_s"]},
         "images_per_s": attempt["images_per_s"],
         "attempts": list(previous.get("attempts", [])) + [attempt],
@@ -677,6 +794,7 @@ def run(args: argparse.Namespace) -> int:
         ray_address=args.ray_address, verbose=args.verbose or not args.quiet, ray_verbose=args.verbose,
         decode_device=args.decode_device,
         object_store_mib=args.object_store_mib, fit=args.fit, head=args.head, methods=args.methods,
+        table_format=args.table_format,
     )
     return 0 if result["verification"]["exactly_once"] else 1
 

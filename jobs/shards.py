@@ -37,11 +37,13 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from odin_engine.io.corpus import LISTING_ERROR
+from odin_engine.io.delta import FileRange
 from odin_engine.io.failures import RETRYABLE_PREFIXES  # error rows attempted again on a rerun
 
 SCORES_DIR = "scores"
 LISTING_DIR = "_listing"  # this attempt's listing chunks (deleted at the end)
 PLAN_DIR = "_plan"  # this attempt's rows to score (deleted at the end)
+COMMIT_DIR = "_commit"  # a Delta commit's removal lists (deleted once the version is verified)
 STAGING_DIR = "_staging"  # scored rows not yet committed (kept across attempts until committed)
 HASH = "blake2b-64(image_id utf-8), big-endian; bucket = h // ceil(2**64 / buckets)"
 CHUNK_ROWS = 262144  # listing rows per chunk file
@@ -101,14 +103,14 @@ def is_retryable(status: pa.ChunkedArray | pa.Array, error: pa.ChunkedArray | pa
 
 
 # --------------------------------------------------------------------------- atomic files
-def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
+def write_parquet_atomic(fs: pafs.FileSystem, path: str, table: pa.Table, **kwargs: Any) -> None:
     """Write-then-rename on a local disk; a single object (PUT/multipart completion) on an object store."""
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(table, tmp, filesystem=fs)
+        pq.write_table(table, tmp, filesystem=fs, **kwargs)
         os.replace(tmp, path)
     else:
-        pq.write_table(table, path, filesystem=fs)
+        pq.write_table(table, path, filesystem=fs, **kwargs)
 
 
 # --------------------------------------------------------------------------- listing chunks
@@ -195,6 +197,37 @@ def read_staged(fs: pafs.FileSystem, files: list[str], lo: int, hi: int, columns
     return table.sort_by("bucket"), torn
 
 
+@dataclass(frozen=True)
+class VersionFiles:
+    """The data files of the Delta version a run reads (each with its ``bucket`` range), and the
+    table's schema."""
+
+    files: list[FileRange]
+    schema: pa.Schema
+
+
+def read_committed(fs: pafs.FileSystem, committed: "dict[int, str] | VersionFiles | None", lo: int, hi: int,
+                   columns: list[str], with_file: bool = False) -> pa.Table | None:
+    """The committed rows of buckets ``[lo, hi)`` (``columns``; ``with_file`` adds ``__filename``):
+    from the bucket files (``{bucket: file}``), or from a Delta version's files (their ``bucket``
+    column's range from the log's statistics picks the files, row-group statistics the row groups)."""
+    if committed is None:  # a Delta table before its first version
+        return None
+    if isinstance(committed, dict):
+        parts = [_read_keys(fs, committed[b], []) if columns == list(KEY_COLUMNS)
+                 else pq.read_table(committed[b], filesystem=fs, columns=columns)
+                 for b in range(lo, hi) if b in committed]
+        return pa.concat_tables(parts, promote_options="permissive") if parts else None
+    files = [f.path for f in committed.files if f.overlaps(lo, hi)]
+    if not files:
+        return None
+    # the table's schema: files that delta-rs rewrote (compaction) hold string_view columns
+    dataset = pads.dataset(files, filesystem=fs, format="parquet", schema=committed.schema)
+    names = [*columns, "__filename"] if with_file else columns
+    table = dataset.to_table(columns=names, filter=(pc.field("bucket") >= lo) & (pc.field("bucket") < hi))
+    return table if table.num_rows else None
+
+
 def _read_keys(fs: pafs.FileSystem, path: str, extra: list[str]) -> pa.Table:
     return pq.read_table(path, filesystem=fs, columns=[*KEY_COLUMNS, *extra])
 
@@ -239,7 +272,7 @@ def classify(listing: pa.Table, prior: pa.Table | None) -> dict[str, np.ndarray]
 
 
 def plan_partition(fs: pafs.FileSystem, root: str, listing_schema: pa.Schema, chunks: list[str], n_buckets: int,
-                   lo: int, hi: int, committed: dict[int, str], staged: list[str], plan_path: str,
+                   lo: int, hi: int, committed: "dict[int, str] | VersionFiles | None", staged: list[str], plan_path: str,
                    block_rows: int = 1 << 20) -> dict[str, Any]:
     """Buckets ``[lo, hi)``: write the rows to score to ``plan_path`` (row groups of ``block_rows``:
     the scoring pipeline's blocks); return counts (and duplicate ids)."""
@@ -250,9 +283,9 @@ def plan_partition(fs: pafs.FileSystem, root: str, listing_schema: pa.Schema, ch
     if n_dups:
         return {"duplicates": shown, "n_duplicates": n_dups}
     priors = []
-    for b in range(lo, hi):
-        if b in committed:
-            priors.append(_read_keys(fs, committed[b], []).select(list(KEY_COLUMNS)))
+    cur = read_committed(fs, committed, lo, hi, list(KEY_COLUMNS))
+    if cur is not None:
+        priors.append(cur.select(list(KEY_COLUMNS)))
     st, torn = read_staged(fs, staged, lo, hi, list(KEY_COLUMNS))
     if st is not None:
         priors.append(st.select(list(KEY_COLUMNS)))

@@ -49,7 +49,10 @@ def _model_args(w: Path) -> list[str]:
 
 
 def _scores(d: Path) -> pd.DataFrame:
-    return pd.concat([pd.read_parquet(f) for f in sorted((d / "scores").glob("*.parquet"))], ignore_index=True)
+    """A score run's current rows (its Delta table's version: never a glob of the folder)."""
+    from deltalake import DeltaTable
+
+    return DeltaTable(str(d / "scores")).to_pandas()
 
 
 @pytest.mark.slow

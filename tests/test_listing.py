@@ -210,7 +210,9 @@ def test_score_over_a_hostile_tree(ray_head, tiny_model, tmp_path):
             "--batch-size", "16", "--shard-rows", "20"]
     proc = subprocess.run(args, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    t = pq.ParquetDataset(sorted((out / "scores").glob("*.parquet"))).read()
+    from odin_engine.io.scores import ScoreTable
+
+    t = ScoreTable.open(str(out)).read()
     ids = t.column("image_id").to_pylist()
     assert len(ids) == len(set(ids)) == 55
     rows = {r["image_id"]: r for r in t.to_pylist()}

@@ -124,18 +124,20 @@ def test_a_batch_that_fails_to_score_is_scored_image_by_image(tmp_path):
 # --------------------------------------------------------------------------- exactly-once failure → exit 1
 @pytest.mark.slow
 def test_a_run_that_fails_its_exactly_once_check_exits_1(ray_head, tmp_path, tiny_model):
-    """Real state, real command: score a corpus, then put a second copy of a committed score file
-    beside it (as a botched copy or sync would); rerunning the same command must refuse the output
-    as not exactly-once — exit 1, run.json saying why — rather than report success."""
+    """Real state, real command, the bucket-file layout (``--table-format buckets``, where every file
+    in ``scores/`` is part of the table): score a corpus, then put a second copy of a committed score
+    file beside it (as a botched copy or sync would); rerunning the same command must refuse the
+    output as not exactly-once — exit 1, run.json saying why — rather than report success."""
     corpus = tmp_path / "corpus"
     make_images(corpus, 12)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out), *tiny_model.cli,
-           "--batch-size", "4", "--workers", "1"]
+           "--batch-size", "4", "--workers", "1", "--table-format", "buckets"]
     env = ray_head.env  # the session's cluster: which cluster is not the point here
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert json.loads((out / "run.json").read_text())["verification"]["exactly_once"] is True
+    assert json.loads((out / "_odin_job.json").read_text())["layout"]["format"] == "buckets"
     committed = sorted(p for p in (out / "scores").rglob("*.parquet") if not p.name.startswith((".", "_")))
     assert committed
     shutil.copyfile(committed[0], committed[0].with_name("copy-of-" + committed[0].name))
@@ -148,3 +150,38 @@ def test_a_run_that_fails_its_exactly_once_check_exits_1(ray_head, tmp_path, tin
     assert any("copy-of-" in f for f in run["verification"]["stray_files"]), run["verification"]
     assert copied == 12 and run["verification"]["rows"] == 12  # the buckets themselves still hold each image once
     assert "exactly once: False" in second.stdout + second.stderr
+
+
+@pytest.mark.slow
+def test_a_delta_score_table_ignores_stray_files_and_heals_rows_another_writer_duplicated(ray_head, tmp_path,
+                                                                                         tiny_model):
+    """The Delta layout (the default): a file copied into ``scores/`` is in no version, so no reader
+    of the table sees it; rows another writer appended a second time *are* in the table — the
+    next run keeps one row per image, removes the copies in its one version, and verifies."""
+    from deltalake import DeltaTable, write_deltalake
+
+    from odin_engine.io.scores import ScoreTable
+
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 12)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out), *tiny_model.cli,
+           "--batch-size", "4", "--workers", "1"]
+    first = subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    scores = out / "scores"
+    some = sorted(p for p in scores.glob("*.parquet"))[0]
+    shutil.copyfile(some, scores / ("copy-of-" + some.name))
+    assert ScoreTable.open(str(out)).count() == 12  # the stray copy is no part of the table
+    table = DeltaTable(str(scores))
+    write_deltalake(str(scores), pa.table(table.to_pyarrow_dataset().to_table()), mode="append")  # a botched append
+    assert ScoreTable.open(str(out)).count() == 24
+    second = subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    att = run["attempts"][-1]
+    assert run["verification"]["exactly_once"] is True and run["verification"]["rows"] == 12
+    assert att["scored"] == 0 and att["table"]["rows_kept"] == 12 and att["table"]["rows_written"] == 0
+    ids = ScoreTable.open(str(out)).read(["image_id"]).column("image_id").to_pylist()
+    assert sorted(ids) == sorted(p.name for p in corpus.iterdir())
+    assert DeltaTable(str(scores)).version() == 2  # first run, the botched append, the healing run

@@ -31,6 +31,7 @@ import pyarrow.dataset as ds
 from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
+from odin_engine.io.delta import is_delta_table
 from odin_engine.methods import TABLE_METHODS
 
 SCHEMA_VERSION = 1
@@ -98,58 +99,23 @@ def list_parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
                   and not _hidden(i.path[len(base):] if i.path.startswith(base) else posixpath.basename(i.path)))
 
 
-DELTA_LOG = "_delta_log"  # a folder holding it is a Delta Lake table (docs/table-formats.md)
-
-
-def is_delta_table(fs: pafs.FileSystem, path: str) -> bool:
-    """Whether the folder ``path`` is a Delta table: it has a ``_delta_log/`` folder."""
-    return fs.get_file_info(posixpath.join(path, DELTA_LOG)).type == pafs.FileType.Directory
-
-
-def _delta_storage_options(fs: pafs.FileSystem) -> dict[str, str] | None:
-    """delta-rs's settings for the bucket ``fs`` reaches (it reads the table's log; pyarrow reads
-    the data): the endpoint and region pyarrow resolved (from ``AWS_ENDPOINT_URL``/``AWS_REGION``…,
-    taken from the filesystem's pickled options), keys only where pyarrow was given them; otherwise
-    delta-rs reads the same ``AWS_*`` variables itself."""
-    if not isinstance(fs, pafs.S3FileSystem):
-        return None
-    try:  # pyarrow has no public accessor for these; its pickling carries them as keyword arguments
-        kw = dict(fs.__reduce__()[1][0])
-    except (TypeError, IndexError, KeyError, ValueError):
-        return None  # delta-rs reads the same AWS_* variables pyarrow did
-    opts = {"AWS_REGION": fs.region} if fs.region else {}
-    endpoint = kw.get("endpoint_override")
-    if endpoint:
-        if "://" not in endpoint:
-            endpoint = f"{kw.get('scheme') or 'https'}://{endpoint}"
-        opts["AWS_ENDPOINT_URL"] = endpoint
-        if endpoint.startswith("http://"):
-            opts["AWS_ALLOW_HTTP"] = "true"
-    for key, name in (("access_key", "AWS_ACCESS_KEY_ID"), ("secret_key", "AWS_SECRET_ACCESS_KEY"),
-                      ("session_token", "AWS_SESSION_TOKEN")):
-        if kw.get(key):
-            opts[name] = kw[key]
-    return opts
-
-
 def _delta_dataset(fs: pafs.FileSystem, path: str, source: str, what: str) -> ds.FileSystemDataset:
     """The current snapshot of the Delta table at ``path``: exactly the files its log names (a
     folder glob would also read the files that later commits replaced, until they are vacuumed),
     read through ``fs`` — the same filesystem and credentials as any other input — in the
-    score schema's types (:func:`_canonical`)."""
-    try:
-        from deltalake import DeltaTable
-    except ImportError as exc:
-        raise ConfigError(f"the {what} at {source} are a Delta table: reading it needs the `tables` extra "
-                          "(pip install 'odin-audit[tables]')") from exc
+    score schema's types (:func:`_canonical`), with the settings the score job stored in the table
+    (``odin.*``, :func:`odin_engine.io.delta.settings_of`) as the schema's metadata."""
+    from odin_engine.io.delta import DeltaLocation, settings_of
+
+    table = DeltaLocation(fs, path).open(what=what)
     from deltalake.exceptions import DeltaError
 
-    uri = path if isinstance(fs, pafs.LocalFileSystem) else f"{source.split('://', 1)[0]}://{path}"
     try:
-        table = DeltaTable(uri, storage_options=_delta_storage_options(fs))
         found = pa.schema(table.schema().to_arrow())
+        found = found.with_metadata({**(found.metadata or {}), **{k.encode(): v.encode()
+                                                                  for k, v in settings_of(table).items()}})
         return table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, fs), schema=_canonical(found))
-    except DeltaError as exc:  # DeltaProtocolError (deletion vectors, column mapping…), TableNotFoundError…
+    except DeltaError as exc:  # DeltaProtocolError (deletion vectors, column mapping…)
         raise ConfigError(f"cannot read the Delta table of the {what} at {source}: {exc}") from exc
 
 
