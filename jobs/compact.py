@@ -10,8 +10,8 @@ each table's files and bytes before and after. It holds the lease (``jobs.run_lo
 each score-run output under it for the whole run, so no score job or audit writes there meanwhile:
 a vacuum would otherwise delete the files a running score job has written but not yet committed.
 
-Exit 2 (nothing written): DIR missing, no Delta table in it, the ``tables`` extra missing, a run
-writing DIR, bad values.
+Exit 2 (nothing written): DIR missing, no Delta table in it, deltalake missing, a run writing DIR,
+bad values.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ def _mib(n: int) -> str:
 
 
 def _checked(args: argparse.Namespace):
-    from odin_engine.io.maintenance import MIB, output_tables, require_deltalake
+    from odin_engine.io.delta import require_deltalake
+    from odin_engine.io.maintenance import MIB, output_tables
 
     if not args.output:
         raise ConfigError("--output DIR is required: the output directory whose Delta tables to compact")
@@ -65,7 +66,7 @@ def _checked(args: argparse.Namespace):
         raise ConfigError(f"{args.output} holds no Delta table (looked for the output itself, scores/, flags/, "
                           "history/ and an audit's corpus/, heldout/, ood/NAME/ scores/): nothing to compact; a "
                           "score table in the per-bucket Parquet layout is not a Delta table")
-    require_deltalake(f"compacting the Delta tables of {args.output}")
+    require_deltalake("tables", args.output)
     keep = _keep_versions(args.keep_version or [], tables)
     for t in tables:
         current = t.location.open().version()  # readable (protocol, credentials): checked before any write
@@ -113,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         for lease in held:
             stack.enter_context(lease)
         for t in tables:
-            name = t.name or t.location.source
+            name = t.name or t.location.uri
             for lease in held:
                 lease.check_held()  # a run that lost its lease writes nothing more
             r = compact(t.location, target, dry_run=args.dry_run)

@@ -4,8 +4,7 @@ Real Delta tables in the score schema, written here with deltalake (one append p
 on moto's S3 server: compaction merges the small files and keeps every row; the automatic rule at its
 edges; vacuum deletes only files no retained version references, and time travel to the kept versions
 still reads them; versions resolved by number, date and run/audit id, with the errors; the `compact`
-command in a subprocess (exit 0, the dry run and exit 2 write nothing). Needs the ``tables`` extra
-(skipped with the reason without it, failed under ``CI=true``).
+command in a subprocess (exit 0, the dry run and exit 2 write nothing).
 """
 
 from __future__ import annotations
@@ -22,19 +21,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import REPO, real_part_missing
+from conftest import REPO
 from odin_engine.errors import ConfigError
 from odin_engine.io import maintenance as m
 from odin_engine.io.scores import ScoreTable, _canonical, output_schema
 from test_scores import table
-
-
-@pytest.fixture(autouse=True)
-def _deltalake():
-    try:
-        import deltalake  # noqa: F401
-    except ImportError:
-        real_part_missing("tables extra (deltalake)", "deltalake not installed (pip install -e '.[tables]')")
 
 
 def _s3_opts(s3) -> dict:
@@ -77,11 +68,13 @@ def _files_on_disk(fs, path: str) -> set[str]:
 def _check_compaction(uri: str, nights: int, written: pa.Table) -> None:
     from deltalake import DeltaTable
 
+    from odin_engine.io.delta import storage_options
+
     loc = m.locate(uri)
     before = m.file_stats(uri)
     assert before.files == nights and m.needs_compaction(uri)  # all small: they hold 100 % of the bytes
     r = m.compact(uri)
-    dt = DeltaTable(loc.uri, storage_options=loc.storage_options)
+    dt = DeltaTable(loc.uri, storage_options=storage_options(loc.fs))
     assert (r.files_before, r.bytes_before, r.due) == (nights, before.bytes, True)
     assert r.version_after == r.version_before + 1 == dt.version()  # one version
     assert r.files_removed == nights and r.files_added == r.files_after == len(dt.file_uris()) == 1
@@ -379,7 +372,7 @@ def test_compact_command_bad_configuration_exits_2_and_writes_nothing(tmp_path, 
     code = ("import sys; sys.modules['deltalake'] = None; from jobs.cli import main; "
             "sys.exit(main(['compact'] + sys.argv[1:]))")
     p = _cli(["--output", str(out)], code=code)
-    assert p.returncode == 2 and "the `tables` extra" in p.stderr and "odin-audit[tables]" in p.stderr, p.stderr
+    assert p.returncode == 2 and "needs the deltalake package" in p.stderr, p.stderr
     assert _tree(tmp_path) == before
     # a run holds the output's lease (this process, alive): refused before anything is written
     lock = RunLock(pafs.LocalFileSystem(), str(out), display=str(out))

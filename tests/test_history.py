@@ -84,23 +84,14 @@ def _append_nights(store: Store, cal: dict, days, ood_day: int | None = 3) -> li
     return rows
 
 
-@pytest.fixture
-def deltalake():
-    try:
-        import deltalake
-    except ImportError:
-        from conftest import real_part_missing
-
-        real_part_missing("tables extra (deltalake)", "deltalake not installed (pip install -e '.[tables]')")
-    return deltalake
-
-
 def _commits(uri: str) -> dict[int, dict]:
     """The table's commits by version (their metadata), local or S3 (the reader's storage options)."""
     return {c["version"]: c for c in locate(uri).open().history()}
 
 
-def test_append_and_read_local(tmp_path, deltalake):
+def test_append_and_read_local(tmp_path):
+    import deltalake
+
     store = Store(str(tmp_path / "history"))
     assert read_history(store).empty and list(read_history(store).columns) == HISTORY_SCHEMA.names
     cal = _calibration()
@@ -136,7 +127,7 @@ def test_a_night_without_ok_images_and_without_alpha(tmp_path):
     assert "<img" in history_plot_html(df)
 
 
-def test_older_files_missing_a_column_are_read_and_converted(tmp_path, deltalake):
+def test_older_files_missing_a_column_are_read_and_converted(tmp_path):
     """A per-audit file written before a column existed comes back with that column null, before and
     after the first Delta append converts the folder."""
     cal = _calibration()
@@ -158,7 +149,7 @@ def test_older_files_missing_a_column_are_read_and_converted(tmp_path, deltalake
         first.drop(columns=["predicted_rate_lo", "predicted_rate_hi"]))
 
 
-def test_append_and_read_on_s3(s3_server, s3_bucket, monkeypatch, deltalake):
+def test_append_and_read_on_s3(s3_server, s3_bucket, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     store = Store(f"s3://{s3_bucket}/history/rn20")
@@ -176,11 +167,22 @@ def test_append_and_read_on_s3(s3_server, s3_bucket, monkeypatch, deltalake):
     assert read_history(store, as_of="result-1")["finished_at"].tolist() == [rows[0]["finished_at"]]
 
 
+def _write_per_audit_files(store: Store, cal: dict, days) -> list[dict]:
+    """The earlier layout, as an older odin-audit wrote it: one Parquet file per audit, named by
+    :func:`history_file_name`, in :data:`HISTORY_SCHEMA`."""
+    rows = []
+    for day in days:
+        doc, drift, per_class = _night(cal, day)
+        rows.append(history_row(doc, cal, drift, per_class))
+        store.write_parquet(history_file_name(rows[-1]), pa.Table.from_pylist([rows[-1]], schema=HISTORY_SCHEMA))
+    return rows
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_a_folder_of_per_audit_files_stays_readable_and_the_first_append_converts_it(
-        where, tmp_path, monkeypatch, request, deltalake):
-    """Without the `tables` extra the earlier layout is written (one file per audit); an odin-audit
-    with the extra reads it, and its first append converts it: nothing lost, nothing doubled."""
+        where, tmp_path, monkeypatch, request):
+    """An existing history in the earlier layout is read as it is, and the first append converts it:
+    nothing lost, nothing doubled, the old nights still readable as of version 0."""
     if where == "s3":
         s3 = request.getfixturevalue("s3_server")
         for k, v in s3.env.items():
@@ -189,25 +191,23 @@ def test_a_folder_of_per_audit_files_stays_readable_and_the_first_append_convert
     else:
         store = Store(str(tmp_path / "history"))
     cal = _calibration()
-    with monkeypatch.context() as mp:
-        mp.setitem(sys.modules, "deltalake", None)  # `import deltalake` raises ImportError: the earlier layout
-        old = _append_nights(store, cal, [0, 1, 2], ood_day=None)
-        assert sorted(posixpath.basename(i.path) for i in store.listdir()) == sorted(
-            history_file_name(r) for r in old)
-        assert len(read_history(store)) == 3
-    assert len(read_history(store)) == 3  # read with deltalake present, still the per-file layout
+    old = _write_per_audit_files(store, cal, [0, 1, 2])
+    assert read_history(store)["finished_at"].tolist() == [r["finished_at"] for r in old]
     with pytest.raises(ConfigError, match="not a Delta table .* no versions"):
         read_history(store, as_of=0)
     new = _append_nights(store, cal, [3])
     df = read_history(store)
     assert df["finished_at"].tolist() == [r["finished_at"] for r in old + new]
+    commits = _commits(store.uri())
+    assert sorted(commits) == [0, 1] and "3 per-audit Parquet files" in commits[0][CONVERTED_KEY]
     assert len(read_history(store, as_of=0)) == 3 and len(read_history(store, as_of="result-3")) == 4
     append_history(store, old[1])  # a row that was one of the converted files: not appended again
     assert len(read_history(store)) == 4 and len(_commits(store.uri())) == 2
-    with monkeypatch.context() as mp:  # a Delta history needs the extra: refused before anything is written
+    assert {posixpath.basename(i.path) for i in store.listdir()} >= {history_file_name(r) for r in old}  # left
+    with monkeypatch.context() as mp:  # deltalake missing: refused before anything is written
         mp.setitem(sys.modules, "deltalake", None)
         for call in (lambda: check_history(store), lambda: append_history(store, new[0])):
-            with pytest.raises(ConfigError, match=r"odin-audit\[tables\]"):
+            with pytest.raises(ConfigError, match="needs the deltalake package"):
                 call()
 
 

@@ -12,11 +12,11 @@ again. An append never compacts: one small file per night, merged by ``odin-audi
 
 **The earlier layout** — one Parquet file per audit, ``<history>/audit-<finished_at UTC,
 %Y%m%dT%H%M%SZ>-<corpus run id>.parquet`` — is still read, and is **converted on the first
-append** by an odin-audit with the ``tables`` extra: the rows of every ``audit-*.parquet`` file
-become version 0 of the new table (metadata ``odin.converted_from``), then tonight's row is
-version 1. The old files are left where they are (no version names them, so Delta readers skip
-them; a full vacuum deletes them once older than its retention). Without the extra the per-file
-layout is kept (a Delta history then needs the extra: ``ConfigError``).
+append**: the rows of every ``audit-*.parquet`` file become version 0 of the new table (commit
+metadata ``odin.converted_from``), then tonight's row is version 1. The old files are left where
+they are (no version names them, so Delta readers skip them; ``odin-audit compact --vacuum-hours H``
+deletes them once older than H hours). An older odin-audit still writing per-audit files there
+after the conversion would not be read: upgrade every writer of one history together.
 
 ``per_class`` is a JSON string (a list of ``{"pred", "n", "n_outliers", "outlier_rate"[,
 "class_name"]}``) rather than a nested ``list<struct>`` column: entries differ in their keys
@@ -42,7 +42,7 @@ import pyarrow.dataset as pads
 from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
-from odin_engine.io.maintenance import AUDIT_ID_KEY, EXTRA_HINT
+from odin_engine.io.maintenance import AUDIT_ID_KEY
 from odin_engine.io.store import Store
 
 HISTORY_VERSION = 1
@@ -178,60 +178,47 @@ def _legacy_files(store: Store) -> list[str]:
                   and i.path.endswith(".parquet"))
 
 
-def _is_delta(store: Store) -> bool:
-    from odin_engine.io.scores import is_delta_table
+def _location(store: Store):
+    from odin_engine.io.delta import DeltaLocation
 
-    return is_delta_table(store.fs, store.path)
-
-
-def _deltalake_or_none():
-    try:
-        import deltalake
-    except ImportError:
-        return None
-    return deltalake
+    return DeltaLocation(store.fs, store.path)
 
 
 def check_history(store: Store) -> None:
-    """Refuse (``ConfigError``) a ``--history`` location that cannot be appended to: a file, or a
-    Delta history without the ``tables`` extra. Writes nothing."""
+    """Refuse (``ConfigError``) a ``--history`` location that cannot be appended to — a file, or
+    deltalake missing — before anything is written. Writes nothing."""
+    from odin_engine.io.delta import require_deltalake
+
     if store.is_file():
         raise ConfigError(f"--history {store.uri()} is a file: give a directory (a Delta table, created by the "
                           "first audit)")
-    if _is_delta(store) and _deltalake_or_none() is None:
-        raise ConfigError(f"--history {store.uri()} is a Delta table: appending to it {EXTRA_HINT}")
+    require_deltalake("audit history", store.uri())
 
 
 def append_history(store: Store, row: Mapping[str, Any], audit_id: str | None = None) -> str:
-    """Append ``row`` to the history at ``store``; returns the URI that holds it (the table, or the
-    per-audit file without the ``tables`` extra).
+    """Append ``row`` as one new version of the history table at ``store`` (created by the first
+    append; a folder of per-audit files is converted first, see the module docstring); the commit
+    carries ``audit_id`` (:data:`~odin_engine.io.maintenance.AUDIT_ID_KEY`) and the row's
+    :func:`history_key`. A row whose key the table already holds is not appended again. Returns the
+    table's URI."""
+    from odin_engine.io.delta import require_deltalake, storage_options
 
-    Delta (see the module docstring): one version per audit, committed with ``audit_id`` and the
-    row's :func:`history_key`; a folder of per-audit files is converted first; a row whose key is
-    already in the table is not appended again. Without deltalake: one Parquet file per audit (local: a
-    hidden temp file renamed; object stores: one upload), as before."""
-    key = history_key(row)
-    table = pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA)
-    deltalake = _deltalake_or_none()
-    if deltalake is None:
-        check_history(store)
-        return store.write_parquet(history_file_name(row), table)
+    deltalake = require_deltalake("audit history", store.uri())
     from deltalake import CommitProperties
     from deltalake.exceptions import DeltaError
 
-    from odin_engine.io.maintenance import locate
-
-    loc = locate(store.uri(), must_exist=False)
+    loc = _location(store)
+    key = history_key(row)
     try:
-        if not _is_delta(store):
+        if not loc.exists():
             legacy = _legacy_files(store)
             if legacy:
-                _convert(store, loc, legacy)
-        if _is_delta(store) and key in _keys(store):
+                _convert(store, legacy)
+        if loc.exists() and key in _keys(store):
             return store.uri()  # appended already (a retried append, or a converted file's row)
         meta = {HISTORY_KEY: key, **({AUDIT_ID_KEY: str(audit_id)} if audit_id else {})}
-        deltalake.write_deltalake(loc.uri, table, mode="append", schema_mode="merge",
-                                  storage_options=loc.storage_options,
+        deltalake.write_deltalake(loc.uri, pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA), mode="append",
+                                  schema_mode="merge", storage_options=storage_options(store.fs),
                                   commit_properties=CommitProperties(custom_metadata=meta))
     except DeltaError as exc:
         raise ConfigError(f"cannot append to the history at {store.uri()}: {exc}") from exc
@@ -242,25 +229,27 @@ def _keys(store: Store) -> set[str]:
     """The :func:`history_key` of every row of the current version (two small columns of a small table)."""
     from odin_engine.io.maintenance import open_delta_version
 
-    t = open_delta_version(store.uri(), schema=HISTORY_SCHEMA, what="history").dataset.to_table(
+    t = open_delta_version(_location(store), schema=HISTORY_SCHEMA, what="history").dataset.to_table(
         columns=["finished_at", "corpus_run_id"])
     return {history_key(r) for r in t.to_pylist()}
 
 
-def _convert(store: Store, loc, files: list[str]) -> None:
+def _convert(store: Store, files: list[str]) -> None:
     """The per-audit files' rows as version 0 of a new Delta table at ``store`` (files left in place)."""
     import deltalake
     from deltalake import CommitProperties
     from deltalake.exceptions import DeltaError
 
+    from odin_engine.io.delta import storage_options
+
     rows = pads.dataset(files, schema=HISTORY_SCHEMA, filesystem=store.fs, format="parquet").to_table()
     rows = rows.sort_by([("finished_at", "ascending")])
     meta = {CONVERTED_KEY: f"{len(files)} per-audit Parquet files ({FILE_PREFIX}*.parquet)"}
     try:
-        deltalake.write_deltalake(loc.uri, rows, mode="error", storage_options=loc.storage_options,
+        deltalake.write_deltalake(_location(store).uri, rows, mode="error", storage_options=storage_options(store.fs),
                                   commit_properties=CommitProperties(custom_metadata=meta))
     except DeltaError:
-        if not _is_delta(store):  # not a concurrent audit's conversion: a real failure
+        if not _location(store).exists():  # not a concurrent audit's conversion: a real failure
             raise
 
 
@@ -271,14 +260,14 @@ def read_history(store: Store, as_of: Any = None) -> pd.DataFrame:
     date/time, an audit id: :func:`odin_engine.io.maintenance.resolve_version`). A folder of
     per-audit files (the earlier layout): every ``audit-*.parquet`` file (``as_of`` is refused).
     Read in :data:`HISTORY_SCHEMA`: a column an older file lacks comes back null."""
-    if _is_delta(store):
+    if _location(store).exists():
         from odin_engine.io.maintenance import open_delta_version
 
-        table = open_delta_version(store.uri(), as_of, schema=HISTORY_SCHEMA, what="history").dataset.to_table()
+        table = open_delta_version(_location(store), as_of, schema=HISTORY_SCHEMA, what="history").dataset.to_table()
     else:
         if as_of is not None:
             raise ConfigError(f"the history at {store.uri()} is not a Delta table (one file per audit): it has no "
-                              "versions to read as of; the next audit with the `tables` extra converts it")
+                              "versions to read as of; the next append converts it")
         files = _legacy_files(store)
         if not files:
             return HISTORY_SCHEMA.empty_table().to_pandas()

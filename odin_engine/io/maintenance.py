@@ -1,10 +1,9 @@
 """Maintenance of a Delta table given its location: compaction, vacuum, and time travel (issue 23, step 3).
 
 Any Delta table (the score table ``<output>/scores/``, a ``--history`` table, …), local or
-``s3://``/``gs://``; delta-rs reads the log with the storage options that
-:func:`odin_engine.io.scores._delta_storage_options` derives from the same ``pyarrow`` filesystem
-every other input uses, and pyarrow reads the data. Needs the ``tables`` extra (deltalake); without
-it every function raises ``ConfigError`` naming the extra. No Ray here.
+``s3://``: a :class:`odin_engine.io.delta.DeltaLocation` (delta-rs reads the log with the storage
+options derived from the same ``pyarrow`` filesystem every other input uses; pyarrow reads the
+data). No Ray here.
 
 * **Compaction** (:func:`compact`) is delta-rs's ``optimize.compact(target_size)``: it bin-packs
   the files below the target into files of about the target and commits one version that removes
@@ -34,49 +33,15 @@ import pyarrow.dataset as ds
 from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
-from odin_engine.io.scores import _delta_storage_options, is_delta_table
+from odin_engine.io.delta import RUN_ID_KEY, DeltaLocation, is_delta_table
 from odin_engine.io.store import resolve, to_uri
 
 MIB = 1 << 20
 DEFAULT_TARGET_BYTES = 128 * MIB  # compaction's target file size (delta-rs's own default is 100 MiB)
 SMALL_FILES_MAX = 32  # the automatic rule: this many small files …
 SMALL_BYTES_SHARE = 0.10  # … or small files holding this share of the table's bytes
-RUN_ID_KEY = "odin.run_id"  # commit metadata of a score run's version
-AUDIT_ID_KEY = "odin.audit_id"  # commit metadata of an audit's version (flags, history)
-ID_KEYS = (RUN_ID_KEY, AUDIT_ID_KEY)
-EXTRA_HINT = "needs the `tables` extra (pip install 'odin-audit[tables]')"
-
-
-def require_deltalake(what: str):
-    """The ``deltalake`` module, or ``ConfigError`` naming the extra (``what`` says what needs it)."""
-    try:
-        import deltalake
-    except ImportError as exc:
-        raise ConfigError(f"{what} {EXTRA_HINT}") from exc
-    return deltalake
-
-
-# --------------------------------------------------------------------------- where a table is
-@dataclass(frozen=True)
-class DeltaLocation:
-    """A Delta table's folder: ``fs``/``path`` for pyarrow, ``uri``/``storage_options`` for delta-rs."""
-
-    source: str
-    fs: pafs.FileSystem = field(repr=False)
-    path: str
-    uri: str
-    storage_options: dict[str, str] | None = field(default=None, repr=False)
-
-    def open(self, version: int | None = None):
-        """The table (its current version, or ``version``) as a ``deltalake.DeltaTable``."""
-        deltalake = require_deltalake(f"the Delta table at {self.source}")
-        from deltalake.exceptions import DeltaError
-
-        try:
-            return deltalake.DeltaTable(self.uri, version=version, storage_options=self.storage_options)
-        except DeltaError as exc:
-            at = "" if version is None else f" at version {version}"
-            raise ConfigError(f"cannot read the Delta table at {self.source}{at}: {exc}") from exc
+AUDIT_ID_KEY = "odin.audit_id"  # commit metadata of an audit's version (history; flags in step 4)
+ID_KEYS = (RUN_ID_KEY, AUDIT_ID_KEY)  # the commit metadata that time travel by id looks up
 
 
 def locate(source: str, *, must_exist: bool = True) -> DeltaLocation:
@@ -92,7 +57,7 @@ def locate(source: str, *, must_exist: bool = True) -> DeltaLocation:
         if not delta:
             what = "does not exist" if kind == pafs.FileType.NotFound else "is not a Delta table (no _delta_log/)"
             raise ConfigError(f"{source} {what}")
-    return DeltaLocation(str(source), fs, path, to_uri(fs, path, str(source)), _delta_storage_options(fs))
+    return DeltaLocation(fs, path)
 
 
 def _table(table: Any):
@@ -185,7 +150,7 @@ def compact(table_uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, *, dry_run
     cand = [s for s in sizes if s < target_bytes]
     version = dt.version()
     if dry_run:
-        return CompactionResult(loc.source, version, version, before.files, before.bytes, before.files, before.bytes,
+        return CompactionResult(loc.uri, version, version, before.files, before.bytes, before.files, before.bytes,
                                 0, 0, 0, before.due, True, len(cand), sum(cand))
     from deltalake import CommitProperties
     from deltalake.exceptions import DeltaError
@@ -195,11 +160,11 @@ def compact(table_uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, *, dry_run
             target_size=int(target_bytes), max_concurrent_tasks=max_concurrent_tasks,
             commit_properties=CommitProperties(custom_metadata=custom_metadata) if custom_metadata else None)
     except DeltaError as exc:
-        raise ConfigError(f"cannot compact the Delta table at {loc.source}: {exc}") from exc
+        raise ConfigError(f"cannot compact the Delta table at {loc.uri}: {exc}") from exc
     after = file_sizes(dt)
     added = metrics.get("filesAdded")
     added = json.loads(added) if isinstance(added, str) else (added or {})
-    return CompactionResult(loc.source, version, dt.version(), before.files, before.bytes, len(after), sum(after),
+    return CompactionResult(loc.uri, version, dt.version(), before.files, before.bytes, len(after), sum(after),
                             int(metrics.get("numFilesRemoved", 0)), int(metrics.get("numFilesAdded", 0)),
                             int(added.get("totalSize", 0)), before.due, False, len(cand), sum(cand))
 
@@ -234,7 +199,7 @@ def vacuum(table_uri: str, retention_hours: int | None = None, keep_versions: Se
     keep = sorted({int(v) for v in keep_versions or ()})
     bad = [v for v in keep if not 0 <= v <= dt.version()]
     if bad:
-        raise ConfigError(f"cannot keep versions {bad} of {loc.source}: its versions are 0..{dt.version()}")
+        raise ConfigError(f"cannot keep versions {bad} of {loc.uri}: its versions are 0..{dt.version()}")
     from deltalake.exceptions import DeltaError
 
     kw = dict(retention_hours=None if retention_hours is None else int(retention_hours), enforce_retention_duration=retention_hours is None, full=full,
@@ -244,8 +209,8 @@ def vacuum(table_uri: str, retention_hours: int | None = None, keep_versions: Se
         sizes = _sizes(loc, listed)
         removed = listed if dry_run or not listed else dt.vacuum(dry_run=False, **kw)
     except DeltaError as exc:
-        raise ConfigError(f"cannot vacuum the Delta table at {loc.source}: {exc}") from exc
-    return VacuumResult(loc.source, sorted(removed), sum(sizes.get(f, 0) for f in removed), retention_hours, keep,
+        raise ConfigError(f"cannot vacuum the Delta table at {loc.uri}: {exc}") from exc
+    return VacuumResult(loc.uri, sorted(removed), sum(sizes.get(f, 0) for f in removed), retention_hours, keep,
                         dry_run)
 
 
@@ -299,7 +264,7 @@ def resolve_version(table_uri: Any, as_of: int | str | datetime | date | None) -
     and a string that is neither a known id nor a date."""
     if isinstance(table_uri, (str, DeltaLocation)):
         loc = locate(table_uri) if isinstance(table_uri, str) else table_uri
-        return _resolve(loc.open(), loc.source, as_of)
+        return _resolve(loc.open(), loc.uri, as_of)
     return _resolve(table_uri, str(getattr(table_uri, "table_uri", "the Delta table")), as_of)
 
 
@@ -369,7 +334,7 @@ def open_delta_version(source: str, as_of: int | str | datetime | date | None = 
     loc = locate(source) if not isinstance(source, DeltaLocation) else source
     dt = loc.open()
     current = dt.version()
-    version = _resolve(dt, loc.source, as_of)
+    version = _resolve(dt, loc.uri, as_of)
     from deltalake.exceptions import DeltaError
 
     try:
@@ -379,12 +344,12 @@ def open_delta_version(source: str, as_of: int | str | datetime | date | None = 
         wanted = schema(found) if callable(schema) else (schema if schema is not None else found)
         dataset = dt.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(loc.path, loc.fs), schema=wanted)
     except DeltaError as exc:
-        raise ConfigError(f"cannot read the {what} at {loc.source} (version {version}): {exc}") from exc
+        raise ConfigError(f"cannot read the {what} at {loc.uri} (version {version}): {exc}") from exc
     if version != current:  # an old version: are its files still there?
         infos = loc.fs.get_file_info([posixpath.join(loc.path, f) for f in dataset.files])
         gone = [posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.NotFound]
         if gone:
-            raise ConfigError(f"version {version} of the {what} at {loc.source} cannot be read: a vacuum deleted "
+            raise ConfigError(f"version {version} of the {what} at {loc.uri} cannot be read: a vacuum deleted "
                               f"{len(gone)} of its {len(infos)} files (e.g. {gone[0]}); versions kept by "
                               "`vacuum(keep_versions=…)` or younger than its retention stay readable")
     return DeltaSnapshot(loc, version, current, dataset, dt)
@@ -421,13 +386,13 @@ def output_tables(output: str) -> list[OutputTable]:
             raise ConfigError(f"{output} {what}")
         root = to_uri(fs, path, str(output))
         if is_delta_table(fs, path):
-            return [OutputTable("", locate(root), (root,))]
+            return [OutputTable("", DeltaLocation(fs, path), (root,))]
         found = []
 
         def add(name: str, owners: tuple[str, ...]) -> None:
             p = posixpath.join(path, name)
             if is_delta_table(fs, p):
-                found.append(OutputTable(name, locate(to_uri(fs, p, str(output))), owners))
+                found.append(OutputTable(name, DeltaLocation(fs, p), owners))
 
         for name in OUTPUT_TABLES:
             add(name, (root,))
