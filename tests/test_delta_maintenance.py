@@ -386,3 +386,41 @@ def test_compact_command_bad_configuration_exits_2_and_writes_nothing(tmp_path, 
         lock.release()
     assert {k: v for k, v in _tree(tmp_path).items() if (tmp_path / k).is_file()} == \
         {k: v for k, v in before.items() if (tmp_path / k).is_file()}  # the test's own lease came and went
+
+
+@pytest.mark.slow
+def test_compacting_a_score_jobs_table_between_nights(ray_head, tiny_model, tmp_path):
+    """The score job's own Delta table: two nights, `odin-audit compact --vacuum-hours 0`, then a
+    third night plans and commits on the compacted files — exactly once, earlier rows unchanged."""
+    from conftest import make_images
+    from test_score_job import assert_exactly_once, job_cmd, read_scores, run_job
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    ids: set[str] = set()
+    cmd = job_cmd(corpus, out, tiny_model, "--shard-rows", "2", "--quiet")
+
+    def night(name: str, n: int) -> pa.Table:
+        make_images(corpus / name, n)
+        ids.update(f"{name}/img_{i:05d}.png" for i in range(n))
+        p = run_job(cmd, ray_head.env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return assert_exactly_once(out, ids)
+
+    night("n1", 8)
+    before = night("n2", 5)
+    scores = str(out / "scores")
+    files = m.file_stats(scores).files
+    assert files >= 2
+    last_night = m.resolve_version(scores, None)
+    p = _cli(["--output", str(out), "--vacuum-hours", "0"])
+    assert p.returncode == 0, p.stderr
+    assert f"scores: {files} files" in p.stdout and m.file_stats(scores).files == 1
+    assert _rows(read_scores(out)) == _rows(before)  # compaction changed no row
+    run_id = __import__("json").loads((out / "run.json").read_text())["run_id"]
+    compacted = m.resolve_version(scores, None)  # compaction and vacuum commit versions without a run id
+    assert m.resolve_version(scores, run_id) == last_night < compacted
+
+    after = night("n3", 4)  # planned against the compacted file
+    kept = after.filter(pc.invert(pc.starts_with(after.column("image_id"), "n3/")))
+    assert _rows(kept) == _rows(before)  # reused, not rescored
+    assert m.resolve_version(scores, run_id) == m.resolve_version(scores, None) > compacted
