@@ -1,6 +1,6 @@
 """Maintenance of a Delta score table after a month of nightly appends: compaction, vacuum, time travel.
 
-    python -m benchmarks.delta_maintenance [--rows 500000] [--nights 40] [--new 0.01]
+    python -m benchmarks.delta_maintenance [--rows 500000] [--nights 40] [--new 0.01] [--compression ZSTD]
                                            [--work /tmp/odin-delta-maint] [--json out.json]
 
 Issue 23, step 3. Needs the ``tables`` extra. A Delta table of ``--rows`` rows of the real score schema
@@ -11,7 +11,8 @@ Then, through ``odin_engine.io.maintenance`` — what ``odin-audit compact`` run
 
 1. the automatic rule (``needs_compaction``) and the files below half the target;
 2. a full scan of the current version (pyarrow, best of 3) before and after compaction, as a ratio;
-3. ``compact`` (delta-rs ``optimize.compact``, target 128 MiB): files before/after, bytes written, time;
+3. ``compact`` (delta-rs ``optimize.compact``, target 128 MiB, row groups of ``ROW_GROUP_ROWS``): files
+   before/after, bytes written, row groups, time;
 4. ``vacuum(0 h, keep_versions=[the version of night 10])``: files and bytes deleted, time; then time
    travel to night 10 (by its run id) and to a time between two nights reads the exact rows, and
    an un-kept old version is refused;
@@ -53,7 +54,7 @@ def _same(a: pa.Table, b: pa.Table) -> bool:
     return a.num_rows == b.num_rows and all(a.column(c).to_pylist() == b.column(c).to_pylist() for c in cols)
 
 
-def run(rows: int, nights: int, new: float, work: Path) -> dict:
+def run(rows: int, nights: int, new: float, work: Path, compression: str = "ZSTD") -> dict:
     from deltalake import CommitProperties, write_deltalake
 
     from benchmarks.table_formats import make_rows
@@ -71,7 +72,7 @@ def run(rows: int, nights: int, new: float, work: Path) -> dict:
         written.append(t)
         stamps.append(time.time())
     everything = pa.concat_tables(written)
-    out: dict = {"rows": everything.num_rows, "nights": nights, "rows_per_night": per_night}
+    out: dict = {"rows": everything.num_rows, "nights": nights, "rows_per_night": per_night, "compression": compression}
 
     stats = m.file_stats(uri)
     out["before"] = {"files": stats.files, "bytes": stats.bytes, "small_files": stats.small_files,
@@ -80,11 +81,16 @@ def run(rows: int, nights: int, new: float, work: Path) -> dict:
     assert scanned == everything.num_rows
 
     t0 = time.perf_counter()
-    r = m.compact(uri)
+    r = m.compact(uri, compression=compression)
     out["compact"] = {"seconds": round(time.perf_counter() - t0, 3), "files_before": r.files_before,
                       "files_after": r.files_after, "files_removed": r.files_removed, "files_added": r.files_added,
                       "bytes_before": r.bytes_before, "bytes_after": r.bytes_after, "bytes_written": r.bytes_written,
                       "version": [r.version_before, r.version_after], "rule_due_after": m.needs_compaction(uri)}
+    import pyarrow.parquet as pq
+
+    meta = [pq.ParquetFile(u).metadata for u in m.locate(uri).open().file_uris()]
+    out["compact"]["row_groups"] = sum(md.num_row_groups for md in meta)
+    out["compact"]["max_row_group_rows"] = max(md.row_group(i).num_rows for md in meta for i in range(md.num_row_groups))
     out["scan_after_s"], scanned = _scan_s(uri)
     assert scanned == everything.num_rows
     out["scan_ratio_before_over_after"] = round(out["scan_before_s"] / out["scan_after_s"], 3)
@@ -116,20 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=500_000)
     ap.add_argument("--nights", type=int, default=40)
     ap.add_argument("--new", type=float, default=0.01, help="new images per night, as a share of --rows")
+    ap.add_argument("--compression", default="ZSTD", help="codec of the compacted files (maintenance.COMPRESSION)")
     ap.add_argument("--work", default="/tmp/odin-delta-maint")
     ap.add_argument("--json", help="write every figure to this file")
     args = ap.parse_args(argv)
     t0 = time.time()
-    out = run(args.rows, args.nights, args.new, Path(args.work))
+    out = run(args.rows, args.nights, args.new, Path(args.work), args.compression)
     out["total_s"] = round(time.time() - t0, 1)
     mib = 1 << 20
     b, c, v = out["before"], out["compact"], out["vacuum"]
     print(f"table: {out['rows']:,} rows = {args.rows:,} + {out['nights']} nights × {out['rows_per_night']:,}")
     print(f"before: {b['files']} files, {b['bytes'] / mib:.1f} MiB; {b['small_files']} below half the target "
           f"({b['small_bytes'] / mib:.1f} MiB); automatic rule due: {b['rule_due']}")
-    print(f"compact: {c['files_before']} → {c['files_after']} files ({c['files_removed']} merged into "
+    print(f"compact ({out['compression']}): {c['files_before']} → {c['files_after']} files ({c['files_removed']} merged into "
           f"{c['files_added']}), {c['bytes_written'] / mib:.1f} MiB written, {c['seconds']:.2f} s; version "
-          f"{c['version'][0]} → {c['version'][1]}; rule due after: {c['rule_due_after']}")
+          f"{c['version'][0]} → {c['version'][1]}; {c['row_groups']} row groups of ≤ {c['max_row_group_rows']:,} rows; "
+          f"rule due after: {c['rule_due_after']}")
     print(f"full scan (pyarrow, best of 3): {out['scan_before_s']:.3f} s before, {out['scan_after_s']:.3f} s after "
           f"= {out['scan_ratio_before_over_after']:.2f}×")
     print(f"vacuum (0 h, keep version {v['kept_version']}): deleted {v['files_deleted']} files, "

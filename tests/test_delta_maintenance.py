@@ -10,6 +10,7 @@ command in a subprocess (exit 0, the dry run and exit 2 write nothing).
 from __future__ import annotations
 
 import os
+import posixpath
 import subprocess
 import sys
 import time
@@ -65,7 +66,7 @@ def _files_on_disk(fs, path: str) -> set[str]:
 
 
 # --------------------------------------------------------------------------- compaction
-def _check_compaction(uri: str, nights: int, written: pa.Table) -> None:
+def _check_compaction(uri: str, nights: int, written: pa.Table, rg_rows: int = m.ROW_GROUP_ROWS) -> None:
     from deltalake import DeltaTable
 
     from odin_engine.io.delta import storage_options
@@ -73,7 +74,7 @@ def _check_compaction(uri: str, nights: int, written: pa.Table) -> None:
     loc = m.locate(uri)
     before = m.file_stats(uri)
     assert before.files == nights and m.needs_compaction(uri)  # all small: they hold 100 % of the bytes
-    r = m.compact(uri)
+    r = m.compact(uri, row_group_rows=rg_rows)
     dt = DeltaTable(loc.uri, storage_options=storage_options(loc.fs))
     assert (r.files_before, r.bytes_before, r.due) == (nights, before.bytes, True)
     assert r.version_after == r.version_before + 1 == dt.version()  # one version
@@ -81,6 +82,9 @@ def _check_compaction(uri: str, nights: int, written: pa.Table) -> None:
     assert r.bytes_after == sum(m.file_sizes(dt)) == r.bytes_written
     assert _rows(_read(uri)) == _rows(written)  # every row, every value, unchanged
     assert not m.needs_compaction(uri)
+    merged = pq.ParquetFile(loc.fs.open_input_file(posixpath.join(loc.path, dt.get_add_actions().column("path")[0].as_py())))
+    assert merged.metadata.num_rows == written.num_rows
+    assert max(merged.metadata.row_group(i).num_rows for i in range(merged.metadata.num_row_groups)) <= rg_rows
     assert m.compact(uri).version_after == r.version_after  # nothing left to merge: no new version
     # the replaced files are still on disk (time travel) until a vacuum
     assert sum(1 for f in _files_on_disk(loc.fs, loc.path) if f.endswith(".parquet") and "/" not in f) == nights + 1
@@ -91,7 +95,13 @@ def _check_compaction(uri: str, nights: int, written: pa.Table) -> None:
 
 def test_compaction_merges_the_small_files_and_keeps_every_row(tmp_path):
     uri = str(tmp_path / "out" / "scores")
-    _check_compaction(uri, 40, _nights(uri, 40))
+    _check_compaction(uri, 40, _nights(uri, 40), rg_rows=256)  # 1,000 rows: row groups of at most 256
+
+
+def test_compaction_writes_row_groups_as_small_as_the_score_jobs():
+    from jobs.table_commit import ROW_GROUP_ROWS
+
+    assert m.ROW_GROUP_ROWS == ROW_GROUP_ROWS  # one size: bucket-range reads skip row groups after compaction too
 
 
 def test_compaction_on_s3(s3_server, s3_bucket, monkeypatch):

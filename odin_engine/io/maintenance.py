@@ -40,6 +40,13 @@ MIB = 1 << 20
 DEFAULT_TARGET_BYTES = 128 * MIB  # compaction's target file size (delta-rs's own default is 100 MiB)
 SMALL_FILES_MAX = 32  # the automatic rule: this many small files …
 SMALL_BYTES_SHARE = 0.10  # … or small files holding this share of the table's bytes
+#: rows per row group of the files compaction writes: the score job's (jobs/table_commit.ROW_GROUP_ROWS,
+#: a test holds them equal), so that a bucket-range read still skips row groups and a streaming
+#: reader holds one small row group at a time; delta-rs's own default writes one row group per file
+ROW_GROUP_ROWS = 32_768
+#: the codec of the files compaction writes (delta-rs's own compaction default; a WriterProperties
+#: without one would write them uncompressed); the score job's own files are pyarrow's snappy
+COMPRESSION = "ZSTD"
 AUDIT_ID_KEY = "odin.audit_id"  # commit metadata of an audit's version (history; flags in step 4)
 ID_KEYS = (RUN_ID_KEY, AUDIT_ID_KEY)  # the commit metadata that time travel by id looks up
 
@@ -135,10 +142,12 @@ class CompactionResult:
 
 
 def compact(table_uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, *, dry_run: bool = False,
-            max_concurrent_tasks: int | None = None, custom_metadata: dict[str, Any] | None = None
-            ) -> CompactionResult:
+            row_group_rows: int = ROW_GROUP_ROWS, compression: str = COMPRESSION,
+            max_concurrent_tasks: int | None = None,
+            custom_metadata: dict[str, Any] | None = None) -> CompactionResult:
     """Merge the table's files below ``target_bytes`` into files of about ``target_bytes``: delta-rs's
-    ``optimize.compact`` (one new version; rows unchanged; files at or above the target untouched).
+    ``optimize.compact`` (one new version; rows unchanged; files at or above the target untouched),
+    in row groups of at most ``row_group_rows`` rows, compressed with ``compression``.
     ``dry_run``: write nothing; report what the table holds and the candidate files (below the target;
     delta-rs merges them when at least two fit a bin). ``custom_metadata`` goes into the commit."""
     if target_bytes < 1:
@@ -152,12 +161,13 @@ def compact(table_uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, *, dry_run
     if dry_run:
         return CompactionResult(loc.uri, version, version, before.files, before.bytes, before.files, before.bytes,
                                 0, 0, 0, before.due, True, len(cand), sum(cand))
-    from deltalake import CommitProperties
+    from deltalake import CommitProperties, WriterProperties
     from deltalake.exceptions import DeltaError
 
     try:
         metrics = dt.optimize.compact(
             target_size=int(target_bytes), max_concurrent_tasks=max_concurrent_tasks,
+            writer_properties=WriterProperties(max_row_group_size=int(row_group_rows), compression=compression),
             commit_properties=CommitProperties(custom_metadata=custom_metadata) if custom_metadata else None)
     except DeltaError as exc:
         raise ConfigError(f"cannot compact the Delta table at {loc.uri}: {exc}") from exc
