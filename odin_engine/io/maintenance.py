@@ -142,12 +142,13 @@ class CompactionResult:
 
 
 def compact(table_uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, *, dry_run: bool = False,
-            row_group_rows: int = ROW_GROUP_ROWS, compression: str = COMPRESSION,
+            row_group_rows: int | None = ROW_GROUP_ROWS, compression: str = COMPRESSION,
             max_concurrent_tasks: int | None = None,
             custom_metadata: dict[str, Any] | None = None) -> CompactionResult:
     """Merge the table's files below ``target_bytes`` into files of about ``target_bytes``: delta-rs's
     ``optimize.compact`` (one new version; rows unchanged; files at or above the target untouched),
-    in row groups of at most ``row_group_rows`` rows, compressed with ``compression``.
+    in row groups of at most ``row_group_rows`` rows, compressed with ``compression``
+    (``row_group_rows=None``: delta-rs's own writer defaults, for comparison).
     ``dry_run``: write nothing; report what the table holds and the candidate files (below the target;
     delta-rs merges them when at least two fit a bin). ``custom_metadata`` goes into the commit."""
     if target_bytes < 1:
@@ -167,7 +168,8 @@ def compact(table_uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, *, dry_run
     try:
         metrics = dt.optimize.compact(
             target_size=int(target_bytes), max_concurrent_tasks=max_concurrent_tasks,
-            writer_properties=WriterProperties(max_row_group_size=int(row_group_rows), compression=compression),
+            writer_properties=None if row_group_rows is None else WriterProperties(
+                max_row_group_size=int(row_group_rows), compression=compression),
             commit_properties=CommitProperties(custom_metadata=custom_metadata) if custom_metadata else None)
     except DeltaError as exc:
         raise ConfigError(f"cannot compact the Delta table at {loc.uri}: {exc}") from exc
