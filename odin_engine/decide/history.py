@@ -205,23 +205,20 @@ def append_history(store: Store, row: Mapping[str, Any], audit_id: str | None = 
 
     deltalake = require_deltalake("audit history", store.uri())
     from deltalake import CommitProperties
-    from deltalake.exceptions import DeltaError
 
     loc = _location(store)
     key = history_key(row)
-    try:
-        if not loc.exists():
-            legacy = _legacy_files(store)
-            if legacy:
-                _convert(store, legacy)
-        if loc.exists() and key in _keys(store):
-            return store.uri()  # appended already (a retried append, or a converted file's row)
-        meta = {HISTORY_KEY: key, **({AUDIT_ID_KEY: str(audit_id)} if audit_id else {})}
-        deltalake.write_deltalake(loc.uri, pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA), mode="append",
-                                  schema_mode="merge", storage_options=storage_options(store.fs),
-                                  commit_properties=CommitProperties(custom_metadata=meta))
-    except DeltaError as exc:
-        raise ConfigError(f"cannot append to the history at {store.uri()}: {exc}") from exc
+    if not loc.exists():
+        legacy = _legacy_files(store)
+        if legacy:
+            _convert(store, legacy)
+    if loc.exists() and key in _keys(store):
+        return store.uri()  # appended already (a retried append, or a converted file's row)
+    meta = {HISTORY_KEY: key, **({AUDIT_ID_KEY: str(audit_id)} if audit_id else {})}
+    # a failure here (the store, a conflict delta-rs could not retry) is a run-time failure (exit 5)
+    deltalake.write_deltalake(loc.uri, pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA), mode="append",
+                              schema_mode="merge", storage_options=storage_options(store.fs),
+                              commit_properties=CommitProperties(custom_metadata=meta))
     return store.uri()
 
 

@@ -163,16 +163,14 @@ def compact(table_uri: str, target_bytes: int = DEFAULT_TARGET_BYTES, *, dry_run
         return CompactionResult(loc.uri, version, version, before.files, before.bytes, before.files, before.bytes,
                                 0, 0, 0, before.due, True, len(cand), sum(cand))
     from deltalake import CommitProperties, WriterProperties
-    from deltalake.exceptions import DeltaError
 
-    try:
-        metrics = dt.optimize.compact(
-            target_size=int(target_bytes), max_concurrent_tasks=max_concurrent_tasks,
-            writer_properties=None if row_group_rows is None else WriterProperties(
-                max_row_group_size=int(row_group_rows), compression=compression),
-            commit_properties=CommitProperties(custom_metadata=custom_metadata) if custom_metadata else None)
-    except DeltaError as exc:
-        raise ConfigError(f"cannot compact the Delta table at {loc.uri}: {exc}") from exc
+    # a failure here (a concurrent commit, the store) is a run-time failure, not the caller's to fix:
+    # it propagates (exit 5); files written by a failed compaction belong to no version
+    metrics = dt.optimize.compact(
+        target_size=int(target_bytes), max_concurrent_tasks=max_concurrent_tasks,
+        writer_properties=None if row_group_rows is None else WriterProperties(
+            max_row_group_size=int(row_group_rows), compression=compression),
+        commit_properties=CommitProperties(custom_metadata=custom_metadata) if custom_metadata else None)
     after = file_sizes(dt)
     added = metrics.get("filesAdded")
     added = json.loads(added) if isinstance(added, str) else (added or {})
@@ -212,16 +210,11 @@ def vacuum(table_uri: str, retention_hours: int | None = None, keep_versions: Se
     bad = [v for v in keep if not 0 <= v <= dt.version()]
     if bad:
         raise ConfigError(f"cannot keep versions {bad} of {loc.uri}: its versions are 0..{dt.version()}")
-    from deltalake.exceptions import DeltaError
-
-    kw = dict(retention_hours=None if retention_hours is None else int(retention_hours), enforce_retention_duration=retention_hours is None, full=full,
-              keep_versions=keep or None)
-    try:
-        listed = dt.vacuum(dry_run=True, **kw)
-        sizes = _sizes(loc, listed)
-        removed = listed if dry_run or not listed else dt.vacuum(dry_run=False, **kw)
-    except DeltaError as exc:
-        raise ConfigError(f"cannot vacuum the Delta table at {loc.uri}: {exc}") from exc
+    kw = dict(retention_hours=None if retention_hours is None else int(retention_hours),
+              enforce_retention_duration=retention_hours is None, full=full, keep_versions=keep or None)
+    listed = dt.vacuum(dry_run=True, **kw)  # a failure (the store) propagates: a run-time failure
+    sizes = _sizes(loc, listed)
+    removed = listed if dry_run or not listed else dt.vacuum(dry_run=False, **kw)
     return VacuumResult(loc.uri, sorted(removed), sum(sizes.get(f, 0) for f in removed), retention_hours, keep,
                         dry_run)
 
