@@ -236,3 +236,40 @@ def test_history_plot_renders(tmp_path, nights):
     assert html_text.count("<tr>") == 1 + min(nights, 30)  # header + latest rows
     assert ("ALARM" in html_text) is (nights > 1)
     assert history_plot_html(df.iloc[0:0]) == ""
+
+
+def test_two_audits_appending_at_once_both_land(tmp_path):
+    """Two processes append 5 nights each to one history at the same moment: delta-rs retries the
+    appends that lost a race, so every row lands once, one version each."""
+    import pickle
+    import subprocess
+    import time
+
+    from conftest import REPO
+
+    cal = _calibration()
+    store = Store(str(tmp_path / "history"))
+    _append_nights(store, cal, [0])  # the table exists: the race is between appends
+    batches = {}
+    for who, days in (("a", range(1, 6)), ("b", range(6, 11))):
+        rows = []
+        for day in days:
+            doc, drift, per_class = _night(cal, day)
+            rows.append(history_row(doc, cal, drift, per_class))
+        (tmp_path / f"{who}.pkl").write_bytes(pickle.dumps(rows))
+        batches[who] = rows
+    start = time.time() + 4
+    code = ("import pickle, sys, time\nfrom odin_engine.decide.history import append_history\n"
+            "from odin_engine.io.store import Store\nrows = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+            "while time.time() < float(sys.argv[3]): pass\n"
+            "for i, r in enumerate(rows): append_history(Store(sys.argv[2]), r, audit_id=f'{sys.argv[4]}{i}')\n")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"{w}.pkl"), store.uri(), str(start), w],
+                              cwd=REPO, stderr=subprocess.PIPE, text=True) for w in batches]
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.stderr.read()
+    df = read_history(store)
+    assert len(df) == 11 and df["finished_at"].is_unique
+    commits = _commits(store.uri())
+    assert sorted(commits) == list(range(11))
+    assert sorted(c.get(AUDIT_ID_KEY) for c in commits.values()) == sorted(
+        ["result-0"] + [f"{w}{i}" for w in batches for i in range(5)])
