@@ -41,12 +41,12 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="write nothing: show each table's files, what compaction would consider and what a "
                              "vacuum would delete")
-    options.add_quiet_option(parser, help="only the one-line summary (and errors)")
+    parser.add_argument("--quiet", action="store_true", help="only the one-line summary (and errors)")
     options.add_config_option(parser)
 
 
 def _mib(n: int) -> str:
-    return f"{n / (1 << 20):,.2f} MiB"
+    return f"{n / (1 << 20):,.2f} MiB" if n >= 1 << 20 else f"{n / 1024:,.1f} KiB"
 
 
 def _checked(args: argparse.Namespace):
@@ -138,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
                 v = vacuum(t.location, args.vacuum_hours, keep.get(t.name), dry_run=args.dry_run)
                 kept = f", keeping versions {v.keep_versions}" if v.keep_versions else ""
                 say(f"{name}: vacuum (older than {args.vacuum_hours} h{kept}): "
-                    f"{'would delete' if args.dry_run else 'deleted'} {len(v.files)} files, {_mib(v.bytes)}")
+                    f"{'would delete' if args.dry_run else 'deleted'} {len(v.files)} files, {_mib(v.bytes)}"
+                    + (" (as the table is now: the files a compaction replaces come on top after their "
+                       "retention)" if args.dry_run else ""))
     verb = "would leave" if args.dry_run else "now"
     print(f"odin compact: {len(tables)} Delta table(s) in {args.output}: {before} files before, {verb} {after}"
           + (" (dry run: nothing written)" if args.dry_run else ""), file=sys.stdout, flush=True)
