@@ -422,10 +422,13 @@ def test_compacting_a_score_jobs_table_between_nights(ray_head, tiny_model, tmp_
     files = m.file_stats(scores).files
     assert files >= 2
     last_night = m.resolve_version(scores, None)
+    settings = ScoreTable.open(str(out)).schema.metadata
+    assert settings and b"odin.run_id" in settings
     p = _cli(["--output", str(out), "--vacuum-hours", "0"])
     assert p.returncode == 0, p.stderr
     assert f"scores: {files} files" in p.stdout and m.file_stats(scores).files == 1
     assert _rows(read_scores(out)) == _rows(before)  # compaction changed no row
+    assert ScoreTable.open(str(out)).schema.metadata == settings  # the job's settings (the table's description) kept
     run_id = __import__("json").loads((out / "run.json").read_text())["run_id"]
     compacted = m.resolve_version(scores, None)  # compaction and vacuum commit versions without a run id
     assert m.resolve_version(scores, run_id) == last_night < compacted
