@@ -67,7 +67,8 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                              "directory holding it; local, s3://, gs://) instead of scoring a held-out set; "
                              "refused when made for another model or other settings")
     parser.add_argument("--history", metavar="URI",
-                        help="append one Parquet row per audit to this directory (local, s3://, gs://); "
+                        help="append one row per audit to the Delta table at this location (local, s3://, gs://; "
+                             "created by the first audit; a folder of per-audit Parquet files is converted); "
                              "the report plots it")
     parser.add_argument("--fail-on-drift", metavar="ALPHA", type=float, default=None,
                         help="exit 3 (after writing every output) when the drift test's p-value < ALPHA, e.g. 0.01; "
@@ -231,6 +232,10 @@ def _check(args: argparse.Namespace) -> AuditPlan:
     lease = output_lease(out, args.output)
     lease.check_free()  # another audit writing here: refuse before anything is written
     history = _output_store("--history", args.history) if args.history else None
+    if history is not None:
+        from odin_engine.decide.history import check_history
+
+        check_history(history)  # a file, or a Delta history without the `tables` extra: before anything is written
     jobs = [("corpus", str(args.corpus), "corpus")]
     if args.heldout and not frozen:
         jobs.insert(0, ("heldout", str(args.heldout), "heldout"))
@@ -477,11 +482,12 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         import pandas as pd
         import pyarrow as pa
 
-        from odin_engine.decide.history import HISTORY_SCHEMA, history_file_name, history_row, read_history
+        from odin_engine.decide.history import HISTORY_SCHEMA, history_key, history_row, read_history
         from odin_engine.report.history import history_plot_html
 
         row = history_row(doc, cal, drift, summary["per_class"], output=plan.out.uri())
-        doc["outputs"]["history_row"] = plan.history.uri(history_file_name(row))
+        doc["outputs"]["history"] = plan.history.uri()  # the Delta table; the row's commit carries this result_id
+        doc["outputs"]["history_key"] = history_key(row)
         tonight = pa.Table.from_pylist([row], schema=HISTORY_SCHEMA).to_pandas()
         past = read_history(plan.history)
         history_html += history_plot_html(pd.concat([past, tonight], ignore_index=True) if len(past) else tonight)
@@ -513,7 +519,7 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     if row is not None:
         from odin_engine.decide.history import append_history
 
-        append_history(plan.history, row)
+        append_history(plan.history, row, audit_id=pub.result_id)
     return doc
 
 

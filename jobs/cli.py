@@ -15,6 +15,7 @@ COMMANDS = {
     "fit": "jobs.fit",
     "audit": "jobs.audit",
     "demo": "jobs.demo",
+    "compact": "jobs.compact",
 }
 
 

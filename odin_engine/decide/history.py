@@ -1,10 +1,22 @@
-"""Audit history: one Parquet row per audit, one file per audit, under a history location.
+"""Audit history: one row per audit, appended to a Delta table at the ``--history`` location.
 
-``<history>/audit-<finished_at UTC, %Y%m%dT%H%M%SZ>-<corpus run id>.parquet``, all in
-:data:`HISTORY_SCHEMA`, so the directory is a Parquet dataset that DuckDB, Spark or
-``pyarrow.dataset`` read as one table. One file per audit means appending never rewrites what is
-there (object stores have no append) and two writers never touch the same file; file names sort
-by time.
+Each audit appends its row as **one new version** of the Delta table (``write_deltalake``
+``mode="append"``, commit metadata ``{"odin.audit_id": <result id>, "odin.history_key": …}``), so
+the history is read as one table by anything that reads Delta (pandas/pyarrow through deltalake,
+Polars, DuckDB, Spark), is never rewritten by an append, takes concurrent appends from two audits
+(delta-rs retries a conflicting append), and can be read as it was after any audit
+(:func:`read_history`'s ``as_of``: a version, a date, an audit id). Appending is idempotent: a row
+whose :func:`history_key` (finished time + corpus run id) the table already holds is not appended
+again. An append never compacts: one small file per night, merged by ``odin-audit compact --output
+<history>`` (a year of nights is a few MB).
+
+**The earlier layout** — one Parquet file per audit, ``<history>/audit-<finished_at UTC,
+%Y%m%dT%H%M%SZ>-<corpus run id>.parquet`` — is still read, and is **converted on the first
+append**: the rows of every ``audit-*.parquet`` file become version 0 of the new table (commit
+metadata ``odin.converted_from``), then tonight's row is version 1. The old files are left where
+they are (no version names them, so Delta readers skip them; ``odin-audit compact --vacuum-hours H``
+deletes them once older than H hours). An older odin-audit still writing per-audit files there
+after the conversion would not be read: upgrade every writer of one history together.
 
 ``per_class`` is a JSON string (a list of ``{"pred", "n", "n_outliers", "outlier_rate"[,
 "class_name"]}``) rather than a nested ``list<struct>`` column: entries differ in their keys
@@ -29,10 +41,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 from pyarrow import fs as pafs
 
+from odin_engine.errors import ConfigError
+from odin_engine.io.maintenance import AUDIT_ID_KEY
 from odin_engine.io.store import Store
 
 HISTORY_VERSION = 1
-FILE_PREFIX = "audit-"
+FILE_PREFIX = "audit-"  # the per-audit files of the earlier layout
+HISTORY_KEY = "odin.history_key"  # commit metadata: the row appended (history_key)
+CONVERTED_KEY = "odin.converted_from"  # commit metadata of the version converted from per-audit files
 
 HISTORY_SCHEMA = pa.schema([
     pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
@@ -144,30 +160,113 @@ def history_row(audit: Mapping[str, Any], calibration: Mapping[str, Any], drift:
 
 
 def history_file_name(row: Mapping[str, Any]) -> str:
-    """``audit-<UTC time>-<corpus run id>.parquet``: names sort by time; one audit, one name."""
+    """``audit-<UTC time>-<corpus run id>.parquet``: names sort by time; one audit, one name (the
+    per-file layout's file; in the Delta table the name without ``.parquet`` is the row's key)."""
     ts = _timestamp(row["finished_at"]).strftime("%Y%m%dT%H%M%SZ")
     run = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(row.get("corpus_run_id") or "run"))[:80]
     return f"{FILE_PREFIX}{ts}-{run}.parquet"
 
 
-def append_history(store: Store, row: Mapping[str, Any]) -> str:
-    """Write ``row`` as one new Parquet file under ``store``; returns its URI.
-
-    Local disks: write a hidden temp file, then rename (readers never see a partial file). Object
-    stores: one upload, visible only once complete.
-    """
-    return store.write_parquet(history_file_name(row), pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA))
+def history_key(row: Mapping[str, Any]) -> str:
+    """The row's identity: one audit (finished time, corpus run), one key."""
+    return history_file_name(row)[: -len(".parquet")]
 
 
-def read_history(store: Store) -> pd.DataFrame:
+def _legacy_files(store: Store) -> list[str]:
+    return sorted(i.path for i in store.listdir()
+                  if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith(FILE_PREFIX)
+                  and i.path.endswith(".parquet"))
+
+
+def _location(store: Store):
+    from odin_engine.io.delta import DeltaLocation
+
+    return DeltaLocation(store.fs, store.path)
+
+
+def check_history(store: Store) -> None:
+    """Refuse (``ConfigError``) a ``--history`` location that cannot be appended to — a file, or
+    deltalake missing — before anything is written. Writes nothing."""
+    from odin_engine.io.delta import require_deltalake
+
+    if store.is_file():
+        raise ConfigError(f"--history {store.uri()} is a file: give a directory (a Delta table, created by the "
+                          "first audit)")
+    require_deltalake("audit history", store.uri())
+
+
+def append_history(store: Store, row: Mapping[str, Any], audit_id: str | None = None) -> str:
+    """Append ``row`` as one new version of the history table at ``store`` (created by the first
+    append; a folder of per-audit files is converted first, see the module docstring); the commit
+    carries ``audit_id`` (:data:`~odin_engine.io.maintenance.AUDIT_ID_KEY`) and the row's
+    :func:`history_key`. A row whose key the table already holds is not appended again. Returns the
+    table's URI."""
+    from odin_engine.io.delta import require_deltalake, storage_options
+
+    deltalake = require_deltalake("audit history", store.uri())
+    from deltalake import CommitProperties
+
+    loc = _location(store)
+    key = history_key(row)
+    if not loc.exists():
+        legacy = _legacy_files(store)
+        if legacy:
+            _convert(store, legacy)
+    if loc.exists() and key in _keys(store):
+        return store.uri()  # appended already (a retried append, or a converted file's row)
+    meta = {HISTORY_KEY: key, **({AUDIT_ID_KEY: str(audit_id)} if audit_id else {})}
+    # a failure here (the store, a conflict delta-rs could not retry) is a run-time failure (exit 5)
+    deltalake.write_deltalake(loc.uri, pa.Table.from_pylist([dict(row)], schema=HISTORY_SCHEMA), mode="append",
+                              schema_mode="merge", storage_options=storage_options(store.fs),
+                              commit_properties=CommitProperties(custom_metadata=meta))
+    return store.uri()
+
+
+def _keys(store: Store) -> set[str]:
+    """The :func:`history_key` of every row of the current version (two small columns of a small table)."""
+    from odin_engine.io.maintenance import open_delta_version
+
+    t = open_delta_version(_location(store), schema=HISTORY_SCHEMA, what="history").dataset.to_table(
+        columns=["finished_at", "corpus_run_id"])
+    return {history_key(r) for r in t.to_pylist()}
+
+
+def _convert(store: Store, files: list[str]) -> None:
+    """The per-audit files' rows as version 0 of a new Delta table at ``store`` (files left in place)."""
+    import deltalake
+    from deltalake import CommitProperties
+    from deltalake.exceptions import DeltaError
+
+    from odin_engine.io.delta import storage_options
+
+    rows = pads.dataset(files, schema=HISTORY_SCHEMA, filesystem=store.fs, format="parquet").to_table()
+    rows = rows.sort_by([("finished_at", "ascending")])
+    meta = {CONVERTED_KEY: f"{len(files)} per-audit Parquet files ({FILE_PREFIX}*.parquet)"}
+    try:
+        deltalake.write_deltalake(_location(store).uri, rows, mode="error", storage_options=storage_options(store.fs),
+                                  commit_properties=CommitProperties(custom_metadata=meta))
+    except DeltaError:
+        if not _location(store).exists():  # not a concurrent audit's conversion: a real failure
+            raise
+
+
+def read_history(store: Store, as_of: Any = None) -> pd.DataFrame:
     """Every history row under ``store`` as a frame sorted by ``finished_at`` (empty if there is none).
 
-    Files are read in :data:`HISTORY_SCHEMA` (a column an older file lacks comes back null).
-    """
-    files = sorted(i.path for i in store.listdir()
-                   if i.type == pafs.FileType.File and posixpath.basename(i.path).startswith(FILE_PREFIX)
-                   and i.path.endswith(".parquet"))
-    if not files:
-        return HISTORY_SCHEMA.empty_table().to_pandas()
-    table = pads.dataset(files, schema=HISTORY_SCHEMA, filesystem=store.fs, format="parquet").to_table()
+    A Delta table: its current version, or the version ``as_of`` names (a version number, an ISO
+    date/time, an audit id: :func:`odin_engine.io.maintenance.resolve_version`). A folder of
+    per-audit files (the earlier layout): every ``audit-*.parquet`` file (``as_of`` is refused).
+    Read in :data:`HISTORY_SCHEMA`: a column an older file lacks comes back null."""
+    if _location(store).exists():
+        from odin_engine.io.maintenance import open_delta_version
+
+        table = open_delta_version(_location(store), as_of, schema=HISTORY_SCHEMA, what="history").dataset.to_table()
+    else:
+        if as_of is not None:
+            raise ConfigError(f"the history at {store.uri()} is not a Delta table (one file per audit): it has no "
+                              "versions to read as of; the next append converts it")
+        files = _legacy_files(store)
+        if not files:
+            return HISTORY_SCHEMA.empty_table().to_pandas()
+        table = pads.dataset(files, schema=HISTORY_SCHEMA, filesystem=store.fs, format="parquet").to_table()
     return table.to_pandas().sort_values("finished_at", kind="stable").reset_index(drop=True)
