@@ -28,6 +28,7 @@ from odin_engine.io.corpus import CorpusSource, duplicate_error, empty_error, op
 from odin_engine.io.images import RESIZE_POLICIES
 from odin_engine.io.delta import (ATTEMPT_KEY, RUN_ID_KEY, DeltaLocation, add_action, commit as commit_version,
                                   remove_action, version_files)
+from odin_engine.io.maintenance import compact, needs_compaction
 from odin_engine.io.scores import FIT_ID_KEY, SCHEMA_VERSION, output_schema
 from odin_engine.io.store import Store, is_uri
 
@@ -525,7 +526,15 @@ def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attemp
     if adds or removes:
         new_version = commit_version(loc, schema, adds, removes, base=base, settings=settings,
                              metadata={RUN_ID_KEY: prep.run_id, ATTEMPT_KEY: attempt})
-    # verification: the committed version, range by range, against today's listing
+    # small files past the rule (odin_engine.io.maintenance.needs_compaction): merged now, one more
+    # version with the same rows, under this run's lease
+    compaction = None
+    if new_version is not None and needs_compaction(loc.open(what="scores")):
+        prep.lock.check_held()
+        done = compact(loc, custom_metadata={RUN_ID_KEY: prep.run_id, ATTEMPT_KEY: attempt})
+        compaction = {"version": done.version_after, "files_before": done.files_before,
+                      "files_after": done.files_after, "bytes_written": done.bytes_written}
+    # verification: the version readers now see, range by range, against today's listing
     after = ray.put(_current_version(prep)[1])
     checks = dict.fromkeys(("rows", "ok", "error", "duplicates", "missing", "unexpected"), 0)
     for res in run_tasks(table_commit.verify_range, [(out.fs, prep.source.schema, chunks, n_buckets, lo, hi, after)
@@ -539,7 +548,8 @@ def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attemp
         out.fs.delete_dir(out.p(STAGING_DIR))
     kept = len(rows_of) - len(removals)
     return {**totals, **checks, "written": len(adds), "unchanged": kept, "deleted": len(removes),
-            "rewritten": len(rewrites), "table_version": new_version, "stray_files": 0, "stray_examples": []}
+            "rewritten": len(rewrites), "table_version": new_version, "compaction": compaction,
+            "stray_files": 0, "stray_examples": []}
 
 
 def commit(prep: Prepared, listing: dict[str, Any], n_buckets: int) -> dict[str, Any]:
@@ -650,7 +660,7 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
         **({"table": {"format": "delta", "version": c["table_version"], "files_added": c["written"],
                       "files_rewritten": c["rewritten"], "files_removed": c["deleted"],
                       "files_kept": c["unchanged"], "rows_written": c["written_rows"],
-                      "rows_kept": c["kept_rows"]}} if "table_version" in c else {}),
+                      "rows_kept": c["kept_rows"], "compaction": c["compaction"]}} if "table_version" in c else {}),
         "staging": {"files_written": stats["scored"]["files"], "rows_committed": c["from_staging"],
                     "torn_files": c.get("torn_staging", 0)},
         **{k: round(v, 3) for k, v in d.items()},

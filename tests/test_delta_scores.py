@@ -71,7 +71,7 @@ def _check_current_version(t: ScoreTable, expected: pa.Table, files_on_disk: lis
     assert t.settings() == {"model_id": "m@sha256:0", "temperature": 1000.0, "epsilon": 0.0014}
     assert t.schema.field("image_id").type == pa.string() and t.schema.field("scored_at").type == \
         output_schema().field("scored_at").type
-    assert t.fit_id() is None  # Parquet key-value metadata is not kept by Delta
+    assert t.fit_id() is None  # a table written without the score job's description (no odin.* settings)
     ok = pc.field("status") == "ok"
     assert sum(b.num_rows for b in t.batches(["odin"], ok, batch_size=8)) == 40 == t.count(ok)
     high = t.where(ok & (pc.field("odin") > 100.0))  # the replaced rows' new scores, filtered after the cast
@@ -90,6 +90,24 @@ def test_a_local_delta_table_reads_as_its_current_version(tmp_path):
         t = ScoreTable.open(str(source))
         _check_current_version(t, expected, stale)
         assert t.files == len(DeltaTable(str(root)).file_uris()) < len(stale)
+
+
+def test_an_earlier_version_reads_as_it_was_by_number_and_date_and_a_plain_folder_has_none(tmp_path):
+    from datetime import datetime, timezone
+
+    from deltalake import DeltaTable
+
+    root = tmp_path / "scores"
+    expected = _two_versions(str(root), None)
+    first = table(40, prefix="c", errors=3)  # what version 0 holds (built independently)
+    assert _rows(ScoreTable.open(str(root), as_of=0).read()) == _rows(first)
+    assert _rows(ScoreTable.open(str(root), as_of=DeltaTable(str(root)).version()).read()) == _rows(expected)
+    assert _rows(ScoreTable.open(str(root), as_of=datetime.now(timezone.utc).isoformat()).read()) == _rows(expected)
+    with pytest.raises(ConfigError, match="version"):
+        ScoreTable.open(str(root), as_of=99)
+    pq.write_table(first, tmp_path / "plain.parquet")
+    with pytest.raises(ConfigError, match="not a Delta table"):
+        ScoreTable.open(str(tmp_path / "plain.parquet"), as_of=0)
 
 
 def test_a_delta_table_on_s3_reads_as_its_current_version(s3_server, s3_bucket, monkeypatch):

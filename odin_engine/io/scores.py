@@ -8,7 +8,7 @@ subset, one file or a tree of folders, local or ``s3://``/``gs://``/``file://``.
 whose names start with ``_`` or ``.`` are not part of it (the score job keeps its own state there;
 Spark its ``_SUCCESS``/``.crc`` files). A **Delta Lake table** (a folder with ``_delta_log/``) is
 read as its current version — the files its log names, never a glob of the folder, which still
-holds replaced files until vacuumed — and needs the ``tables`` extra (deltalake).
+holds replaced files until vacuumed — through delta-rs (deltalake); ``ScoreTable.open(…, as_of=…)`` reads an earlier version.
 
 :class:`ScoreTable` reads it as a ``pyarrow.dataset``: only the columns asked for, with a filter
 pushed into the scan, in bounded batches — memory does not grow with the table. Settings checks:
@@ -99,24 +99,24 @@ def list_parquet_files(fs: pafs.FileSystem, path: str) -> list[str]:
                   and not _hidden(i.path[len(base):] if i.path.startswith(base) else posixpath.basename(i.path)))
 
 
-def _delta_dataset(fs: pafs.FileSystem, path: str, source: str, what: str) -> ds.FileSystemDataset:
-    """The current snapshot of the Delta table at ``path``: exactly the files its log names (a
-    folder glob would also read the files that later commits replaced, until they are vacuumed),
-    read through ``fs`` — the same filesystem and credentials as any other input — in the
-    score schema's types (:func:`_canonical`), with the settings the score job stored in the table
-    (``odin.*``, :func:`odin_engine.io.delta.settings_of`) as the schema's metadata."""
+def _delta_dataset(fs: pafs.FileSystem, path: str, source: str, what: str, as_of: Any = None) -> ds.FileSystemDataset:
+    """The current snapshot (or the version ``as_of`` names: a version number, a run or audit id, a
+    date — :func:`odin_engine.io.maintenance.resolve_version`) of the Delta table at ``path``: exactly
+    the files its log names (a folder glob would also read the files that later commits replaced,
+    until they are vacuumed), read through ``fs`` — the same filesystem and credentials as any other
+    input — in the score schema's types (:func:`_canonical`), with the settings the score job stored
+    in the table (``odin.*``, :func:`odin_engine.io.delta.settings_of`) as the schema's metadata."""
     from odin_engine.io.delta import DeltaLocation, settings_of
+    from odin_engine.io.maintenance import open_delta_version
 
-    table = DeltaLocation(fs, path).open(what=what)
-    from deltalake.exceptions import DeltaError
+    loc = DeltaLocation(fs, path)
+    settings = settings_of(loc.open(what=what))
 
-    try:
-        found = pa.schema(table.schema().to_arrow())
-        found = found.with_metadata({**(found.metadata or {}), **{k.encode(): v.encode()
-                                                                  for k, v in settings_of(table).items()}})
-        return table.to_pyarrow_dataset(filesystem=pafs.SubTreeFileSystem(path, fs), schema=_canonical(found))
-    except DeltaError as exc:  # DeltaProtocolError (deletion vectors, column mapping…)
-        raise ConfigError(f"cannot read the Delta table of the {what} at {source}: {exc}") from exc
+    def schema(found: pa.Schema) -> pa.Schema:
+        return _canonical(found.with_metadata({**(found.metadata or {}),
+                                               **{k.encode(): v.encode() for k, v in settings.items()}}))
+
+    return open_delta_version(loc, as_of, schema=schema, what=what).dataset
 
 
 def _named_in(column: str, expr: pc.Expression) -> bool:
@@ -138,10 +138,10 @@ class ScoreTable:
 
     # ---------------------------------------------------------------- open
     @classmethod
-    def open(cls, source: str, what: str = "scores") -> "ScoreTable":
+    def open(cls, source: str, what: str = "scores", as_of: Any = None) -> "ScoreTable":
         """``source``: a score job's ``--output`` (its ``scores/`` is used), a folder of Parquet files
-        (nested folders fine), one Parquet file, or a Delta table (its current version; needs the
-        ``tables`` extra); local or object store."""
+        (nested folders fine), one Parquet file, or a Delta table (its current version, or the one
+        ``as_of`` names: a version number, a run id, an ISO date or time); local or object store."""
         from odin_engine.io.store import resolve
 
         fs, path = resolve(str(source))
@@ -153,8 +153,11 @@ class ScoreTable:
                 path = posixpath.join(path, SCORES_DIR)
                 delta = is_delta_table(fs, path)
             if delta:  # its log names the files: never globbed (replaced files stay on disk until vacuumed)
-                dataset = _delta_dataset(fs, path, str(source), what)
+                dataset = _delta_dataset(fs, path, str(source), what, as_of)
                 return cls._checked(str(source), dataset, len(dataset.files), filter_after_cast=True)
+            if as_of is not None:
+                raise ConfigError(f"{source} is not a Delta table: it has one version, so as_of={as_of!r} "
+                                  "cannot be read (only Delta tables keep their earlier versions)")
             if info.type == pafs.FileType.File:
                 files = [path]
             elif info.type == pafs.FileType.Directory:
