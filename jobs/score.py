@@ -141,6 +141,7 @@ class Prepared:
     config: dict[str, Any]
     started_at: str
     t_start: float = field(default_factory=time.time)
+    migrate: bool = False  # a bucket-file output becoming a Delta table (`--table-format delta`) in this run
 
     @property
     def carried(self) -> pa.Schema:
@@ -217,9 +218,13 @@ def prepare(cfg: ScoreConfig) -> Prepared:
                               f"today's corpus has {config['carried']}. Keep the label/split columns (and their "
                               "types) of the first run, or use a new --output directory.")
         fmt = table_format(existing)
-        if cfg.table_format is not None and cfg.table_format != fmt:
-            raise ConfigError(f"{cfg.output!r} keeps its scores as {fmt!r} (its {JOB_FILE}), not "
-                              f"--table-format {cfg.table_format}: drop the option to continue it, or use a new --output")
+        from odin_engine.io.delta import is_delta_table
+
+        # a bucket-file output is migrated when asked, and a migration a kill interrupted goes on
+        migrate = fmt == "buckets" and (cfg.table_format == "delta" or is_delta_table(out.fs, out.p(SCORES_DIR)))
+        if cfg.table_format is not None and cfg.table_format != fmt and not migrate:
+            raise ConfigError(f"{cfg.output!r} keeps its scores as a Delta table (its {JOB_FILE}); it cannot go "
+                              "back to bucket files: drop --table-format buckets, or use a new --output")
         if run_id is not None and run_id != existing.get("run_id"):
             raise ConfigError(f"{cfg.output!r} belongs to run_id {existing.get('run_id')!r}, not {run_id!r}: "
                               "drop --run-id to resume it, or use a new --output directory")
@@ -231,7 +236,8 @@ def prepare(cfg: ScoreConfig) -> Prepared:
                               f"found {sorted(stray)[:10]}. Use a new or empty --output directory.")
         run_id = str(run_id) if run_id else _default_run_id()
     return Prepared(cfg, loaded.model_id, list(loaded.mean), list(loaded.std), loaded.input_size, source, out, lock,
-                    existing, existing is None and not entries, run_id, config, started_at)
+                    existing, existing is None and not entries, run_id, config, started_at,
+                    migrate=existing is not None and migrate)
 
 
 def table_format(job: dict | None, requested: str | None = None) -> str:
@@ -412,9 +418,9 @@ def plan(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) 
     delta = table_format(prep.existing, prep.cfg.table_format) == "delta"
     committed = {} if delta else _scan_scores(out, n_buckets)[0]
     per = _by_partition(parts, committed, _scan_staging(out))
-    if delta:  # every task gets the version's file list and picks the files of its range
+    if delta or prep.migrate:  # every task gets the version's file list and picks the files of its range
         version = ray.put(_current_version(prep)[1])
-        per = [(version, staged) for _, staged in per]
+        per = [((legacy, version) if prep.migrate else version, staged) for legacy, staged in per]
     out.fs.create_dir(out.p(PLAN_DIR, attempt), recursive=True)
     chunks = ray.put(listing["chunks"])
     schema = prep.source.schema
@@ -488,7 +494,8 @@ def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attemp
     parts = _partitions(n_buckets, listing["listed"], prep.cfg.partition_rows)
     base, version = _current_version(prep)
     staged = _scan_staging(out)
-    per = _by_partition(parts, {}, staged)
+    legacy = _scan_scores(out, n_buckets)[0] if prep.migrate else {}  # bucket files becoming the Delta table
+    per = _by_partition(parts, legacy, staged)
     work = out.p(COMMIT_DIR, attempt)
     out.fs.create_dir(work, recursive=True)
     out.fs.create_dir(loc.path, recursive=True)
@@ -497,7 +504,7 @@ def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attemp
                  "run_id": prep.run_id}
     chunks, vref = ray.put(listing["chunks"]), ray.put(version)
     calls = [(out.fs, loc.path, prep.source.schema, chunks, n_buckets, lo, hi, vref, per[k][1], schema, constants,
-              f"part-{attempt}-{k:06d}.parquet", posixpath.join(work, f"r{k:06d}.parquet"))
+              f"part-{attempt}-{k:06d}.parquet", posixpath.join(work, f"r{k:06d}.parquet"), per[k][0] or None)
              for k, (lo, hi) in enumerate(parts)]
     entries, removals, removal_files = [], {}, []
     totals: dict[str, Any] = dict.fromkeys(("listed", "written_rows", "kept_rows", "from_staging", "dropped",
@@ -543,12 +550,19 @@ def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attemp
             checks[k] += res[k]
     for _, _, path in staged:  # every staged row is in the version now (or its image is no longer listed)
         out.fs.delete_file(path)
+    if prep.migrate:  # the bucket files' rows are in the table now: drop the files, then say so in the job file
+        for path in legacy.values():
+            out.fs.delete_file(path)
+        prep.existing["layout"]["format"] = "delta"
+        prep.lock.check_held()
+        out.write_json(JOB_FILE, prep.existing)
     _delete_tree(out, COMMIT_DIR)
     if out.exists(STAGING_DIR) and not out.listdir(STAGING_DIR):
         out.fs.delete_dir(out.p(STAGING_DIR))
     kept = len(rows_of) - len(removals)
     return {**totals, **checks, "written": len(adds), "unchanged": kept, "deleted": len(removes),
             "rewritten": len(rewrites), "table_version": new_version, "compaction": compaction,
+            "migrated_bucket_files": len(legacy),
             "stray_files": 0, "stray_examples": []}
 
 
@@ -621,7 +635,7 @@ def run_attempt(prep: Prepared, ray_info: dict[str, Any]) -> dict[str, Any]:
     t_score = time.time() - t
     prep.lock.check_held()  # a run that lost its lease commits nothing
     t = time.time()
-    if table_format(prep.existing) == "delta":
+    if table_format(prep.existing) == "delta" or prep.migrate:
         committed = commit_delta(prep, listing, n_buckets, attempt)
     else:
         committed = commit(prep, listing, n_buckets)
@@ -660,7 +674,8 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
         **({"table": {"format": "delta", "version": c["table_version"], "files_added": c["written"],
                       "files_rewritten": c["rewritten"], "files_removed": c["deleted"],
                       "files_kept": c["unchanged"], "rows_written": c["written_rows"],
-                      "rows_kept": c["kept_rows"], "compaction": c["compaction"]}} if "table_version" in c else {}),
+                      "rows_kept": c["kept_rows"], "compaction": c["compaction"],
+                      "migrated_bucket_files": c["migrated_bucket_files"]}} if "table_version" in c else {}),
         "staging": {"files_written": stats["scored"]["files"], "rows_committed": c["from_staging"],
                     "torn_files": c.get("torn_staging", 0)},
         **{k: round(v, 3) for k, v in d.items()},

@@ -213,6 +213,9 @@ def read_committed(fs: pafs.FileSystem, committed: "dict[int, str] | VersionFile
     column's range from the log's statistics picks the files, row-group statistics the row groups)."""
     if committed is None:  # a Delta table before its first version
         return None
+    if isinstance(committed, tuple):  # a migration: the bucket files and the Delta table beside them
+        parts = [t for t in (read_committed(fs, c, lo, hi, columns) for c in committed) if t is not None]
+        return pa.concat_tables(parts, promote_options="permissive") if parts else None
     if isinstance(committed, dict):
         parts = [_read_keys(fs, committed[b], []) if columns == list(KEY_COLUMNS)
                  else pq.read_table(committed[b], filesystem=fs, columns=columns)

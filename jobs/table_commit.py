@@ -35,7 +35,7 @@ from pyarrow import fs as pafs
 from odin_engine.io.corpus import LISTING_ERROR
 from odin_engine.io.delta import DeltaLocation, file_entry
 
-from jobs.shards import (Buckets, VersionFiles, _error_rows, _pick, _same, _verify_ids, read_committed,
+from jobs.shards import (Buckets, VersionFiles, _error_rows, _pick, _same, _verify_ids, id_hash, read_committed,
                          read_listing, read_staged, write_parquet_atomic)
 
 ROW_GROUP_ROWS = 32_768  # a bucket-range read skips the row groups outside its range
@@ -60,9 +60,12 @@ def _chosen_rows(listing: pa.Table, cand: pa.Table, n_cur: int, carried: list[st
 
 def commit_range(fs: pafs.FileSystem, table_path: str, listing_schema: pa.Schema, chunks: list[str],
                  n_buckets: int, lo: int, hi: int, committed: VersionFiles | None, staged: list[str],
-                 schema: pa.Schema, constants: dict[str, Any], new_file: str, removals_file: str) -> dict[str, Any]:
+                 schema: pa.Schema, constants: dict[str, Any], new_file: str, removals_file: str,
+                 legacy: dict[int, str] | None = None) -> dict[str, Any]:
     """Buckets ``[lo, hi)``: write the range's new rows to ``new_file`` and its removals to
-    ``removals_file`` (both only when there are any); return the new file's log entry and counts."""
+    ``removals_file`` (both only when there are any); return the new file's log entry and counts.
+    ``legacy``: the range's bucket files of an output migrating to Delta (their rows are candidates
+    like staged rows, so they are written into the table, not rescored)."""
     listing = read_listing(fs, chunks, Buckets(n_buckets), lo, hi, listing_schema)
     st, torn = read_staged(fs, staged, lo, hi)
     cur = read_committed(fs, committed, lo, hi, schema.names, with_file=True) if committed else None
@@ -76,6 +79,11 @@ def commit_range(fs: pafs.FileSystem, table_path: str, listing_schema: pa.Schema
     if st is not None:
         parts.append(st.select(schema.names).cast(schema))
         n_st = st.num_rows
+    old = read_committed(fs, legacy, lo, hi, [n for n in schema.names if n != "bucket"]) if legacy else None
+    if old is not None:
+        old = old.append_column("bucket", pa.array(Buckets(n_buckets).of(id_hash(old.column("image_id").to_pylist())),
+                                                   pa.int64()))
+        parts.append(old.select(schema.names).cast(schema))
     listed_err = ~pc.is_null(listing.column(LISTING_ERROR)).to_numpy(zero_copy_only=False)
     if listed_err.any():
         parts.append(_error_rows(listing.filter(pa.array(listed_err)), schema, constants))

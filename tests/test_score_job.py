@@ -432,6 +432,39 @@ def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tin
 
 
 @pytest.mark.slow
+def test_a_bucket_file_output_migrates_to_delta_without_rescoring(ray_head, tiny_model, tmp_path):
+    """An output of the bucket-file layout (``--table-format buckets``, or made before Delta) rerun
+    with ``--table-format delta``: its rows move into a Delta table in that run's one version (not
+    rescored; new images scored), the bucket files go, the job file says delta; later runs are Delta."""
+    from deltalake import DeltaTable
+
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 12)
+    out = tmp_path / "out"
+    cmd = job_cmd(corpus, out, tiny_model, "--batch-size", "8", "--shard-rows", "3", "--quiet")
+    first = run_job(cmd + ["--table-format", "buckets"], ray_head.env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    buckets = sorted(p.name for p in (out / "scores").glob("part-*.parquet"))
+    assert len(buckets) >= 2 and not (out / "scores" / "_delta_log").exists()
+    old = {r["image_id"]: r for r in read_scores(out).to_pylist()}
+    make_images(corpus, 3, prefix="new_", seed=4)
+    back = run_job(cmd + ["--table-format", "delta"], ray_head.env)
+    assert back.returncode == 0, back.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    att = run["attempts"][-1]
+    assert (att["scored"], att["already_done"], att["table"]["migrated_bucket_files"]) == (3, 12, len(buckets))
+    assert run["verification"]["exactly_once"] and json.loads((out / "_odin_job.json").read_text())["layout"]["format"] == "delta"
+    assert not set(buckets) & {p.name for p in (out / "scores").glob("*.parquet")}  # the bucket files are gone
+    rows = {r["image_id"]: r for r in assert_exactly_once(out, {p.name for p in corpus.iterdir()}).to_pylist()}
+    assert all(rows[i]["scored_at"] == old[i]["scored_at"] and rows[i]["odin"] == old[i]["odin"] for i in old)
+    assert len(DeltaTable(str(out / "scores")).history()) >= 1
+    again = run_job(cmd, ray_head.env)  # a Delta output from now on; it cannot go back
+    assert again.returncode == 0 and json.loads((out / "run.json").read_text())["attempts"][-1]["scored"] == 0
+    refused = run_job(cmd + ["--table-format", "buckets"], ray_head.env)
+    assert refused.returncode == 2 and "cannot go back" in refused.stderr
+
+
+@pytest.mark.slow
 def test_kill_9_between_the_delta_files_and_the_commit_then_rerun(ray_head, tiny_model, tmp_path):
     """A night (+10 new, 1 changed, 3 gone) killed with SIGKILL as soon as its first new table file
     exists — after its data files began, before its Delta commit: readers still see the previous
