@@ -175,7 +175,7 @@ RULES = {"tpr": ("TPR rule", ()), "fdr": ("--fdr 0.1", ("--fdr", "0.1"))}
 
 
 def run_calibrate(sizes: list[int], rev: str | None, work: Path, rules: list[str] = ("tpr",),
-                  files: int | None = None) -> None:
+                  files: int | None = None, delta: bool = False) -> None:
     heldout = synthetic_scores(10_000, work / "heldout", 1, "held")
     trees = {f"streaming, {RULES[r][0]}": (REPO, RULES[r][1]) for r in rules}
     if rev:
@@ -186,7 +186,12 @@ def run_calibrate(sizes: list[int], rev: str | None, work: Path, rules: list[str
     for n in sizes:
         t0 = time.perf_counter()
         corpus = synthetic_scores(n, work / f"corpus-{n}", 2, "corpus", low_rate=0.01, files=files)
-        print(f"built {n:,} rows in {time.perf_counter() - t0:.1f} s", flush=True)
+        if delta:  # the same files as a Delta table (a log over them, no data rewritten): read through its log
+            from deltalake import convert_to_deltalake
+
+            convert_to_deltalake(str(corpus / "scores"))
+        print(f"built {n:,} rows{' (a Delta table)' if delta else ''} in {time.perf_counter() - t0:.1f} s",
+              flush=True)
         for name, (tree, extra) in trees.items():
             probe = work / f"probe-{n}-{abs(hash(name))}.json"
             env = dict(os.environ, PYTHONPATH=str(tree), ODIN_MEMPROBE=str(probe))
@@ -250,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="git revision of the in-memory baseline ('' to skip it)")
     ap.add_argument("--audit", type=int, default=0, metavar="N", help="also measure `audit` on N and 10·N images")
     ap.add_argument("--skip-calibrate", action="store_true", help="only the --audit measurement")
+    ap.add_argument("--delta", action="store_true",
+                    help="make each corpus a Delta table (convert_to_deltalake over its files): the score job's layout")
     ap.add_argument("--files", type=int, default=None,
                     help="write each corpus as this many files (default: files of 131,072 rows)")
     ap.add_argument("--rules", default="tpr,fdr",
@@ -260,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         if not args.skip_calibrate:
             run_calibrate([int(s) for s in args.sizes.split(",") if s], args.baseline_rev or None, work,
-                          [r for r in args.rules.split(",") if r], args.files)
+                          [r for r in args.rules.split(",") if r], args.files, args.delta)
         if args.audit:
             run_audit(args.audit, work)
     return 0

@@ -137,7 +137,7 @@ def _describe_peak(detail: dict) -> str:
 def score_cmd(manifest: Path, out: Path, weights: Path, args) -> list[str]:
     return [sys.executable, "-m", "jobs.score", "--input", str(manifest), "--output", str(out),
             "--model", "cifar_resnet20", "--weights", str(weights), "--batch-size", str(args.batch_size),
-            "--shard-rows", str(args.shard_rows), "--quiet"]
+            "--shard-rows", str(args.shard_rows), "--table-format", args.table_format, "--quiet"]
 
 
 def _attempt(out: Path) -> dict:
@@ -256,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the listing benchmark's local cluster")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--shard-rows", type=int, default=4096)
+    ap.add_argument("--table-format", choices=("delta", "buckets"), default="delta",
+                    help="the score table's layout (the job's default: delta)")
     ap.add_argument("--sample-s", type=float, default=1.0, help="memory sampling period (s)")
     ap.add_argument("--workdir", default=None, help="where to write manifests and outputs (default: a temp dir)")
     args = ap.parse_args(argv)
