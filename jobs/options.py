@@ -144,7 +144,8 @@ def add_batch_size_option(parser: argparse.ArgumentParser) -> None:
 def add_workers_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None,
                         help="scoring actors (default: one per GPU, else the cluster's CPUs ÷ CPUs per worker, "
-                             "which is 1 unless score's --cpus-per-worker says otherwise)")
+                             "which is 1 unless score's --cpus-per-worker says otherwise; never more than the run's blocks of "
+                             "--shard-rows images)")
 
 
 def add_scale_options(parser: argparse.ArgumentParser) -> None:

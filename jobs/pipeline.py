@@ -222,6 +222,11 @@ class CorpusShards(Datasource):
     def read_tasks(self) -> int:
         return len(self._units)
 
+    @property
+    def blocks(self) -> int:
+        """How many blocks the actors get: ``Σ ceil(rows / block_rows)`` over the row groups."""
+        return sum(-(-rows // self._block_rows) for unit in self._units for _, _, rows in unit)
+
     def estimate_inmemory_data_size(self) -> int | None:
         return sum(200 * rows for unit in self._units for _, _, rows in unit)
 
@@ -319,6 +324,9 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
         # one block, so every actor gets work even on a small run. override_num_blocks = the units:
         # Ray Data would otherwise split or merge them, and a block is the unit an actor stages.
         source = CorpusShards(fs, plan_files, block_rows=block_rows)
+        # no more actors than blocks: an actor that can get no block would only start a process, import
+        # torch and load the model (a run of fewer than block_rows images needs one actor)
+        workers = max(1, min(workers, source.blocks))
         ds = ray.data.read_datasource(source, num_cpus=0, concurrency=2, override_num_blocks=source.read_tasks)
         # One call per block (block_rows rows): the actor scores it in sub-batches of batch_size and
         # stages it itself, so a block is staged the moment it is scored.
@@ -348,4 +356,4 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
         except Exception as exc:
             raise_actor_start_failure(exc)  # a scoring actor that cannot start: one line, exit 2
             raise
-        return totals
+        return {**totals, "actors": workers}

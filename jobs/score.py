@@ -684,7 +684,8 @@ def finish(prep: Prepared, stats: dict[str, Any]) -> dict[str, Any]:
         "execution": {"workers": stats["ray"]["workers"], "gpus_per_worker": 1 if stats["ray"]["gpus"] else 0,
                       "cpus_per_worker": 0 if stats["ray"]["gpus"] else stats["ray"]["actor_cpus"],
                       "listing_tasks": stats["listing"]["tasks"], "decode_device": stats["ray"]["decode_device"],
-                      "object_store_mib": stats["scored"].get("object_store_mib")},
+                      "object_store_mib": stats["scored"].get("object_store_mib"),
+                      "actors": stats["scored"].get("actors", 0)},  # the pool started: ≤ workers, ≤ blocks
         "cluster": stats["ray"]["cluster"],
         "argv": sys.argv,
     }

@@ -8,7 +8,8 @@ threshold" always means ``score >= δ``.
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+
+# scikit-learn (~1 s to import) loads on first use: `calibrate` and `audit` need only threshold_at_tpr
 
 
 def _arrays(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
@@ -64,18 +65,24 @@ def _labels_scores(id_s: np.ndarray, ood_s: np.ndarray) -> tuple[np.ndarray, np.
 def auroc(id_scores, ood_scores) -> float:
     """Area under the ROC curve, in-distribution positive (ties count one half)."""
     y, s = _labels_scores(*_arrays(id_scores, ood_scores))
+    from sklearn.metrics import roc_auc_score
+
     return float(roc_auc_score(y, s))
 
 
 def aupr_in(id_scores, ood_scores) -> float:
     """Average precision with in-distribution as the positive class, score as is."""
     y, s = _labels_scores(*_arrays(id_scores, ood_scores))
+    from sklearn.metrics import average_precision_score
+
     return float(average_precision_score(y, s))
 
 
 def aupr_out(id_scores, ood_scores) -> float:
     """Average precision with OOD as the positive class, ranked by ``−score``."""
     y, s = _labels_scores(*_arrays(id_scores, ood_scores))
+    from sklearn.metrics import average_precision_score
+
     return float(average_precision_score(1 - y, -s))
 
 

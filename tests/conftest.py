@@ -255,24 +255,29 @@ def pids_matching(needle: str) -> list[int]:
     return [pid for pid, cmd in process_cmdlines().items() if needle in cmd and pid != me]
 
 
+STOP_GRACE_S = 2.0  # SIGTERM → SIGKILL: a test head keeps nothing worth a graceful stop
+
+
 def _stop_head(temp_dir: Path, client_port: int | None = None) -> None:
     """Stop *this* head only. ``ray stop`` would stop every Ray cluster of the user on the
     machine (other test sessions' included), so signal just the processes whose command line
     names our unique temp dir (GCS, raylet, dashboard, agents) and the head's Ray Client server
     (its command line names only its port: ``--port=<client_port>``, and ``ray start`` leaves it
-    an orphan); workers exit with their raylet."""
+    an orphan); workers exit with their raylet. SIGTERM first; whatever still runs after
+    :data:`STOP_GRACE_S` gets SIGKILL (the GCS, raylet, autoscaler monitor and runtime-env agent
+    take 15 s or more to act on SIGTERM, which was 15 s at the end of every session)."""
     pids = pids_matching(str(temp_dir))
     if client_port is not None:
         pids += [pid for pid, cmd in process_cmdlines().items()
                  if "ray.util.client.server" in cmd and f"--port={client_port} " in f"{cmd} "]
     pids = _with_descendants(pids)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
+    for sig, wait_s in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 15)):
         for pid in pids:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
-        deadline = time.time() + 15
+        deadline = time.time() + wait_s
         while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids):
             time.sleep(0.2)
 

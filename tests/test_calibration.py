@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -154,3 +157,12 @@ def test_calibrated_threshold_holds_on_fresh_in_distribution_images(frames):
     # the fresh sample's share carries its own binomial noise (s.e. ≈ 1.3% at n=300): widen by 3 s.e.
     se = np.sqrt(0.95 * 0.05 / len(fresh))
     assert lo - 3 * se <= kept <= hi + 3 * se
+
+
+def test_calibrating_does_not_import_scikit_learn():
+    """`calibrate` and `audit` need only threshold_at_tpr from odin_engine.metrics: scikit-learn (~1 s to
+    import, for the AUROC/AUPR metrics) is not loaded by a calibration."""
+    code = ("import sys, numpy as np; from odin_engine.decide.calibration import calibrate; "
+            "calibrate(np.random.default_rng(0).standard_normal(200), 0.95); "
+            "assert 'sklearn' not in sys.modules, 'sklearn imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

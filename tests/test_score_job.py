@@ -626,6 +626,8 @@ def test_torchscript_model_with_normalization_flags(ray_head, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     t = assert_exactly_once(out, {f"img_{i:05d}.png" for i in range(6)})
     assert set(t.column("status").to_pylist()) == {"ok"}
+    execution = json.loads((out / "run.json").read_text())["attempts"][-1]["execution"]
+    assert (execution["workers"], execution["actors"]) == (2, 1)  # 6 images are one block: one actor starts
     meta = pq.read_schema(next((out / "scores").glob("*.parquet"))).metadata
     assert json.loads(meta[b"odin.normalization"])["std"] == [0.25, 0.25, 0.25]
     assert meta[b"odin.input_size"] == b"32"
