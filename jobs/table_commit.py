@@ -35,7 +35,7 @@ from pyarrow import fs as pafs
 from odin_engine.io.corpus import LISTING_ERROR
 from odin_engine.io.delta import DeltaLocation, file_entry
 
-from jobs.shards import (Buckets, VersionFiles, _error_rows, _pick, _same, _verify_ids, id_hash, read_committed,
+from jobs.shards import (KEY_COLUMNS, Buckets, VersionFiles, _error_rows, _pick, _same, _verify_ids, id_hash, read_committed,
                          read_listing, read_staged, write_parquet_atomic)
 
 ROW_GROUP_ROWS = 32_768  # a bucket-range read skips the row groups outside its range
@@ -58,6 +58,13 @@ def _chosen_rows(listing: pa.Table, cand: pa.Table, n_cur: int, carried: list[st
     return choice, found, keep
 
 
+def _today(rows: pa.Table, listed: pa.Table, schema: pa.Schema, carried: list[str]) -> pa.Table:
+    """``rows`` (one per row of ``listed``) with today's uri, version, carried values and bucket."""
+    for c in ("uri", "version", *carried, "bucket"):
+        rows = rows.set_column(rows.schema.get_field_index(c), schema.field(c), listed.column(c).cast(schema.field(c).type))
+    return rows
+
+
 def commit_range(fs: pafs.FileSystem, table_path: str, listing_schema: pa.Schema, chunks: list[str],
                  n_buckets: int, lo: int, hi: int, committed: VersionFiles | None, staged: list[str],
                  schema: pa.Schema, constants: dict[str, Any], new_file: str, removals_file: str,
@@ -68,14 +75,17 @@ def commit_range(fs: pafs.FileSystem, table_path: str, listing_schema: pa.Schema
     like staged rows, so they are written into the table, not rescored)."""
     listing = read_listing(fs, chunks, Buckets(n_buckets), lo, hi, listing_schema)
     st, torn = read_staged(fs, staged, lo, hi)
-    cur = read_committed(fs, committed, lo, hi, schema.names, with_file=True) if committed else None
     carried = [f.name for f in listing_schema if f.name not in ("image_id", "uri", "version", LISTING_ERROR)]
+    # choosing needs only these columns of the committed rows, and kept rows are not rewritten: the
+    # version's rows are read whole only where a kept image's carried values changed (rare)
+    keys = [*KEY_COLUMNS, "scored_at", *carried, "bucket"]
+    narrow = pa.schema([schema.field(k) for k in keys])
+    cur = read_committed(fs, committed, lo, hi, keys, with_file=True) if committed else None
     parts, files, n_cur, n_st = [], None, 0, 0
     if cur is not None:
         files = cur.column(FILE)
-        cur = cur.drop_columns([FILE]).cast(schema)
+        cur = cur.drop_columns([FILE]).cast(narrow)
         n_cur = cur.num_rows
-        parts.append(cur)
     if st is not None:
         parts.append(st.select(schema.names).cast(schema))
         n_st = st.num_rows
@@ -87,14 +97,23 @@ def commit_range(fs: pafs.FileSystem, table_path: str, listing_schema: pa.Schema
     listed_err = ~pc.is_null(listing.column(LISTING_ERROR)).to_numpy(zero_copy_only=False)
     if listed_err.any():
         parts.append(_error_rows(listing.filter(pa.array(listed_err)), schema, constants))
-    cand = pa.concat_tables(parts) if parts else schema.empty_table()
+    rest = pa.concat_tables(parts) if parts else schema.empty_table()  # staged, migrated and error rows
+    cand = pa.concat_tables([t for t in (cur, rest.select(keys).cast(narrow)) if t is not None])
     choice, found, keep = _chosen_rows(listing, cand, n_cur, carried)
 
-    write = found & ~keep
-    new = cand.take(pa.array(choice[write]))
-    for c in ("uri", "version", *carried, "bucket"):  # today's uri, version and carried values
-        new = new.set_column(new.schema.get_field_index(c), schema.field(c),
-                             listing.column(c).filter(pa.array(write)).cast(schema.field(c).type))
+    write = np.nonzero(found & ~keep)[0]  # listed rows whose row is written now
+    src = choice[write]
+    new_parts = []
+    if (src >= n_cur).any():
+        new_parts.append(_today(rest.take(pa.array(src[src >= n_cur] - n_cur)),
+                                listing.take(pa.array(write[src >= n_cur])), schema, carried))
+    if (src < n_cur).any():  # committed rows whose carried values changed: their whole rows
+        whole = read_committed(fs, committed, lo, hi, schema.names).cast(schema)
+        if not whole.column("image_id").equals(cur.column("image_id")):
+            raise RuntimeError(f"the committed rows of buckets [{lo}, {hi}) read differently twice")
+        new_parts.append(_today(whole.take(pa.array(src[src < n_cur])), listing.take(pa.array(write[src < n_cur])),
+                                schema, carried))
+    new = pa.concat_tables(new_parts) if new_parts else schema.empty_table()
     counts: dict[str, Any] = {"listed": listing.num_rows, "written_rows": new.num_rows,
                               "kept_rows": int(keep.sum()), "torn_staging": torn, "entry": None, "removals": {}}
     if new.num_rows:
