@@ -155,7 +155,10 @@ def part_memory(work: Path, weights: Path, args) -> None:
         write_manifest(manifest, n, [str(empty)])
         print(f"wrote a {n}-row manifest in {time.perf_counter() - t:.1f}s", flush=True)
         out = work / f"out{n}"
-        for label in ("first run", "rerun"):
+        for label in ("first run", "rerun", *(("+1% night",) if args.night else ())):
+            if label == "+1% night":  # 1 % new rows, then the bytes that night wrote into the table
+                write_manifest(manifest, n + max(1, n // 100), [str(empty)])
+                before = _files(out / "scores")
             rc, peak, wall, tail, detail = run_sampled(score_cmd(manifest, out, weights, args), args.sample_s)
             if rc != 0:
                 raise SystemExit(f"score failed (rc={rc}):\n{tail}")
@@ -169,6 +172,8 @@ def part_memory(work: Path, weights: Path, args) -> None:
             print(f"    {_describe_peak(detail)}; stages end at listing {a['list_s']:.0f}s + plan "
                   f"{a['plan_s']:.0f}s + scoring {a['pipeline_s']:.0f}s + commit {a['commit_s']:.0f}s after Ray's "
                   f"start ({a.get('ray_init_s', 0):.0f}s)", flush=True)
+            if label == "+1% night":
+                print(f"    {table_bytes_line(out / 'scores', before)}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
         manifest.unlink()
 
@@ -191,6 +196,7 @@ def part_incremental(work: Path, weights: Path, args) -> None:
     for label in ("first run", f"+{extra} rows (1%)"):
         if runs:
             write_manifest(manifest, n + extra, pngs)
+            before = _files(out / "scores")
         rc, _, wall, tail, _ = run_sampled(score_cmd(manifest, out, weights, args), 60.0)
         if rc != 0:
             raise SystemExit(f"score failed (rc={rc}):\n{tail}")
@@ -203,6 +209,32 @@ def part_incremental(work: Path, weights: Path, args) -> None:
     f, r = runs
     print(f"incremental ratios (rerun / first run): rows scored {r['scored'] / f['scored']:.4f}, scoring stage "
           f"{r['pipeline_s'] / f['pipeline_s']:.3f}, whole command {r['wall_s'] / f['wall_s']:.3f}", flush=True)
+    print(f"incremental, {table_bytes_line(out / 'scores', before)}", flush=True)
+
+
+
+def _files(scores: Path) -> dict[str, tuple[int, int]]:
+    """``{name: (mtime_ns, size)}`` of the Parquet files under ``scores/`` (not the Delta log)."""
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in scores.glob("*.parquet")}
+
+
+def table_bytes_line(scores: Path, before: dict[str, tuple[int, int]]) -> str:
+    """Bytes a night wrote into the score table — Parquet files created or rewritten since ``before``
+    (a Delta table's compaction included; bucket files rewritten in place included) — against the
+    table's bytes (a Delta table: its current version's files, from the log; else every file)."""
+    after = _files(scores)
+    written = sum(size for name, (mtime, size) in after.items() if before.get(name, (None,))[0] != mtime)
+    n_written = sum(1 for name, (mtime, _) in after.items() if before.get(name, (None,))[0] != mtime)
+    if (scores / "_delta_log").is_dir():
+        import pyarrow as pa
+        from deltalake import DeltaTable
+
+        sizes = pa.table(DeltaTable(str(scores)).get_add_actions(flatten=True)).column("size_bytes").to_pylist()
+    else:
+        sizes = [size for _, size in after.values()]
+    total = sum(sizes)
+    return (f"table bytes: the night wrote {n_written} files, {written:,} bytes = {written / total:.2%} of the "
+            f"table's {total:,} bytes ({len(sizes)} files)")
 
 
 LIST_TREE = """
@@ -256,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the listing benchmark's local cluster")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--shard-rows", type=int, default=4096)
+    ap.add_argument("--night", action="store_true",
+                    help="memory part: after the rerun, a night with 1%% new rows, and the bytes it wrote")
     ap.add_argument("--table-format", choices=("delta", "buckets"), default="delta",
                     help="the score table's layout (the job's default: delta)")
     ap.add_argument("--sample-s", type=float, default=1.0, help="memory sampling period (s)")

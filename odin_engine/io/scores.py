@@ -245,11 +245,15 @@ class ScoreTable:
         names = list(columns) if columns is not None else None
         flt = self._filter(where)
         if self.filter_after_cast and flt is not None:
+            # each cast batch filtered as it comes: a scanner over them would read ahead (memory)
             wanted = self.columns if names is None else names
             used = [c for c in self.columns if c in wanted or _named_in(c, flt)]
             cast = self.dataset.scanner(columns=used, batch_size=batch_size, use_threads=False, **kw)
-            scanner = ds.Scanner.from_batches(cast.to_batches(), schema=cast.projected_schema, columns=wanted,
-                                              filter=flt, batch_size=batch_size, use_threads=False)
+            for batch in cast.to_batches():
+                batch = batch.filter(flt).select(wanted)
+                if batch.num_rows:
+                    yield batch
+            return
         else:
             scanner = self.dataset.scanner(columns=names, filter=flt, batch_size=batch_size, use_threads=False, **kw)
         for batch in scanner.to_batches():
