@@ -419,8 +419,9 @@ def plan(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) 
     committed = {} if delta else _scan_scores(out, n_buckets)[0]
     per = _by_partition(parts, committed, _scan_staging(out))
     if delta or prep.migrate:  # every task gets the version's file list and picks the files of its range
-        version = ray.put(_current_version(prep)[1])
-        per = [((legacy, version) if prep.migrate else version, staged) for legacy, staged in per]
+        version = _current_version(prep)[1]
+        ref = ray.put(version)  # (Ray resolves a reference given as an argument, not one inside a tuple)
+        per = [((legacy, version) if prep.migrate else ref, staged) for legacy, staged in per]
     out.fs.create_dir(out.p(PLAN_DIR, attempt), recursive=True)
     chunks = ray.put(listing["chunks"])
     schema = prep.source.schema
