@@ -78,7 +78,7 @@ def _signature(action: argparse.Action) -> tuple:
 
 SHARED = ["--model", "--weights", "--mean", "--std", "--input-size", "--unsafe-pickle", "--temperature", "--epsilon",
           "--tuning", "--tpr", "--method", "--batch-size", "--workers", "--resize", "--ray-address", "--config",
-          "--shard-rows", "--object-store-mib", "--fit", "--head"]
+          "--shard-rows", "--object-store-mib", "--table-format", "--fit", "--head"]
 
 
 @pytest.mark.parametrize("flag", SHARED)
@@ -111,7 +111,7 @@ def test_score_and_audit_take_the_same_model_and_execution_options():
     flags = lambda c: {s for a in _parser(c)._actions for s in a.option_strings}  # noqa: E731
     common = {"--model", "--weights", "--mean", "--std", "--input-size", "--unsafe-pickle", "--temperature",
               "--epsilon", "--tuning", "--batch-size", "--workers", "--resize", "--ray-address", "--quiet",
-              "--shard-rows", "--object-store-mib"}
+              "--shard-rows", "--object-store-mib", "--table-format"}
     assert common <= flags("score") and common <= flags("audit")
     assert {"--model", "--resize", "--batch-size", "--quiet", "--unsafe-pickle"} <= flags("tune")
 
