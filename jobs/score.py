@@ -467,6 +467,19 @@ def score_planned(prep: Prepared, ray_info: dict[str, Any], plan_files: list[str
     return {**totals, "object_store_mib": round(budget / 2**20, 1)}
 
 
+FAULT_BEFORE_COMMIT = "ODIN_FAULT_BEFORE_COMMIT"  # tests: a file to create, then wait, before the Delta commit
+
+
+def _fault_point(variable: str) -> None:
+    """Fault injection for the kill tests: with ``$variable`` naming a file, create it and wait
+    (up to 10 minutes) — the moment between a night's data files and its commit, made observable."""
+    marker = os.environ.get(variable)
+    if marker:
+        with open(marker, "w") as fh:
+            fh.write(str(os.getpid()))
+        time.sleep(600)
+
+
 def _table_schema(prep: Prepared) -> pa.Schema:
     """The Delta score table's schema: the score schema and each row's hash ``bucket``."""
     return prep.schema().append(pa.field("bucket", pa.int64()))
@@ -524,6 +537,7 @@ def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attemp
     rewrites = [(out.fs, loc.path, path, removal_files, schema, f"part-{attempt}-w{i:06d}.parquet")
                 for i, path in enumerate(sorted(set(removals) - set(emptied)))]
     entries += list(run_tasks(table_commit.rewrite_file, rewrites))
+    _fault_point(FAULT_BEFORE_COMMIT)
     prep.lock.check_held()  # a run that lost its lease commits nothing
     adds = [add_action(e) for e in entries]
     removes = [remove_action(loc, p, rows_of[p].size) for p in sorted(removals)]

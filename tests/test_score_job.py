@@ -522,6 +522,54 @@ def test_kill_9_between_the_delta_files_and_the_commit_then_rerun(ray_head, tiny
     assert DeltaTable(str(scores)).version() == (night["compaction"] or night)["version"]
 
 
+@pytest.mark.slow
+def test_kill_9_just_before_the_delta_commit_on_s3_then_rerun(ray_head, s3_server, s3_bucket, tiny_model, tmp_path,
+                                                              monkeypatch):
+    """The same on moto's S3 API, the kill made exact: the driver stops at the fault point between
+    its data files (all written, the touched files rewritten) and the Delta commit
+    (``ODIN_FAULT_BEFORE_COMMIT``), and is killed there. Readers still see the previous version
+    whole; the rerun commits the night as one version, exactly once."""
+    from jobs.score import FAULT_BEFORE_COMMIT
+    from odin_engine.io.scores import ScoreTable
+
+    for k, v in s3_server.env.items():  # this process reads the table too
+        monkeypatch.setenv(k, v)
+    corpus = tmp_path / "corpus"
+    make_images(corpus, 20)
+    out = f"s3://{s3_bucket}/kill/out"
+    env = dict(ray_head.env, **s3_server.env)
+    cmd = job_cmd(corpus, out, tiny_model, "--batch-size", "8", "--shard-rows", "4", "--quiet")
+    first = run_job(cmd, env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    night_before = sorted(ScoreTable.open(out).read(["image_id"]).column("image_id").to_pylist())
+    from deltalake import DeltaTable
+
+    opts = {**{k: v for k, v in s3_server.env.items() if k.startswith("AWS_")}, "AWS_ALLOW_HTTP": "true"}
+    seen = DeltaTable(f"{out}/scores", storage_options=opts).version()
+    make_images(corpus, 5, prefix="new_", seed=5)
+    (corpus / "img_00001.png").unlink()
+    marker = tmp_path / "at-the-commit"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, **{FAULT_BEFORE_COMMIT: str(marker)}),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait(lambda: marker.exists(), 300, "the driver at its fault point before the commit")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert DeltaTable(f"{out}/scores", storage_options=opts).version() == seen
+    assert sorted(ScoreTable.open(out).read(["image_id"]).column("image_id").to_pylist()) == night_before
+    _wait(lambda: not _map_worker_pids(ray_head), 60, "the killed job's actors to exit")
+    again = run_job(cmd, env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    fs = s3_server.filesystem()
+    with fs.open_input_stream(f"{s3_bucket}/kill/out/run.json") as fh:
+        run = json.loads(fh.read())
+    night = run["attempts"][-1]["table"]
+    assert run["verification"]["exactly_once"] and night["version"] == seen + 1
+    ids = ScoreTable.open(out).read(["image_id"]).column("image_id").to_pylist()
+    assert len(ids) == len(set(ids)) and set(ids) == {p.name for p in corpus.iterdir()}
+
+
 # --------------------------------------------------------------------------- the pieces of the exactly-once scheme
 def test_corpus_shards_read_each_block_in_its_own_small_read_unit(tmp_path):
     """A block (``block_rows`` rows: the unit an actor stages) is a plan file's row group; there is
