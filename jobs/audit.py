@@ -235,7 +235,7 @@ def _check(args: argparse.Namespace) -> AuditPlan:
     if history is not None:
         from odin_engine.decide.history import check_history
 
-        check_history(history)  # a file, or a Delta history without the `tables` extra: before anything is written
+        check_history(history)  # a file, or an unreadable Delta history: before anything is written
     jobs = [("corpus", str(args.corpus), "corpus")]
     if args.heldout and not frozen:
         jobs.insert(0, ("heldout", str(args.heldout), "heldout"))
@@ -363,18 +363,35 @@ def _score(args: argparse.Namespace, plan: AuditPlan) -> tuple[dict[str, dict[st
                       "model_id": r["config"]["model_id"], "counts": r["counts"],
                       "scored_this_run": r["attempts"][-1]["scored"],
                       "already_done": r["attempts"][-1]["already_done"],
-                      "exactly_once": r["verification"]["exactly_once"]}
+                      "exactly_once": r["verification"]["exactly_once"],
+                      # the score table's version this result reads (Delta layout; None: bucket files)
+                      "table_version": _table_version(r)}
     return runs, configs
 
 
-def _open_tables(args: argparse.Namespace, plan: AuditPlan):
-    """(corpus, held-out, {ood name: table}) score tables; with --heldout-split, two filters of one
-    table; held-out is ``None`` when a frozen calibration replaces it."""
+def _table_version(run: dict[str, Any]) -> int | None:
+    """The Delta version a score run left its table at (after its compaction, if it ran one)."""
+    table = run["attempts"][-1].get("table")
+    if not table:
+        return None
+    return (table.get("compaction") or table)["version"]
+
+
+def _open_tables(args: argparse.Namespace, plan: AuditPlan, runs: dict[str, dict[str, Any]] | None = None):
+    """(corpus, held-out, {ood name: table}) score tables — each at the version its score run left
+    (``runs``: audit.json's ``score_runs``), so the result names exactly the rows it decided on; with
+    --heldout-split, two filters of one table; held-out is ``None`` when a frozen calibration replaces it."""
     import pyarrow.compute as pc
 
     from odin_engine.io.scores import ScoreTable
 
-    corpus = ScoreTable.open(plan.out.uri("corpus"), "corpus scores")
+    def version(name: str) -> int | None:
+        return (runs or {}).get(name, {}).get("table_version")
+
+    def open_set(name: str, sub: str, what: str) -> ScoreTable:
+        return ScoreTable.open(plan.out.uri(*sub.split("/")), what, as_of=version(name))
+
+    corpus = open_set("corpus", "corpus", "corpus scores")
     if args.heldout_split:
         if "split" not in corpus.columns:
             raise ConfigError("--heldout-split needs a corpus manifest with a `split` column")
@@ -384,8 +401,8 @@ def _open_tables(args: argparse.Namespace, plan: AuditPlan):
     elif plan.frozen:
         heldout = None
     else:
-        heldout = ScoreTable.open(plan.out.uri("heldout"), "held-out scores")
-    ood = {name: ScoreTable.open(plan.out.uri("ood", name), f"OOD set {name!r} scores") for name, _ in plan.ood}
+        heldout = open_set("heldout", "heldout", "held-out scores")
+    ood = {name: open_set(f"ood/{name}", f"ood/{name}", f"OOD set {name!r} scores") for name, _ in plan.ood}
     return corpus, heldout, ood
 
 
@@ -550,7 +567,7 @@ def audit(args: argparse.Namespace) -> dict[str, Any]:
                   "δ, flagging and writing the report", flush=True)
         heldout = None
         try:
-            corpus, heldout, ood = _open_tables(args, plan)
+            corpus, heldout, ood = _open_tables(args, plan, runs)
             cal = _calibrate(args, plan, corpus, heldout, configs)
             flag_plan = plan_flags(corpus, cal, plan.calibration)
             evaluation, roc = _evaluate(args, plan, heldout, ood)

@@ -84,6 +84,11 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
     assert report.count("data:image/png;base64,") >= 4 and "c0" in report
     doc = json.loads((out / "audit.json").read_text())
     assert doc["score_runs"]["corpus"]["scored_this_run"] == 31
+    # the result names the score tables' versions it decided on: readable again by that version
+    from odin_engine.io.scores import ScoreTable
+
+    v = doc["score_runs"]["corpus"]["table_version"]
+    assert isinstance(v, int) and ScoreTable.open(str(out / "corpus"), as_of=v).count() == 31
     ranks = ok.sort_values("odin")["rank"].to_numpy()
     assert ranks[0] == 1 and (ranks == ok["odin"].rank(method="min").sort_values().to_numpy()).all()
     assert sorted(p.name for p in (out / "flags").iterdir())[0].startswith("part-")
@@ -95,6 +100,7 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
     assert again.returncode == 0, again.stderr[-3000:]
     doc2 = json.loads((out / "audit.json").read_text())
     assert all(r["scored_this_run"] == 0 for r in doc2["score_runs"].values())
+    assert doc2["score_runs"]["corpus"]["table_version"] == v  # nothing changed: no new version
     report2 = (out / "report.html").read_text()  # the resumed run's report says what it reused
     assert "151 images were scored by an earlier run" in report2 and ">31<" in report2
     for k in ("heldout", "corpus"):
