@@ -3,8 +3,8 @@
 A score table written as a Delta table, then a second version that replaces some rows (delete +
 append: the replaced rows' file stays on disk until vacuumed) and adds new ones: ``ScoreTable.open``
 reads exactly the current version's rows, never the stale file, locally and on moto's S3 server;
-``odin-audit calibrate`` reads Delta tables through it. Needs the ``tables`` extra: skipped with
-the reason when deltalake is missing, failed under ``CI=true`` (``scripts/setup`` installs it).
+``odin-audit calibrate`` reads Delta tables through it; an earlier version reads by ``as_of``.
+deltalake is a dependency: skipped with the reason if it is missing, failed under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def _deltalake():
     try:
         import deltalake  # noqa: F401
     except ImportError:
-        real_part_missing("tables extra (deltalake)", "deltalake not installed (pip install -e '.[tables]')")
+        real_part_missing("deltalake", "deltalake not installed (a dependency of odin-audit: pip install -e .)")
 
 
 def _s3_opts(s3) -> dict:
