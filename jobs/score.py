@@ -541,13 +541,12 @@ def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attemp
     prep.lock.check_held()  # a run that lost its lease commits nothing
     adds = [add_action(e) for e in entries]
     removes = [remove_action(loc, p, rows_of[p].size) for p in sorted(removals)]
-    settings = {k.decode(): v.decode() for k, v in prep.schema().metadata.items()
-                if k.decode() not in ("odin.run_id", "odin.versions")}
-    settings["odin.run_id"] = prep.run_id
+    # the table's settings: the score files' metadata but the library versions (they change between runs)
+    settings = {k.decode(): v.decode() for k, v in schema.metadata.items() if k != b"odin.versions"}
     new_version = base.version() if base is not None else None
     if adds or removes:
         new_version = commit_version(loc, schema, adds, removes, base=base, settings=settings,
-                             metadata={RUN_ID_KEY: prep.run_id, ATTEMPT_KEY: attempt})
+                                     metadata={RUN_ID_KEY: prep.run_id, ATTEMPT_KEY: attempt})
     # small files past the rule (odin_engine.io.maintenance.needs_compaction): merged now, one more
     # version with the same rows, under this run's lease
     compaction = None

@@ -217,9 +217,7 @@ def read_committed(fs: pafs.FileSystem, committed: "dict[int, str] | VersionFile
         parts = [t for t in (read_committed(fs, c, lo, hi, columns) for c in committed) if t is not None]
         return pa.concat_tables(parts, promote_options="permissive") if parts else None
     if isinstance(committed, dict):
-        parts = [_read_keys(fs, committed[b], []) if columns == list(KEY_COLUMNS)
-                 else pq.read_table(committed[b], filesystem=fs, columns=columns)
-                 for b in range(lo, hi) if b in committed]
+        parts = [pq.read_table(committed[b], filesystem=fs, columns=columns) for b in range(lo, hi) if b in committed]
         return pa.concat_tables(parts, promote_options="permissive") if parts else None
     files = [f.path for f in committed.files if f.overlaps(lo, hi)]
     if not files:
