@@ -180,7 +180,10 @@ def snapshot_files(root: str, s3: "S3 | None" = None) -> dict[str, tuple]:
     for dirpath, _, files in os.walk(root):
         for f in files:
             p = os.path.join(dirpath, f)
-            st = os.stat(p)
+            try:
+                st = os.stat(p)
+            except FileNotFoundError:  # a writer's temporary file renamed between the listing and the stat
+                continue
             out[p] = (st.st_size, st.st_mtime_ns, st.st_ino)
     return out
 
