@@ -1,6 +1,6 @@
 """Check that a scoring actor can start before the pipeline runs, and say in one line why not.
 
-:func:`preflight_scoring` starts one probe actor with the scoring actors' resources (one GPU
+:func:`preflight_scoring` runs one probe task with the scoring actors' resources (one GPU
 when the job uses GPUs), which does what a scoring actor's constructor does — check the
 device, load the model and weights, build the scorer and score one image — and returns a
 structured result. A failure becomes one :class:`ConfigError` line naming the node, what failed
@@ -83,58 +83,59 @@ def classify(exc: BaseException, spec: str, weights: str | None) -> WorkerStartE
     return WorkerStartError(f"loading the model {spec!r} raised {text}", FACTORY_FIX)
 
 
-class _Probe:
+def _probe(spec: str, weights: str | None, mean: Sequence[float], std: Sequence[float], input_size: int,
+           unsafe_pickle: bool, model_id: str, device: str, temperature: float, epsilon: float) -> dict[str, Any]:
     """What a scoring actor's constructor does, returning the outcome instead of raising."""
+    try:
+        import numpy as np
 
-    def run(self, spec: str, weights: str | None, mean: Sequence[float], std: Sequence[float], input_size: int,
-            unsafe_pickle: bool, model_id: str, device: str, temperature: float, epsilon: float) -> dict[str, Any]:
-        try:
-            import numpy as np
+        from odin_engine.loading import load_model
+        from odin_engine.scorer import OdinScorer
 
-            from odin_engine.loading import load_model
-            from odin_engine.scorer import OdinScorer
-
-            check_device(device)
-            model = load_model(spec, weights, mean=mean, std=std, input_size=input_size, unsafe_pickle=unsafe_pickle)
-            if model.model_id != model_id:
-                raise WorkerStartError(f"the weights here ({model.model_id}) differ from the driver's ({model_id})",
-                                       "make --weights the same file on every node")
-            scorer = OdinScorer(model, temperature, epsilon, device=device, batch_size=1)
-            s = model.input_size
-            scorer.score(np.random.default_rng(0).integers(0, 256, (1, s, s, 3), dtype=np.uint8))
-            return {"ok": True, "node": node_name(), "device": str(scorer.device)}
-        except Exception as exc:  # noqa: BLE001 - reported, not raised: the driver words it
-            err = classify(exc, spec, weights)
-            return {"ok": False, "node": node_name(), "what": err.what, "fix": err.fix}
+        check_device(device)
+        model = load_model(spec, weights, mean=mean, std=std, input_size=input_size, unsafe_pickle=unsafe_pickle)
+        if model.model_id != model_id:
+            raise WorkerStartError(f"the weights here ({model.model_id}) differ from the driver's ({model_id})",
+                                   "make --weights the same file on every node")
+        scorer = OdinScorer(model, temperature, epsilon, device=device, batch_size=1)
+        s = model.input_size
+        scorer.score(np.random.default_rng(0).integers(0, 256, (1, s, s, 3), dtype=np.uint8))
+        return {"ok": True, "node": node_name(), "device": str(scorer.device)}
+    except Exception as exc:  # noqa: BLE001 - reported, not raised: the driver words it
+        err = classify(exc, spec, weights)
+        return {"ok": False, "node": node_name(), "what": err.what, "fix": err.fix}
 
 
 def preflight_scoring(*, spec: str, weights: str | None, mean: Sequence[float], std: Sequence[float],
                       input_size: int, unsafe_pickle: bool, model_id: str, gpus: bool, cpus: float,
                       temperature: float, epsilon: float, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
-    """Start one probe actor with a scoring actor's resources; raise ``ConfigError`` if it cannot start.
+    """Run one probe task with a scoring actor's resources; raise ``ConfigError`` if a scoring actor could not start.
 
-    Returns the probe's result (``node``, ``device``). A probe that cannot be placed within
-    ``timeout_s`` is not an error (the cluster may be scaling): the result then has ``skipped``.
+    A task, not an actor: on a CPU cluster it runs in a task worker that the job's listing, planning
+    and commit tasks then reuse (one Python process, torch import and model load fewer per command
+    than a probe actor, which Ray gives a process of its own). Returns the probe's result (``node``,
+    ``device``). A probe that cannot be placed within ``timeout_s`` is not an error (the cluster may
+    be scaling): the result then has ``skipped``.
     """
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import GetTimeoutError, RayError
 
     key = (spec, weights, model_id, gpus, ray.get_runtime_context().gcs_address)
     if key in _passed:  # e.g. `audit` scores several sets with one model on one cluster
         return _passed[key]
-    probe_cls = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cpus, max_restarts=0)(_Probe)
-    actor = probe_cls.remote()
+    probe = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cpus, max_retries=0)(_probe)
+    ref = probe.options(name="odin_preflight_probe").remote(
+        spec, weights, list(mean), list(std), input_size, unsafe_pickle, model_id, "cuda" if gpus else "cpu",
+        temperature, epsilon)
     try:
-        result = ray.get(actor.run.remote(spec, weights, list(mean), list(std), input_size, unsafe_pickle, model_id,
-                                          "cuda" if gpus else "cpu", temperature, epsilon), timeout=timeout_s)
+        result = ray.get(ref, timeout=timeout_s)
     except GetTimeoutError:
+        ray.cancel(ref, force=True)
         return {"ok": True, "skipped": f"no node could host a scoring actor within {timeout_s:g}s"}
-    except RayActorError as exc:  # the probe itself could not start, or its process died
+    except RayError as exc:  # the probe could not run (its code does not import there) or its process died
         raise ConfigError(f"a scoring actor could not start on the cluster: {_last_line(exc)}; if the job's code "
                           "cannot be imported there, install odin-audit on every node or submit with "
                           "--working-dir; otherwise see the node's memory and the Ray logs") from None
-    finally:
-        ray.kill(actor)
     if not result["ok"]:
         raise ConfigError(f"scoring actors cannot start on node {result['node']}: {result['what']}; {result['fix']}")
     _passed[key] = result

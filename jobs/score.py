@@ -275,8 +275,8 @@ def check_fit(loaded, fit: str | None, head: str | None, temperature: float,
 # --------------------------------------------------------------------------- 3. the Ray part
 def start_ray(prep: "Prepared") -> dict[str, Any]:
     """The one Ray setup point, before anything is written: connect to the cluster the address rules
-    choose (``jobs.ray_utils``), start one probe scoring actor (a node that cannot run one ends the
-    command in one line, exit 2), and size the scoring actor pool."""
+    choose (``jobs.ray_utils``), run one probe task with a scoring actor's resources (a node that
+    cannot run one ends the command in one line, exit 2), and size the scoring actor pool."""
     from jobs.preflight import preflight_scoring
     from jobs.ray_output import driver_log
     from jobs.ray_utils import connect_cluster
