@@ -123,8 +123,7 @@ def _parts_from_reports(terminalreporter) -> None:
 # The files that run whole jobs, longest first (docs/testing.md, "Where the time goes"). With
 # `-n 2 --dist loadfile` (scripts/test) files go to the workers in collection order: starting the
 # longest first keeps one long file from being the tail while the other worker idles.
-# longest first (`python -m benchmarks.suite_durations` on a --durations=0 run, docs/testing.md), so that
-# the two xdist workers end together: the short files fill in at the end
+# The order is measured: `python -m benchmarks.suite_durations` on a `--durations=0` run.
 LONGEST_FILES = ("test_score_job", "test_audit", "test_cluster", "test_delta_maintenance", "test_scheduled",
                  "test_results", "test_demo", "test_fit_job", "test_table_formats", "test_exit_codes",
                  "test_promises", "test_console", "test_deploy", "test_gpu_rehearsal", "test_reading")
