@@ -190,7 +190,9 @@ def flags_line(out: Path, rows: int) -> str:
             f"{n:,} rows{' = the corpus' if n == rows else f' != {rows:,} corpus rows'}")
 
 
-RULES = {"tpr": ("TPR rule", ()), "fdr": ("--fdr 0.1", ("--fdr", "0.1"))}
+RULES = {"tpr": ("TPR rule", ()), "fdr": ("--fdr 0.1", ("--fdr", "0.1")),
+         # the TPR rule with the flags as each result's Parquet folder (the layout before the Delta flags table)
+         "buckets": ("TPR, --table-format buckets", ("--table-format", "buckets"))}
 
 
 def run_calibrate(sizes: list[int], rev: str | None, work: Path, rules: list[str] = ("tpr",),
@@ -280,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=None,
                     help="write each corpus as this many files (default: files of 131,072 rows)")
     ap.add_argument("--rules", default="tpr,fdr",
-                    help="decision rules of this code to measure: tpr (score < δ), fdr (--fdr 0.1); comma-separated")
+                    help="decision rules of this code to measure: tpr (score < δ), fdr (--fdr 0.1), buckets (the TPR "
+                         "rule, flags as per-result Parquet folders instead of the Delta table); comma-separated")
     args = ap.parse_args(argv)
     print(f"load: {os.getloadavg()}; cpus: {os.cpu_count()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="odin-decision-scale-") as tmp:
