@@ -33,10 +33,7 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="writes calibration.json, flags/part-*.parquet, flag_summary.json as one result, "
                              "published whole (local, s3://, gs://; docs/decision-stage.md)")
     options.add_flag_file_rows_option(parser)
-    options.add_table_format_option(parser, "the flags: a Delta Lake table DIR/flags, one version per result (default: "
-                                            "time travel by result id; docs/decision-stage.md) or each result's own "
-                                            "Parquet folder (the layout before Delta); an output whose flags are a "
-                                            "Delta table keeps them")
+    options.add_table_format_option(parser)
     options.add_config_option(parser)
 
 
@@ -117,22 +114,23 @@ def calibrate_and_flag(
     rows_per_file: int | None = None, table_format: str | None = None,
 ) -> dict[str, Any]:
     """Read both score tables, calibrate δ, flag the corpus; every check runs before anything is written.
-    ``table_format``: the flags' (``jobs.score.table_format``: default ``delta``).
+    ``table_format``: the flags' format asked for (``jobs.score.decided_format``: a new output's
+    default ``delta``; an existing output keeps its own unless ``delta`` is asked).
 
     Memory: the held-out method column, plus the bounded buffers of the streaming flag pass.
     """
     from odin_engine.decide.calibration import calibrate_tables
     from odin_engine.decide.flagging import summarize
-    from jobs.score import table_format as decide_format
-    from odin_engine.io.results import Publication, check_flags_format
+    from jobs.score import decided_format
+    from odin_engine.io.results import Publication, check_flags_format, recorded_flags_format
     from odin_engine.io.scores import ScoreTable
     from odin_engine.io.store import Store
 
     out = Store(output)
     if out.is_file():
         raise ConfigError(f"--output {output} is a file; give a directory")
-    flags_format = decide_format(None, table_format)
-    check_flags_format(out, flags_format)
+    check_flags_format(out, table_format or "delta")
+    flags_format = decided_format(recorded_flags_format(out), table_format)
     lease = output_lease(out, output)
     lease.check_free()
     corpus = ScoreTable.open(scores, "corpus scores")

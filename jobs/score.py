@@ -257,8 +257,17 @@ def output_table_format(output: str, requested: str | None = None) -> str:
         job = Store(output).read_json(JOB_FILE)
     except (OSError, ValueError):
         job = None
-    fmt = table_format(job, requested)
-    return "delta" if job is not None and requested == "delta" else fmt
+    return decided_format(None if job is None else table_format(job), requested)
+
+
+def decided_format(recorded: str | None, requested: str | None) -> str:
+    """The format an output's table has after a run that asked for ``requested``
+    (``--table-format``): a new output's (``recorded`` None) is ``requested``, default ``delta``;
+    an existing output keeps ``recorded`` unless ``delta`` is asked (a migration). Going back from
+    ``delta`` to ``buckets`` is refused where the output is checked."""
+    if recorded is None:
+        return requested or "delta"
+    return "delta" if requested == "delta" else recorded
 
 
 def check_fit(loaded, fit: str | None, head: str | None, temperature: float,

@@ -428,8 +428,9 @@ def test_a_kill_between_the_flags_commit_and_the_pointer_keeps_the_previous_resu
 
 def test_buckets_flags_unchanged_then_migrated_to_delta(tables, tmp_path):
     """``--table-format buckets``: each result's own Parquet folder behind the ``DIR/flags`` link, as
-    before Delta. The first Delta run replaces the link with the table; the older result keeps its
-    folder, still read by its id; the output cannot go back (exit 2)."""
+    before Delta, kept by later runs that ask for no format. The first Delta run (``--table-format
+    delta``) replaces the link with the table; the older results keep their folders, still read by
+    their ids; the output cannot go back (exit 2)."""
     from deltalake import DeltaTable
 
     out = tmp_path / "out"
@@ -441,8 +442,10 @@ def test_buckets_flags_unchanged_then_migrated_to_delta(tables, tmp_path):
     plain = pd.read_parquet(out / "flags")  # a buckets output's flags are a plain Parquet folder
     assert len(plain) == CORPUS_ROWS and int(plain["is_outlier"].sum()) == old["summary"]["n_outliers"]
     assert open_flags(str(out)).format == "buckets" and open_flags(str(out)).result_id == old["result_id"]
+    kept = _calibrate(tables, out, 0.99)  # no format asked: the output keeps its own
+    assert kept["flags"]["flags_format"] == "buckets" and (out / "flags").is_symlink()
 
-    new = _calibrate(tables, out, 0.95)  # the default: delta
+    new = _calibrate(tables, out, 0.95, "delta")  # migrates
     assert not (out / "flags").is_symlink() and (out / "flags" / "_delta_log").is_dir()
     assert (out / RESULTS_DIR / old["result_id"] / "flags").is_dir()  # kept with its own folder
     assert len(DeltaTable(str(out / "flags")).to_pandas()) == CORPUS_ROWS

@@ -95,6 +95,18 @@ def check_flags_format(out: Store, flags_format: str) -> None:
                           "to per-result Parquet flags; drop --table-format buckets, or use a new --output")
 
 
+def recorded_flags_format(out: Store) -> str | None:
+    """The flags' format ``out`` already has: its pointer's (a pointer written before the Delta
+    flags: ``buckets``), ``delta`` for a Delta table at ``DIR/flags`` (a first run killed after its
+    flags commit), ``buckets`` for an oldest-layout ``DIR/flags/``; None for a new output."""
+    pointer = read_pointer(out)
+    if pointer is not None:
+        return str(pointer.get("flags_format", "buckets"))
+    if is_delta_table(out.fs, out.p(FLAGS)):
+        return "delta"
+    return "buckets" if out.exists(FLAGS) else None
+
+
 @dataclass
 class Publication:
     """One result being written: ``store`` is its private directory; :meth:`commit` publishes it.
