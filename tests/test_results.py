@@ -456,3 +456,22 @@ def test_buckets_flags_unchanged_then_migrated_to_delta(tables, tmp_path):
     with pytest.raises(ConfigError, match="cannot go back"):
         _calibrate(tables, out, 0.80, "buckets")
     assert open_flags(str(out)).result_id == new["result_id"]
+
+
+def test_the_flags_format_is_decided_like_the_score_tables(tmp_path):
+    """One rule (jobs.score.decided_format) for the score table and the flags: a new output is Delta
+    unless buckets is asked; an existing output keeps its own; delta migrates. An audit's flags take
+    its corpus score output's format (its job file)."""
+    from jobs.score import JOB_FILE, decided_format, output_table_format
+
+    assert [decided_format(None, r) for r in (None, "delta", "buckets")] == ["delta", "delta", "buckets"]
+    assert [decided_format("buckets", r) for r in (None, "delta", "buckets")] == ["buckets", "delta", "buckets"]
+    assert decided_format("delta", None) == "delta"
+    corpus = tmp_path / "audit" / "corpus"
+    assert output_table_format(str(corpus), None) == "delta"  # not scored yet: a new output
+    corpus.mkdir(parents=True)
+    (corpus / JOB_FILE).write_text(json.dumps({"run_id": "r", "config": {}}))  # made before issue 23
+    assert output_table_format(str(corpus), None) == "buckets"
+    assert output_table_format(str(corpus), "delta") == "delta"
+    (corpus / JOB_FILE).write_text(json.dumps({"run_id": "r", "config": {}, "layout": {"format": "delta"}}))
+    assert output_table_format(str(corpus), None) == "delta"
