@@ -30,8 +30,9 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="tuning.json from `odin-audit tune`: δ thresholds the method it chose (unless --method)")
     parser.set_defaults(method=None)
     parser.add_argument("--output", metavar="DIR",
-                        help="writes calibration.json, flags/part-*.parquet, flag_summary.json as one result, "
-                             "published whole (local, s3://, gs://; docs/decision-stage.md)")
+                        help="writes calibration.json, flag_summary.json and the flags (DIR/flags: a Delta table, "
+                             "one version per result) as one result, published whole (local, s3://, gs://; "
+                             "docs/decision-stage.md)")
     options.add_flag_file_rows_option(parser)
     options.add_table_format_option(parser)
     options.add_config_option(parser)
