@@ -171,7 +171,28 @@ def probe_line(path: Path) -> str:
             f"in: {' < '.join(reversed(p.get('stack') or ['?']))}")
 
 
-RULES = {"tpr": ("TPR rule", ()), "fdr": ("--fdr 0.1", ("--fdr", "0.1"))}
+def flags_line(out: Path, rows: int) -> str:
+    """The published flags (``odin_engine.io.results.open_flags``): format, version, files and their
+    sizes against the compaction target, and whether the current result has one row per corpus row."""
+    try:
+        from odin_engine.io.maintenance import DEFAULT_TARGET_BYTES
+        from odin_engine.io.results import open_flags
+
+        flags = open_flags(str(out))
+        # a Delta version's dataset names its files relative to the table's folder
+        sizes = [os.path.getsize(f if os.path.isabs(f) else os.path.join(out, "flags", f)) for f in flags.dataset.files]
+        n = flags.dataset.count_rows()
+    except Exception as exc:  # noqa: BLE001 — a figure line, not a check
+        return f"    flags: not readable ({exc})"
+    mib = [s / 2**20 for s in sizes]
+    return (f"    flags: {flags.format} version {flags.version}, {len(sizes)} files of {min(mib):.1f}–{max(mib):.1f} MiB "
+            f"(mean {sum(mib) / len(mib):.1f}; compaction target {DEFAULT_TARGET_BYTES / 2**20:.0f} MiB), "
+            f"{n:,} rows{' = the corpus' if n == rows else f' != {rows:,} corpus rows'}")
+
+
+RULES = {"tpr": ("TPR rule", ()), "fdr": ("--fdr 0.1", ("--fdr", "0.1")),
+         # the TPR rule with the flags as each result's Parquet folder (the layout before the Delta flags table)
+         "buckets": ("TPR, --table-format buckets", ("--table-format", "buckets"))}
 
 
 def run_calibrate(sizes: list[int], rev: str | None, work: Path, rules: list[str] = ("tpr",),
@@ -202,6 +223,7 @@ def run_calibrate(sizes: list[int], rev: str | None, work: Path, rules: list[str
                   f"{r['wall_s']:6.1f} s, {n / r['wall_s']:>10,.0f} rows/s", flush=True)
             if tree == REPO:
                 print(probe_line(probe), flush=True)
+                print(flags_line(work / f"out-{n}-{abs(hash(name))}", n), flush=True)
         subprocess.run(["rm", "-rf", str(corpus)], check=False)
     print()
     lo, hi = min(sizes), max(sizes)
@@ -260,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--files", type=int, default=None,
                     help="write each corpus as this many files (default: files of 131,072 rows)")
     ap.add_argument("--rules", default="tpr,fdr",
-                    help="decision rules of this code to measure: tpr (score < δ), fdr (--fdr 0.1); comma-separated")
+                    help="decision rules of this code to measure: tpr (score < δ), fdr (--fdr 0.1), buckets (the TPR "
+                         "rule, flags as per-result Parquet folders instead of the Delta table); comma-separated")
     args = ap.parse_args(argv)
     print(f"load: {os.getloadavg()}; cpus: {os.cpu_count()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="odin-decision-scale-") as tmp:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from typing import Any, Sequence
 
 from jobs import options
-from jobs.calibrate import (CALIBRATION_JSON, FLAG_SUMMARY_JSON, FLAGS_DIR, decision_line, limits_line, output_lease,
+from jobs.calibrate import (CALIBRATION_JSON, FLAG_SUMMARY_JSON, decision_line, flags_record, limits_line, output_lease,
                             plan_flags, publish_flags)
 from jobs.options import EXIT_CONFIG, EXIT_RUNTIME, describe, run_main
 from odin_engine.detectors.fit import DEFAULT_BANK_SIZE
@@ -336,7 +336,8 @@ def _score_options(args: argparse.Namespace, plan: AuditPlan) -> dict[str, Any]:
 def _check_outputs(args: argparse.Namespace, plan: AuditPlan) -> None:
     """Every set's score directory accepts this model and these settings (``jobs.score.prepare``,
     which writes nothing), checked for all sets before the first is scored."""
-    from jobs.score import ScoreConfig, prepare
+    from jobs.score import ScoreConfig, output_table_format, prepare
+    from odin_engine.io.results import check_flags_format
 
     kw = _score_options(args, plan)
     for name, src, sub in plan.jobs:
@@ -344,6 +345,7 @@ def _check_outputs(args: argparse.Namespace, plan: AuditPlan) -> None:
             prepare(ScoreConfig(src, plan.out.uri(sub), **kw).checked())
         except ConfigError as exc:
             raise ConfigError(f"{name} scores: {exc}") from exc
+    check_flags_format(plan.out, output_table_format(plan.out.uri("corpus"), args.table_format))
 
 
 # --------------------------------------------------------------------------- stages
@@ -442,12 +444,15 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
 
     from odin_engine.decide.calibration import heldout_scores
     from odin_engine.decide.drift import drift_test
+    from jobs.score import output_table_format
     from odin_engine.decide.flagging import summarize
+    from odin_engine.io.maintenance import AUDIT_ID_KEY
     from odin_engine.io.results import Publication
     from odin_engine.report import counts_from_quantiles, display_scale, histogram_edges, render_report
 
     method = plan.calibration.method
-    pub = Publication(plan.out)
+    # the flags take the corpus score table's format (its job file, as the score job decided it)
+    pub = Publication(plan.out, flags_format=output_table_format(runs["corpus"]["output"]))
     out = pub.store  # this result's private directory: nothing in it is visible before the commit
     # a frozen calibration scores no held-out set: its histogram comes from the quantiles the
     # calibration kept (none in files written before they were kept: then it is absent)
@@ -458,10 +463,11 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
     h_counts = (np.histogram(h_scores, edges)[0] if heldout is not None
                 else counts_from_quantiles(quantiles, int(cal.get("n_heldout") or 0), edges))
     files = {} if args.flag_file_rows is None else {"rows_per_file": args.flag_file_rows}
-    flags = publish_flags(flag_plan, pub, gallery=args.gallery, hist_edges=edges, **files)
+    flags = publish_flags(flag_plan, pub, {AUDIT_ID_KEY: pub.result_id, "odin.command": "audit"},
+                          gallery=args.gallery, hist_edges=edges, **files)
     summary = summarize(flag_plan.stats, plan.class_names, cal["decision"])
     cal["summary"] = summary["overall"]
-    cal["flags"] = {"path": FLAGS_DIR, "files": len(flags.files), "rank_ranges": len(flag_plan.ranges)}
+    cal["flags"] = flags_record(pub, flags, flag_plan)
     cal["result_id"] = pub.result_id
     out.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": method, "decision": cal["decision"], **summary})
     if evaluation is not None:
@@ -491,7 +497,8 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "score_runs": runs,
         "cluster": _cluster_used(),
         "durations_s": {"scoring": round(t_scored - t0, 3)},
-        "outputs": {"calibration": CALIBRATION_JSON, "flags": FLAGS_DIR + "/", "flag_summary": FLAG_SUMMARY_JSON,
+        **pub.flags_info,  # flags_format, and flags_version: the flags table's version of this result
+        "outputs": {"calibration": CALIBRATION_JSON, "flags": cal["flags"]["path"] + "/", "flag_summary": FLAG_SUMMARY_JSON,
                     "report": REPORT_HTML, **({"evaluation": EVALUATION_JSON} if evaluation is not None else {})},
     }
     history_html, row = _comparison_html(args, method), None

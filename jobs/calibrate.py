@@ -30,18 +30,32 @@ def build_parser(parser: argparse.ArgumentParser) -> None:
                         help="tuning.json from `odin-audit tune`: δ thresholds the method it chose (unless --method)")
     parser.set_defaults(method=None)
     parser.add_argument("--output", metavar="DIR",
-                        help="writes calibration.json, flags/part-*.parquet, flag_summary.json as one result, "
-                             "published whole (local, s3://, gs://; docs/decision-stage.md)")
+                        help="writes calibration.json, flag_summary.json and the flags (DIR/flags: a Delta table, "
+                             "one version per result) as one result, published whole (local, s3://, gs://; "
+                             "docs/decision-stage.md)")
     options.add_flag_file_rows_option(parser)
+    options.add_table_format_option(parser)
     options.add_config_option(parser)
 
 
-def publish_flags(plan, publication, **kwargs):
-    """Write the flags of ``plan`` into ``publication``'s private result directory (see
-    :func:`odin_engine.decide.flagging.write_flags`); nothing is visible before its commit."""
-    from odin_engine.decide.flagging import write_flags
+def publish_flags(plan, publication, metadata: dict[str, str] | None = None, **kwargs):
+    """Write the flags of ``plan`` (see :func:`odin_engine.decide.flagging.write_flags`) and, in the
+    ``delta`` flags format, commit them as the flags table's new version (``metadata`` in its
+    commit); nothing is visible to a reader of the output's pointer before the result's commit."""
+    from odin_engine.decide.flagging import flag_schema, write_flags
 
-    return write_flags(plan, publication.store.join(FLAGS_DIR), part_prefix=publication.part_prefix, **kwargs)
+    publication.prepare_flags()
+    result = write_flags(plan, publication.flags_store, part_prefix=publication.part_prefix, **kwargs)
+    if publication.flags_format == "delta":
+        publication.commit_flags(result.files, flag_schema(plan.table.schema), **(metadata or {}))
+    return result
+
+
+def flags_record(publication, result, plan) -> dict[str, Any]:
+    """calibration.json's ``flags``: where the flags are, their files, rank ranges, format and version."""
+    where = {"path": FLAGS_DIR} if publication.flags_format == "buckets" else {
+        "path": "../../" + FLAGS_DIR, "table": FLAGS_DIR}  # the path relative to the result's directory
+    return {**where, "files": len(result.files), "rank_ranges": len(plan.ranges), **publication.flags_info}
 
 
 def output_lease(out, display: str):
@@ -98,21 +112,26 @@ def limits_line(decision: dict[str, Any]) -> str:
 
 def calibrate_and_flag(
     scores: str, heldout_scores: str, output: str, settings: CalibrationSettings = CalibrationSettings(),
-    rows_per_file: int | None = None,
+    rows_per_file: int | None = None, table_format: str | None = None,
 ) -> dict[str, Any]:
     """Read both score tables, calibrate δ, flag the corpus; every check runs before anything is written.
+    ``table_format``: the flags' format asked for (``jobs.score.decided_format``: a new output's
+    default ``delta``; an existing output keeps its own unless ``delta`` is asked).
 
     Memory: the held-out method column, plus the bounded buffers of the streaming flag pass.
     """
     from odin_engine.decide.calibration import calibrate_tables
     from odin_engine.decide.flagging import summarize
-    from odin_engine.io.results import Publication
+    from jobs.score import decided_format
+    from odin_engine.io.results import Publication, check_flags_format, recorded_flags_format
     from odin_engine.io.scores import ScoreTable
     from odin_engine.io.store import Store
 
     out = Store(output)
     if out.is_file():
         raise ConfigError(f"--output {output} is a file; give a directory")
+    check_flags_format(out, table_format or "delta")
+    flags_format = decided_format(recorded_flags_format(out), table_format)
     lease = output_lease(out, output)
     lease.check_free()
     corpus = ScoreTable.open(scores, "corpus scores")
@@ -121,13 +140,13 @@ def calibrate_and_flag(
     plan = plan_flags(corpus, cal, settings)
     # ---- all checks passed: write one whole result (flags, summary, calibration.json), then commit it
     with lease:
-        pub = Publication(out)
+        pub = Publication(out, flags_format=flags_format)
         files = {} if rows_per_file is None else {"rows_per_file": rows_per_file}
-        result = publish_flags(plan, pub, gallery=0, errors_listed=0, **files)
+        result = publish_flags(plan, pub, {"odin.command": "calibrate"}, gallery=0, errors_listed=0, **files)
         summary = summarize(plan.stats, decision=cal["decision"])
         cal["sources"] = {"scores": str(scores), "heldout_scores": str(heldout_scores)}
         cal["summary"] = summary["overall"]
-        cal["flags"] = {"path": FLAGS_DIR, "files": len(result.files), "rank_ranges": len(plan.ranges)}
+        cal["flags"] = flags_record(pub, result, plan)
         cal["result_id"] = pub.result_id
         pub.store.write_json(FLAG_SUMMARY_JSON, {"delta": cal["delta"], "method": settings.method,
                                                  "decision": cal["decision"], **summary})
@@ -146,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
 
     method = args.method or (tuned_method(args.tuning) if args.tuning else None) or DEFAULT_METHOD
     settings = CalibrationSettings(args.tpr, method, fdr=args.fdr, conditional=args.conditional)
-    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, settings, rows_per_file=args.flag_file_rows)
+    cal = calibrate_and_flag(args.scores, args.heldout_scores, args.output, settings, rows_per_file=args.flag_file_rows,
+                             table_format=args.table_format)
     s = cal["summary"]
     lo, hi = cal["tpr_ci"]
     print(

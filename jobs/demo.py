@@ -100,13 +100,11 @@ def _summarize(audit_out: Path, manifest: Path) -> dict[str, Any]:
     import pandas as pd
 
     from odin_engine.demo.data import image_kind
-    from odin_engine.io.scores import ScoreTable
+    from odin_engine.io.results import current, open_flags
     from odin_engine.io.store import Store
 
-    from odin_engine.io.results import current
-
-    out = current(Store(str(audit_out)))  # the audit's current complete result
-    flags = ScoreTable.open(out.uri("flags"), "flags").read(["image_id", "is_outlier"]).to_pandas()
+    out = current(Store(str(audit_out)))  # the audit's current complete result (its JSON files)
+    flags = open_flags(str(audit_out)).to_pandas(["image_id", "is_outlier"])  # and its flags version
     truth = pd.read_csv(manifest, dtype=str)[["image_id", "label"]]
     df = flags.merge(truth, on="image_id", how="right")
     if df["is_outlier"].isna().any():

@@ -153,14 +153,21 @@ def add_scale_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-rows", type=int, default=1024,
                         help="rows per bucket of the score table (fixed when the output is created) and per "
                              "staged block (the unit a killed run keeps)")
-    parser.add_argument("--table-format", choices=("delta", "buckets"), default=None,
-                        help="a new output's score table: a Delta Lake table (default: appends, snapshots, time "
-                             "travel; docs/table-formats.md) or one Parquet file per bucket (the layout of "
-                             "outputs made before Delta; an existing output keeps its own)")
+    add_table_format_option(parser)
     parser.add_argument("--object-store-mib", type=int, default=None,
                         help="object-store memory (MiB) the scoring pipeline may hold in flight (default: 4 "
                              "decoded blocks per scoring actor plus 4, at least 256; Ray caps it at half the "
                              "cluster's object store)")
+
+
+def add_table_format_option(parser: argparse.ArgumentParser) -> None:
+    """``--table-format delta|buckets`` (``jobs.score.decided_format`` decides from it)."""
+    parser.add_argument("--table-format", choices=("delta", "buckets"), default=None,
+                        help="a new output's tables — the score table, the flags: Delta Lake tables (default: "
+                             "appends, snapshots, time travel; docs/table-formats.md) or the layout of outputs "
+                             "made before Delta (one Parquet file per score bucket, a Parquet folder per "
+                             "result's flags); an existing output keeps its own, delta migrates it; an audit's "
+                             "flags take its corpus scores' format")
 
 
 def add_flag_file_rows_option(parser: argparse.ArgumentParser) -> None:

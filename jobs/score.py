@@ -248,6 +248,28 @@ def table_format(job: dict | None, requested: str | None = None) -> str:
     return str(job.get("layout", {}).get("format", "buckets"))
 
 
+def output_table_format(output: str, requested: str | None = None) -> str:
+    """The table format of the score output ``output`` after a run asked for ``requested``: its
+    job file's (:func:`table_format`), ``delta`` for a new output unless asked otherwise, and
+    ``delta`` for a bucket-file output a run migrates (``--table-format delta``). An audit's flags
+    take its corpus output's format (``jobs.audit``)."""
+    try:
+        job = Store(output).read_json(JOB_FILE)
+    except (OSError, ValueError):
+        job = None
+    return decided_format(None if job is None else table_format(job), requested)
+
+
+def decided_format(recorded: str | None, requested: str | None) -> str:
+    """The format an output's table has after a run that asked for ``requested``
+    (``--table-format``): a new output's (``recorded`` None) is ``requested``, default ``delta``;
+    an existing output keeps ``recorded`` unless ``delta`` is asked (a migration). Going back from
+    ``delta`` to ``buckets`` is refused where the output is checked."""
+    if recorded is None:
+        return requested or "delta"
+    return "delta" if requested == "delta" else recorded
+
+
 def check_fit(loaded, fit: str | None, head: str | None, temperature: float,
               methods: Sequence[str] | None = None) -> str | None:
     """Refuse (exit 2) a --fit of another model/head (or T, when ``--methods`` names adascale: its reference

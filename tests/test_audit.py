@@ -14,9 +14,12 @@ import pytest
 from PIL import Image
 
 from _odin_helpers import noise_images, random_weights, smooth_images
+from deltalake import DeltaTable
+
 from jobs.cli import main as cli
 from odin_engine import methods
 from odin_engine.loading import load_model
+from odin_engine.io.results import POINTER, open_flags
 from odin_engine.metrics import threshold_at_tpr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,8 +73,8 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
     assert len(held) == 100
     assert cal["delta"] == threshold_at_tpr(held["odin"], 0.95)
     assert cal["n_heldout"] == 100 and (cal["temperature"], cal["epsilon"]) == (1000.0, 0.0014)
-    flags = pd.read_parquet(out / "flags")
-    assert len(flags) == 31
+    flags = DeltaTable(str(out / "flags")).to_pandas()  # DIR/flags: a Delta table, one version per result
+    assert len(flags) == 31 and flags["image_id"].is_unique
     broken = flags[flags["image_id"] == "broken.png"].iloc[0]
     assert broken["status"] == "error" and pd.isna(broken["is_outlier"]) and broken["error"]
     ok = flags[flags["status"] == "ok"]
@@ -91,7 +94,8 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
     assert isinstance(v, int) and ScoreTable.open(str(out / "corpus"), as_of=v).count() == 31
     ranks = ok.sort_values("odin")["rank"].to_numpy()
     assert ranks[0] == 1 and (ranks == ok["odin"].rank(method="min").sort_values().to_numpy()).all()
-    assert sorted(p.name for p in (out / "flags").iterdir())[0].startswith("part-")
+    assert doc["flags_format"] == "delta" and doc["flags_version"] == 0 == cal["flags"]["flags_version"]
+    assert all(Path(f).name.startswith(f"part-{doc['result_id']}-") for f in DeltaTable(str(out / "flags")).file_uris())
 
     # rerun the same command (as a plain driver on the same cluster): resumes, rescores nothing
     before = {k: (out / k / "run.json").read_text() for k in ("heldout", "corpus")}
@@ -108,8 +112,19 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
         assert run["attempts"][-1]["scored"] == 0 and len(run["attempts"]) == 2
         assert json.loads(before[k])["run_id"] == run["run_id"]
     assert json.loads((out / "calibration.json").read_text())["delta"] == cal["delta"]
-    pd.testing.assert_frame_equal(pd.read_parquet(out / "flags").drop(columns=["scored_at"], errors="ignore"),
-                                  flags.drop(columns=["scored_at"], errors="ignore"))
+    assert doc2["flags_version"] == 1  # each audit commits one version of the flags table …
+    history = sorted(DeltaTable(str(out / "flags")).history(), key=lambda c: c["version"])
+    assert [(c["odin.audit_id"], c["odin.result_id"]) for c in history] == [(d["result_id"],) * 2 for d in (doc, doc2)]
+    assert json.loads((out / POINTER).read_text())["flags_version"] == 1
+
+    def by_id(f):
+        return f.sort_values("image_id").reset_index(drop=True).drop(columns=["scored_at"], errors="ignore")
+
+    # … the whole flags set: the current version, and the first audit's by its id (time travel)
+    pd.testing.assert_frame_equal(by_id(open_flags(str(out)).to_pandas()), by_id(flags))
+    first = open_flags(str(out), doc["result_id"])
+    assert (first.version, first.result_id) == (0, doc["result_id"])
+    pd.testing.assert_frame_equal(by_id(first.to_pandas()), by_id(flags))
 
 
 @pytest.mark.slow
@@ -134,7 +149,7 @@ def test_audit_config_file_tuning_file_and_heldout_split(ray_head, data):
     cal = json.loads((out / "calibration.json").read_text())
     assert (cal["temperature"], cal["epsilon"], cal["target_tpr"]) == (10.0, 0.001, 0.9)
     assert cal["settings_from"].startswith("tuning file")
-    flags = pd.read_parquet(out / "flags")
+    flags = open_flags(str(out)).to_pandas()
     assert len(flags) == 12 and (flags["split"] == "audit").all()  # held-out rows are not flagged
     assert cal["n_heldout"] == 100
     scores = _scores(out / "corpus")
@@ -245,9 +260,12 @@ def _bucket_audit(root: Path, w: Path, env: dict, put, uri: str, tmp_path: Path,
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
 
 
-def _check_bucket_outputs(fs, prefix: str, again: subprocess.CompletedProcess) -> None:
+def _check_bucket_outputs(fs, prefix: str, again: subprocess.CompletedProcess, flags_format: str) -> None:
+    import pyarrow as pa
     import pyarrow.dataset as ds
     from pyarrow import fs as pafs
+
+    from odin_engine.io.delta import DeltaLocation
 
     assert again.returncode == 0, again.stderr[-3000:]
 
@@ -262,8 +280,13 @@ def _check_bucket_outputs(fs, prefix: str, again: subprocess.CompletedProcess) -
     doc = json.loads(read("audit.json"))
     assert all(r["scored_this_run"] == 0 for r in doc["score_runs"].values())  # the rerun resumed
     assert doc["score_runs"]["corpus"]["already_done"] == 31
-    parts = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/audit/{result}/flags"))
-             if i.path.endswith(".parquet")]
+    assert doc["flags_format"] == flags_format  # the corpus score table's format
+    if doc["flags_format"] == "delta":  # the flags table's version this result committed (S3)
+        table = DeltaLocation(fs, f"{prefix}/audit/flags").open(version=doc["flags_version"])
+        parts = [f"{prefix}/audit/flags/{p}" for p in pa.table(table.get_add_actions()).column("path").to_pylist()]
+    else:  # --table-format buckets (GCS): the result's own folder
+        parts = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{prefix}/audit/{result}/flags"))
+                 if i.path.endswith(".parquet")]
     flags = ds.dataset(parts, filesystem=fs).to_table().to_pandas()
     assert len(flags) == 31 and cal["n_heldout"] == 100
     ok = flags[flags["status"] == "ok"]
@@ -278,7 +301,7 @@ def test_audit_s3_to_s3_creates_nothing_local_and_resumes(ray_head, s3_server, s
     again = _bucket_audit(root, w, dict(ray_head.env, **s3_server.env),
                           lambda key, body: client.put_object(Bucket=s3_bucket, Key=key, Body=body),
                           f"s3://{s3_bucket}", tmp_path)
-    _check_bucket_outputs(s3_server.filesystem(), s3_bucket, again)
+    _check_bucket_outputs(s3_server.filesystem(), s3_bucket, again, "delta")
 
 
 @pytest.mark.slow
@@ -299,4 +322,4 @@ def test_audit_gcs_to_gcs_creates_nothing_local_and_resumes(ray_head, gcs_server
     # the emulator lacks (it serves the JSON API pyarrow uses), so the Delta layout is tested on S3
     again = _bucket_audit(root, w, dict(ray_head.env, **gcs_server.env), put, f"gs://{bucket}", tmp_path,
                           "--table-format", "buckets")
-    _check_bucket_outputs(fs, bucket, again)
+    _check_bucket_outputs(fs, bucket, again, "buckets")

@@ -15,6 +15,7 @@ from scipy.stats import beta
 from _odin_helpers import noise_images, score_frame, smooth_images, tiny_model, write_scores
 from jobs.cli import main as cli
 from odin_engine.decide.calibration import calibrate, calibrate_tables, min_heldout, tpr_interval
+from odin_engine.io.results import open_flags
 from odin_engine.io.scores import ScoreTable
 from odin_engine.settings import CalibrationSettings
 from odin_engine.errors import ConfigError
@@ -113,7 +114,7 @@ def test_cli_writes_calibration_and_flags(frames, tmp_path, capsys):
     for key in ("delta", "target_tpr", "achieved_tpr", "n_heldout", "tpr_ci", "model_id", "temperature",
                 "epsilon", "method", "min_heldout"):
         assert key in cal
-    flags = pd.read_parquet(out / "flags")
+    flags = open_flags(str(out)).to_pandas()
     assert len(flags) == len(frames["corpus"])
     ok = flags[flags["status"] == "ok"]
     assert (ok["is_outlier"] == (ok["odin"] < cal["delta"])).all()

@@ -26,6 +26,7 @@ from odin_engine.decide.conformal import (ConformalPValues, bh_index, check_held
                                           dkw_epsilon, heldout_needed, min_heldout_for_fdr, storey_pi0)
 from odin_engine.decide.flagging import prepare, summarize, write_flags
 from odin_engine.errors import ConfigError
+from odin_engine.io.results import open_flags
 from odin_engine.io.scores import ScoreTable
 from odin_engine.io.store import Store
 from odin_engine.settings import CalibrationSettings
@@ -303,7 +304,7 @@ def test_testbed_cli_p_values_and_bh_are_exact(testbed_scores, tmp_path, capsys)
                   "--method", method])
         assert rc == 0
         assert "Benjamini–Hochberg at FDR 0.1" in capsys.readouterr().out
-        f = pd.read_parquet(out / "flags")
+        f = open_flags(str(out)).to_pandas()
         np.testing.assert_array_equal(f["p_value"].to_numpy(), formula_p(held[method], f[method].to_numpy()))
         want = reference_bh(f["p_value"].to_numpy(), 0.1)
         np.testing.assert_array_equal(f["is_outlier"].to_numpy(bool), want)
@@ -336,7 +337,7 @@ def test_cli_fdr_and_conditional_record_the_rule(tmp_path, capsys):
     assert cc["summary"]["n_outliers"] <= fdr["summary"]["n_outliers"]
     summary = json.loads((tmp_path / "fdr" / "flag_summary.json").read_text())
     assert summary["overall"]["rule"] == "fdr" and summary["decision"]["fdr_q"] == 0.1
-    f = pd.read_parquet(tmp_path / "cc" / "flags")
+    f = open_flags(str(tmp_path / "cc")).to_pandas()
     ok = f[f["status"] == "ok"]
     want_cc = np.minimum(1.0, (formula_p(tpr["heldout_scores_sorted"], ok["odin"].to_numpy()) * 401 - 1) / 400
                          + dkw_epsilon(400, 0.1))

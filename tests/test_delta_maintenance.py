@@ -439,3 +439,32 @@ def test_compacting_a_score_jobs_table_between_nights(ray_head, tiny_model, tmp_
     kept = after.filter(pc.invert(pc.starts_with(after.column("image_id"), "n3/")))
     assert _rows(kept) == _rows(before)  # reused, not rescored
     assert m.resolve_version(scores, run_id) == m.resolve_version(scores, None) > compacted
+
+
+def test_compact_and_vacuum_cover_the_flags_table_and_results_stay_readable(tmp_path):
+    """`odin-audit compact` lists DIR/flags (a calibrate output's Delta table): compaction merges the
+    current result's part files; a vacuum deletes the earlier result's files; the current result —
+    by the pointer or by its id — is read from the compaction's version (the same rows)."""
+    from deltalake import DeltaTable
+
+    from jobs.cli import main as cli
+    from odin_engine.io.results import open_flags
+
+    pq.write_table(table(150, prefix="h"), tmp_path / "h.parquet")
+    pq.write_table(table(60, prefix="c"), tmp_path / "c.parquet")
+    out = tmp_path / "cal"
+    for tpr in ("0.9", "0.95"):
+        assert cli(["calibrate", "--scores", str(tmp_path / "c.parquet"), "--heldout-scores", str(tmp_path / "h.parquet"),
+                    "--output", str(out), "--tpr", tpr, "--flag-file-rows", "10"]) == 0
+    first, now = (open_flags(str(out), v) for v in (0, 1))
+    rows = _rows(now.read())
+    assert [t.name for t in m.output_tables(str(out))] == ["flags"]
+    p = _cli(["--output", str(out), "--vacuum-hours", "0"])
+    assert p.returncode == 0, p.stderr
+    assert "flags: 6 files" in p.stdout and "6 files merged into 1" in p.stdout
+    assert "deleted 12 files" in p.stdout  # both results' part files: no retained version names them
+    assert len(DeltaTable(str(out / "flags")).file_uris()) == 1
+    for got in (open_flags(str(out)), open_flags(str(out), now.result_id)):
+        assert (got.version, got.result_id) == (2, now.result_id) and _rows(got.read()) == rows
+    with pytest.raises(ConfigError, match="vacuum deleted"):
+        open_flags(str(out), first.result_id).read()

@@ -19,7 +19,7 @@ import pytest
 from conftest import real_part_missing
 from jobs.cli import main as cli
 from odin_engine.errors import ConfigError
-from odin_engine.io.results import current
+from odin_engine.io.results import current, open_flags
 from odin_engine.io.scores import ScoreTable, output_schema
 from odin_engine.io.store import Store
 from test_scores import table
@@ -135,7 +135,8 @@ def _calibrate_on_delta(corpus: str, held: str, out: str, opts: dict | None, tmp
     assert cli(["calibrate", "--scores", corpus, "--heldout-scores", held, "--output", out]) == 0
     result = current(Store(out))
     cal = result.read_json("calibration.json")
-    flags = ScoreTable.open(result.uri("flags")).read().to_pandas()
+    flags = open_flags(out).to_pandas()  # the current result's flags: a version of the Delta table out/flags
+    assert open_flags(out).version == 0 and open_flags(out).result_id == cal["result_id"]
     assert cal["summary"]["n_ok"] == 40 and sorted(flags["image_id"]) == sorted(expected["image_id"].to_pylist())
     ok = flags[flags["status"] == "ok"]
     assert (ok["is_outlier"] == (ok["odin"] < cal["delta"])).all()

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from odin_engine import load_model
+from odin_engine.io.results import open_flags
 from odin_engine.demo import data as demo_data, model as demo_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +158,7 @@ def test_demo_end_to_end(demo_run):
     # flags cover every corpus image exactly once
     import pandas as pd
 
-    flags = pd.read_parquet(out / "audit" / "flags")
+    flags = open_flags(str(out / "audit")).to_pandas()
     assert len(flags) == 200 and flags["image_id"].is_unique
     # δ and the rates recomputed from the score files alone (not from anything the demo derived):
     # δ = the ceil(0.95·n)-th largest held-out ODIN score; flagged = corpus score < δ

@@ -12,6 +12,7 @@ import pytest
 
 from conftest import REPO, make_images
 from jobs.cli import main as cli
+from odin_engine.io.results import open_flags
 
 from _odin_helpers import shared_data
 
@@ -202,8 +203,6 @@ def test_audit_with_reference_fits_first_then_decides_with_a_fitted_method(ray_h
     use it (their Parquet metadata names its digest), and δ records it."""
     import hashlib
 
-    import pandas as pd
-
     from odin_engine.io.scores import ScoreTable
 
     ref, corpus, held = tmp_path / "ref", tmp_path / "corpus", tmp_path / "held"
@@ -223,5 +222,5 @@ def test_audit_with_reference_fits_first_then_decides_with_a_fitted_method(ray_h
         assert table.read(["knn"]).column("knn").null_count == 0
     cal = json.loads((out / "latest" / "calibration.json").read_text())
     assert cal["method"] == "knn" and cal["fit_id"] == digest
-    flags = pd.read_parquet(out / "latest" / "flags")
+    flags = open_flags(str(out)).to_pandas()
     assert len(flags) == 5 and flags["score"].notna().all()

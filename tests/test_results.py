@@ -22,7 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from pyarrow import fs as pafs
 
-from odin_engine.io.results import KEEP, LATEST, POINTER, RESULTS_DIR, STABLE_NAMES, Publication, current
+from odin_engine.errors import ConfigError
+from odin_engine.io.delta import DeltaLocation
+from odin_engine.io.results import KEEP, LATEST, POINTER, RESULTS_DIR, STABLE_NAMES, Publication, current, open_flags
 from odin_engine.io.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,6 +63,15 @@ def _calibrate_cmd(tables: Path, out: str, tpr: float) -> list[str]:
 
 
 # --------------------------------------------------------------------------- what a reader sees
+def _flag_files(fs: pafs.FileSystem, root: str, pointer: dict, base: str) -> list[str]:
+    """The flag files of the result ``pointer`` names: its flags version of the Delta table ``DIR/flags``
+    (the log's file list, never a glob), or a ``buckets`` result's own ``flags/`` folder."""
+    if pointer.get("flags_format") == "delta":
+        table = DeltaLocation(fs, f"{root}/flags").open(version=pointer["flags_version"])
+        return sorted(f"{root}/flags/{p}" for p in pa.table(table.get_add_actions()).column("path").to_pylist())
+    return sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{base}/flags")) if i.path.endswith(".parquet"))
+
+
 def read_current(fs: pafs.FileSystem, root: str, rows: int = CORPUS_ROWS,
                  parts: int = CORPUS_ROWS // FILE_ROWS) -> dict | None:
     """Read DIR through its pointer and check the result is whole; None before the first commit.
@@ -75,10 +86,11 @@ def read_current(fs: pafs.FileSystem, root: str, rows: int = CORPUS_ROWS,
         cal = json.loads(fh.read())
     with fs.open_input_stream(f"{base}/flag_summary.json") as fh:
         summary = json.loads(fh.read())["overall"]
-    files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(f"{base}/flags")) if i.path.endswith(".parquet"))
+    files = _flag_files(fs, root, pointer, base)
     flags = pads.dataset(files, filesystem=fs, format="parquet").to_table(columns=["odin", "is_outlier"]).to_pandas()
     rid = pointer["result_id"]
     assert cal["result_id"] == rid, "calibration.json of another result"
+    assert cal["flags"].get("flags_version") == pointer.get("flags_version"), "calibration.json of another version"
     assert all(os.path.basename(f).startswith(f"part-{rid}-") for f in files), files
     assert len(files) == cal["flags"]["files"] == parts, f"{len(files)} flag files"
     assert len(flags) == summary["n_rows"] == rows, f"{len(flags)} flag rows"
@@ -87,15 +99,25 @@ def read_current(fs: pafs.FileSystem, root: str, rows: int = CORPUS_ROWS,
     return {"result_id": rid, "n_outliers": summary["n_outliers"], "tpr": cal["target_tpr"]}
 
 
-def read_stable_paths(root: Path) -> int | None:
-    """A plain pandas reader of the local stable paths: the outlier count of the whole result it read,
-    None when the files changed under it (file not found: retry) or there is no result yet."""
+def read_stable_paths(root: Path) -> tuple[str, int] | None:
+    """A plain reader of the local stable path ``DIR/flags``, a Delta table (``DeltaTable(…).to_pandas()``):
+    (the result id its files carry, its outlier count) of the whole flags set it read; None when there
+    is no table yet (an output's first run). The table's current version may be a killed run's flags,
+    committed but never published: whole all the same."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import DeltaError
+
     try:
-        flags = pd.read_parquet(root / "flags", columns=["is_outlier"])
-    except (FileNotFoundError, OSError):
+        table = DeltaTable(str(root / "flags"))
+    except DeltaError:
         return None
-    assert len(flags) == CORPUS_ROWS, f"pd.read_parquet(DIR/flags) returned {len(flags)} rows"
-    return int(flags["is_outlier"].sum())
+    flags = table.to_pandas(columns=["image_id", "odin", "is_outlier"])
+    ids = {os.path.basename(f).rsplit("-", 2)[0] for f in table.file_uris()}
+    assert len(ids) == 1, f"DIR/flags version {table.version()} holds the files of results {ids}"
+    assert len(flags) == CORPUS_ROWS and flags["image_id"].is_unique, f"DeltaTable(DIR/flags): {len(flags)} rows"
+    out, inl = flags.loc[flags["is_outlier"], "odin"], flags.loc[~flags["is_outlier"], "odin"]
+    assert not len(out) or not len(inl) or out.max() < inl.min(), "DIR/flags: flags of two thresholds"
+    return ids.pop().removeprefix("part-"), int(flags["is_outlier"].sum())
 
 
 class Reader(threading.Thread):
@@ -106,7 +128,7 @@ class Reader(threading.Thread):
         self.fs, self.root, self.local = fs, root, local
         self.stop = threading.Event()
         self.views: list[dict] = []
-        self.stable: list[int] = []
+        self.stable: list[tuple[str, int]] = []
         self.violations: list[str] = []
 
     def run(self):
@@ -121,7 +143,7 @@ class Reader(threading.Thread):
                         self.stable.append(n)
             except AssertionError as exc:
                 self.violations.append(str(exc))
-            except (FileNotFoundError, OSError):
+            except (FileNotFoundError, OSError, ConfigError):
                 pass  # pruned under the reader (a result two commits old): a retry, never a partial read
             time.sleep(0.05)
 
@@ -192,8 +214,9 @@ def _kill_loop(fs, root: str, uri: str, tables: Path, env: dict, kills: int, loc
     last = read_current(fs, root)
     assert not reader.violations, reader.violations[:3]
     assert {v["result_id"] for v in reader.views} <= set(committed) | {last["result_id"]}
-    valid_counts = set(committed.values()) | {last["n_outliers"]}
-    assert set(reader.stable) <= valid_counts, "a plain reader of DIR/flags saw a mixed result"
+    committed[last["result_id"]] = last["n_outliers"]
+    wrong = [(rid, n) for rid, n in reader.stable if rid in committed and n != committed[rid]]
+    assert not wrong, f"a plain reader of DIR/flags saw other flags than the result's: {wrong[:3]}"
     left = _result_ids(fs, root)
     assert last["result_id"] in left and len(left) <= KEEP, left  # uncommitted and old results are gone
     return {"killed": killed, "finished": done, "views": len(reader.views), "stable_reads": len(reader.stable)}
@@ -205,7 +228,8 @@ def test_kill_9_during_publication_never_shows_a_partial_result_local(tables, tm
     got = _kill_loop(pafs.LocalFileSystem(), str(out), str(out), tables, dict(os.environ), kills=11, local=out)
     assert got["killed"] >= 11 and got["views"] > 0 and got["stable_reads"] > 0, got
     assert os.path.realpath(out / LATEST) == str(out / json.loads((out / POINTER).read_text())["path"])
-    assert all((out / n).is_symlink() for n in ("flags", "calibration.json", "flag_summary.json"))
+    assert all((out / n).is_symlink() for n in ("calibration.json", "flag_summary.json"))
+    assert (out / "flags" / "_delta_log").is_dir() and not (out / "flags").is_symlink()  # the flags' Delta table
     assert not any(os.path.lexists(out / n) for n in set(STABLE_NAMES) - {"flags", "calibration.json",
                                                                         "flag_summary.json"})  # calibrate writes no report
 
@@ -278,6 +302,7 @@ def test_s3_commit_and_old_layout_on_s3(s3_server, s3_bucket, monkeypatch):
 def test_kill_9_of_audit_in_its_decision_stage_keeps_the_previous_result(ray_head, tmp_path):
     """The same, with `odin-audit audit` itself on a real Ray cluster (a resumed run: nothing to score,
     so the kills land in the decision stage)."""
+    from deltalake import DeltaTable
     from PIL import Image
 
     from _odin_helpers import random_weights, smooth_images
@@ -316,10 +341,137 @@ def test_kill_9_of_audit_in_its_decision_stage_keeps_the_previous_result(ray_hea
         assert proc.wait(timeout=600) in (0, -signal.SIGKILL), proc.stderr.read()[-3000:]
         now = read_current(fs, root, rows=12, parts=4)  # whole: the previous result, or the new one if committed
         assert now["result_id"] == previous["result_id"] or now["result_id"] not in known
-        assert len(pd.read_parquet(out / "flags")) == 12  # the plain reader's stable path
+        assert len(open_flags(root).read()) == 12  # the library reader of the current result
+        assert len(DeltaTable(str(out / "flags")).to_pandas()) == 12  # the plain reader's stable path
         previous = now
     assert kills >= 1, "every audit finished before its kill"
     last = subprocess.run(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert last.returncode == 0, last.stderr[-3000:]  # the lease of the killed drivers died with them
     assert read_current(fs, root, rows=12, parts=4)["result_id"] not in known
     assert len(_result_ids(fs, root)) <= KEEP
+
+
+# --------------------------------------------------------------------------- the flags as a Delta table
+def _calibrate(tables: Path, out: Path, tpr: float, table_format: str | None = None) -> dict:
+    from jobs.calibrate import calibrate_and_flag
+    from odin_engine.settings import CalibrationSettings
+
+    return calibrate_and_flag(str(tables / "corpus"), str(tables / "held"), str(out),
+                              CalibrationSettings(tpr, "odin"), rows_per_file=FILE_ROWS, table_format=table_format)
+
+
+def _sorted(t: pa.Table) -> pd.DataFrame:
+    return t.to_pandas().sort_values("image_id").reset_index(drop=True)
+
+
+def test_flags_are_one_delta_version_per_result_with_time_travel(tables, tmp_path):
+    from deltalake import DeltaTable
+
+    out = tmp_path / "out"
+    cals = [_calibrate(tables, out, tpr) for tpr in TPRS]  # KEEP + 1 results: the first one's directory is pruned
+    nights = [open_flags(str(out), c["result_id"]).read() for c in cals]
+    table = DeltaTable(str(out / "flags"))
+    history = sorted(table.history(), key=lambda c: c["version"])
+    assert [c["version"] for c in history] == [0, 1, 2, 3]  # one version per result
+    assert [c["odin.result_id"] for c in history] == [c["result_id"] for c in cals]
+    assert [c["odin.command"] for c in history] == ["calibrate"] * 4
+    pointer = json.loads((out / POINTER).read_text())
+    assert pointer["flags_format"] == "delta" and pointer["flags_version"] == 3 == cals[-1]["flags"]["flags_version"]
+    # the plain Delta reader of the current version: exactly one row per corpus item, this result's flags
+    now = table.to_pandas()
+    assert len(now) == CORPUS_ROWS and now["image_id"].is_unique
+    assert int(now["is_outlier"].sum()) == cals[-1]["summary"]["n_outliers"]
+    assert all(os.path.basename(f).startswith(f"part-{cals[-1]['result_id']}-") for f in table.file_uris())
+    # time travel: by result id, by version, by a time between two commits — the earlier night exactly
+    first = _sorted(nights[0])
+    assert int(first["is_outlier"].sum()) == cals[0]["summary"]["n_outliers"] != cals[1]["summary"]["n_outliers"]
+    pd.testing.assert_frame_equal(_sorted(open_flags(str(out), 0).read()), first)
+    pd.testing.assert_frame_equal(_sorted(DeltaTable(str(out / "flags"), version=0).to_pyarrow_table()), first)
+    v1 = open_flags(str(out), cals[1]["result_id"])
+    assert (v1.version, v1.result_id) == (1, cals[1]["result_id"])
+    when = pd.Timestamp(history[1]["timestamp"], unit="ms", tz="UTC").isoformat()
+    assert open_flags(str(out), when).version == 1
+    cur = open_flags(str(out))
+    assert (cur.result_id, cur.version, cur.format) == (cals[-1]["result_id"], 3, "delta")
+    # a result pruned from results/ (KEEP) stays readable by its id through the table's history
+    assert not (out / RESULTS_DIR / cals[0]["result_id"]).exists() and len(TPRS) > KEEP
+    pd.testing.assert_frame_equal(_sorted(open_flags(str(out), cals[0]["result_id"]).read()), first)
+    with pytest.raises(ConfigError, match="no version"):
+        open_flags(str(out), "20990101T000000Z-nosuch")
+
+
+def test_a_kill_between_the_flags_commit_and_the_pointer_keeps_the_previous_result(tables, tmp_path):
+    """The order is flag files, Delta version, result JSONs, pointer: a run that committed its flags
+    version and died leaves the previous result current (its pointer names its own version); the
+    next run commits a newer version."""
+    from deltalake import DeltaTable
+
+    from odin_engine.decide.flagging import flag_schema
+    from odin_engine.io.store import Store
+
+    out = tmp_path / "out"
+    before = _calibrate(tables, out, 0.90)
+    dead = Publication(Store(str(out)), flags_format="delta")
+    dead.prepare_flags()
+    name = f"{dead.part_prefix}-000-00000.parquet"
+    rows = open_flags(str(out)).read().slice(0, 10)  # a whole (if small) flags set of another result
+    dead.flags_store.write_parquet(name, rows)
+    assert dead.commit_flags([name], flag_schema(rows.schema)) == 1  # … and the run dies here
+    assert read_current(pafs.LocalFileSystem(), str(out))["result_id"] == before["result_id"]
+    cur = open_flags(str(out))
+    assert (cur.result_id, cur.version, cur.read().num_rows) == (before["result_id"], 0, CORPUS_ROWS)
+    after = _calibrate(tables, out, 0.95)
+    assert after["flags"]["flags_version"] == 2 and open_flags(str(out)).result_id == after["result_id"]
+    assert len(DeltaTable(str(out / "flags")).to_pandas()) == CORPUS_ROWS
+    assert not (out / RESULTS_DIR / dead.result_id).exists()  # the dead result's directory: pruned
+
+
+def test_buckets_flags_unchanged_then_migrated_to_delta(tables, tmp_path):
+    """``--table-format buckets``: each result's own Parquet folder behind the ``DIR/flags`` link, as
+    before Delta, kept by later runs that ask for no format. The first Delta run (``--table-format
+    delta``) replaces the link with the table; the older results keep their folders, still read by
+    their ids; the output cannot go back (exit 2)."""
+    from deltalake import DeltaTable
+
+    out = tmp_path / "out"
+    old = _calibrate(tables, out, 0.90, "buckets")
+    pointer = json.loads((out / POINTER).read_text())
+    assert pointer["flags_format"] == "buckets" and "flags_version" not in pointer
+    assert (out / "flags").is_symlink() and os.readlink(out / "flags") == f"{LATEST}/flags"
+    assert old["flags"] == {"path": "flags", "files": 6, "rank_ranges": 1, "flags_format": "buckets"}
+    plain = pd.read_parquet(out / "flags")  # a buckets output's flags are a plain Parquet folder
+    assert len(plain) == CORPUS_ROWS and int(plain["is_outlier"].sum()) == old["summary"]["n_outliers"]
+    assert open_flags(str(out)).format == "buckets" and open_flags(str(out)).result_id == old["result_id"]
+    kept = _calibrate(tables, out, 0.99)  # no format asked: the output keeps its own
+    assert kept["flags"]["flags_format"] == "buckets" and (out / "flags").is_symlink()
+
+    new = _calibrate(tables, out, 0.95, "delta")  # migrates
+    assert not (out / "flags").is_symlink() and (out / "flags" / "_delta_log").is_dir()
+    assert (out / RESULTS_DIR / old["result_id"] / "flags").is_dir()  # kept with its own folder
+    assert len(DeltaTable(str(out / "flags")).to_pandas()) == CORPUS_ROWS
+    back = open_flags(str(out), old["result_id"])
+    assert (back.format, back.result_id) == ("buckets", old["result_id"])
+    pd.testing.assert_frame_equal(_sorted(back.read()), plain.sort_values("image_id").reset_index(drop=True))
+    assert open_flags(str(out)).result_id == new["result_id"]
+    with pytest.raises(ConfigError, match="cannot go back"):
+        _calibrate(tables, out, 0.80, "buckets")
+    assert open_flags(str(out)).result_id == new["result_id"]
+
+
+def test_the_flags_format_is_decided_like_the_score_tables(tmp_path):
+    """One rule (jobs.score.decided_format) for the score table and the flags: a new output is Delta
+    unless buckets is asked; an existing output keeps its own; delta migrates. An audit's flags take
+    its corpus score output's format (its job file)."""
+    from jobs.score import JOB_FILE, decided_format, output_table_format
+
+    assert [decided_format(None, r) for r in (None, "delta", "buckets")] == ["delta", "delta", "buckets"]
+    assert [decided_format("buckets", r) for r in (None, "delta", "buckets")] == ["buckets", "delta", "buckets"]
+    assert decided_format("delta", None) == "delta"
+    corpus = tmp_path / "audit" / "corpus"
+    assert output_table_format(str(corpus), None) == "delta"  # not scored yet: a new output
+    corpus.mkdir(parents=True)
+    (corpus / JOB_FILE).write_text(json.dumps({"run_id": "r", "config": {}}))  # made before issue 23
+    assert output_table_format(str(corpus), None) == "buckets"
+    assert output_table_format(str(corpus), "delta") == "delta"
+    (corpus / JOB_FILE).write_text(json.dumps({"run_id": "r", "config": {}, "layout": {"format": "delta"}}))
+    assert output_table_format(str(corpus), None) == "delta"

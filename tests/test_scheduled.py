@@ -19,6 +19,7 @@ from _odin_helpers import random_weights, smooth_images
 from jobs.cli import main as cli
 from odin_engine.decide.calibration import calibrate
 from odin_engine.decide.history import read_history
+from odin_engine.io.results import open_flags
 from odin_engine.io.store import Store
 from odin_engine.loading import load_model
 
@@ -195,7 +196,7 @@ def _three_nights(env: dict, tmp_path: Path, root: Path, model: list[str], n_hel
     for name in ("calibration.json", "flag_summary.json", "report.html", "audit.json"):
         assert (out3 / name).is_file(), name
     assert not (out3 / "heldout").exists()
-    flags = pd.read_parquet(out3 / "flags")
+    flags = open_flags(str(out3)).to_pandas()
     assert len(flags) == n_night
     ood = is_ood(flags["image_id"])
     assert flags.loc[ood, "is_outlier"].astype(bool).mean() > 0.5  # the OOD third is what is flagged

@@ -185,11 +185,13 @@ def remove_action(loc: DeltaLocation, path: str, size: int | None = None, now_ms
 
 def commit(loc: DeltaLocation, schema: pa.Schema, adds: Sequence, removes: Sequence = (),
            metadata: Mapping[str, str] | None = None, settings: Mapping[str, str] | None = None,
-           base=None) -> int:
+           base=None, replace: bool = False) -> int:
     """One Delta version adding ``adds`` and removing ``removes`` (created with its first files
     when the table does not exist yet, its description holding ``settings``); returns the new
     version. ``base``: the ``DeltaTable`` the removes were read from — delta-rs refuses the commit
-    (``CommitFailedError``) if another writer removed those files since."""
+    (``CommitFailedError``) if another writer removed those files since. ``replace``: the version
+    is ``adds`` alone — delta-rs's overwrite writes a remove action for every file of the version it
+    read, and the table's schema becomes ``schema`` (``removes`` must be empty)."""
     from deltalake import Schema
     from deltalake.transaction import CommitProperties, create_table_with_add_actions
 
@@ -202,7 +204,10 @@ def commit(loc: DeltaLocation, schema: pa.Schema, adds: Sequence, removes: Seque
                                       description=json.dumps(dict(settings or {}), sort_keys=True),
                                       storage_options=storage_options(loc.fs), commit_properties=props)
         return 0
+    if replace and removes:
+        raise ValueError("a replacing commit removes every current file itself")
     table = base if base is not None else loc.open()
-    table.create_write_transaction([*adds, *removes], mode="append", schema=schema, commit_properties=props)
+    table.create_write_transaction([*adds, *removes], mode="overwrite" if replace else "append", schema=schema,
+                                   commit_properties=props)
     table.update_incremental()
     return int(table.version())

@@ -47,8 +47,9 @@ ROW_GROUP_ROWS = 32_768
 #: the codec of the files compaction writes (delta-rs's own compaction default; a WriterProperties
 #: without one would write them uncompressed); the score job's own files are pyarrow's snappy
 COMPRESSION = "ZSTD"
-AUDIT_ID_KEY = "odin.audit_id"  # commit metadata of an audit's version (history; flags in step 4)
-ID_KEYS = (RUN_ID_KEY, AUDIT_ID_KEY)  # the commit metadata that time travel by id looks up
+AUDIT_ID_KEY = "odin.audit_id"  # commit metadata of an audit's version (history, flags)
+RESULT_ID_KEY = "odin.result_id"  # commit metadata of a flags version: the decision result (audit or calibrate)
+ID_KEYS = (RUN_ID_KEY, AUDIT_ID_KEY, RESULT_ID_KEY)  # the commit metadata that time travel by id looks up
 
 
 def locate(source: str, *, must_exist: bool = True) -> DeltaLocation:
@@ -258,7 +259,8 @@ def resolve_version(table_uri: Any, as_of: int | str | datetime | date | None) -
     * ``None``: the current version;
     * an ``int`` (or a string of digits): that version, which must be in ``0..current``;
     * a string some commit carries under :data:`ID_KEYS` (``odin.run_id``: the score run that
-      committed it; ``odin.audit_id``: the audit's result id): the **newest** such version (an
+      committed it; ``odin.audit_id``: the audit's result id; ``odin.result_id``: the decision
+      result, audit or calibrate, whose flags it is): the **newest** such version (an
       output's incremental runs share one run id: the id then names its latest night);
     * a ``datetime``/``date`` or an ISO string (``2026-12-05`` = 00:00 UTC that day;
       ``2026-12-05T03:00:00Z``; naive = UTC): the version current at that time (delta-rs's
@@ -361,7 +363,7 @@ def open_delta_version(source: str, as_of: int | str | datetime | date | None = 
 
 
 # --------------------------------------------------------------------------- the tables of an output
-#: Delta tables directly under an output: a score job's ``scores/``; ``flags/`` and ``history/`` once they are Delta
+#: Delta tables directly under an output: a score job's ``scores/``, a decision output's ``flags/``, a ``history/``
 OUTPUT_TABLES = ("scores", "flags", "history")
 #: an audit's score runs, each its own score-job output with a ``scores/`` table (``ood/<name>/`` too)
 AUDIT_SETS = ("corpus", "heldout")

@@ -2,15 +2,29 @@
 
 Layout of an output directory ``DIR`` (``audit --output``, ``calibrate --output``)::
 
+    DIR/flags/                    flags format ``delta`` (the default): a Delta table, one version
+                                   per result (the whole flags set; commit metadata ``odin.result_id``,
+                                   and ``odin.audit_id`` for an audit), data files
+                                   part-<result-id>-RRR-KKKKK.parquet
     DIR/results/<result-id>/      one audit's outputs, written whole, never changed afterwards:
-                                   flags/part-<result-id>-RRR-KKKKK.parquet, flag_summary.json,
-                                   calibration.json, evaluation.json, report.html, audit.json
-    DIR/current.json              the pointer, written last: {"result_id", "path", …}. Writing it
-                                   (rename on a local disk, one PUT on an object store) is the commit
+                                   flag_summary.json, calibration.json, evaluation.json, report.html,
+                                   audit.json (and, flags format ``buckets``, its own
+                                   flags/part-<result-id>-RRR-KKKKK.parquet)
+    DIR/current.json              the pointer, written last: {"result_id", "path", "flags_format",
+                                   "flags_version", …}. Writing it (rename on a local disk, one PUT
+                                   on an object store) is the commit
     DIR/latest -> results/<id>    local disks only: a symlink swapped (rename) after the pointer
-    DIR/flags -> latest/flags     local disks only: the stable names, fixed links through ``latest``
-    DIR/audit.json -> latest/audit.json   (and calibration.json, flag_summary.json, evaluation.json,
-                                   report.html)
+    DIR/audit.json -> latest/audit.json   local disks only: the stable names, fixed links through
+                                   ``latest`` (and calibration.json, flag_summary.json,
+                                   evaluation.json, report.html; ``flags -> latest/flags`` in the
+                                   ``buckets`` format)
+
+Order of a publication: the flag files, the flags' Delta version (:meth:`Publication.commit_flags`),
+the result's JSON files and report, the pointer naming that version. A run killed before the
+pointer leaves the previous result current (its pointer names its own ``flags_version``); the
+table's newest version may then be the dead run's flags, whole, until the next run commits a newer
+one. :func:`open_flags` reads the flags of a result (the current one, or as of a result id,
+a version or a date) in either format.
 
 A reader who reads the pointer (or resolves ``DIR/latest``) once and then reads that directory
 sees one complete result, whatever runs meanwhile. Part files carry the result id in their
@@ -30,8 +44,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.dataset as ds
 from pyarrow import fs as pafs
 
+from odin_engine.errors import ConfigError
+from odin_engine.io.delta import DeltaLocation, is_delta_table
 from odin_engine.io.store import Store
 
 RESULTS_DIR = "results"
@@ -42,6 +60,10 @@ STABLE_NAMES = ("flags", "audit.json", "calibration.json", "flag_summary.json", 
 #: committed results kept: the current one and the ones before it that readers may still be reading
 KEEP = 3
 POINTER_VERSION = 1
+FLAGS = "flags"
+#: the flags' formats: ``delta`` (a Delta table at ``DIR/flags``) or ``buckets`` (each result's own Parquet
+#: folder ``results/<id>/flags``); chosen as the score table's (``jobs.score.table_format``)
+FLAGS_FORMATS = ("delta", "buckets")
 
 
 def new_result_id() -> str:
@@ -65,6 +87,26 @@ def current(out: Store) -> Store:
     return out.join(pointer["path"]) if pointer else out
 
 
+def check_flags_format(out: Store, flags_format: str) -> None:
+    """Exit 2 (``ConfigError``) when ``out``'s flags are a Delta table and ``flags_format`` is
+    ``buckets``: an output never goes back to per-result Parquet flags."""
+    if flags_format == "buckets" and is_delta_table(out.fs, out.p(FLAGS)):
+        raise ConfigError(f"{out.uri(FLAGS)} is a Delta table (one version per result): this output cannot go back "
+                          "to per-result Parquet flags; drop --table-format buckets, or use a new --output")
+
+
+def recorded_flags_format(out: Store) -> str | None:
+    """The flags' format ``out`` already has: its pointer's (a pointer written before the Delta
+    flags: ``buckets``), ``delta`` for a Delta table at ``DIR/flags`` (a first run killed after its
+    flags commit), ``buckets`` for an oldest-layout ``DIR/flags/``; None for a new output."""
+    pointer = read_pointer(out)
+    if pointer is not None:
+        return str(pointer.get("flags_format", "buckets"))
+    if is_delta_table(out.fs, out.p(FLAGS)):
+        return "delta"
+    return "buckets" if out.exists(FLAGS) else None
+
+
 @dataclass
 class Publication:
     """One result being written: ``store`` is its private directory; :meth:`commit` publishes it.
@@ -76,8 +118,12 @@ class Publication:
     out: Store
     result_id: str = field(default_factory=new_result_id)
     keep: int = KEEP
+    flags_format: str = "buckets"  # see FLAGS_FORMATS
+    flags_version: int | None = None  # the flags' Delta version, once committed
 
     def __post_init__(self) -> None:
+        if self.flags_format not in FLAGS_FORMATS:
+            raise ValueError(f"flags format {self.flags_format!r}: one of {FLAGS_FORMATS}")
         follow_pointer(self.out)  # a run killed between its commit and its links left `latest` behind
 
     @property
@@ -93,14 +139,71 @@ class Publication:
         """Flag files are ``<part_prefix>-RRR-KKKKK.parquet``: unique to this result."""
         return f"part-{self.result_id}"
 
+    @property
+    def flags_store(self) -> Store:
+        """Where the flag files are written: the Delta table's folder ``DIR/flags`` (not visible to
+        its readers before :meth:`commit_flags`), or the result's private ``flags/``."""
+        return self.out.join(FLAGS) if self.flags_format == "delta" else self.store.join(FLAGS)
+
+    def prepare_flags(self) -> None:
+        """Before the flag files are written (format ``delta``): ``DIR/flags`` becomes the table's
+        folder. An output of the ``buckets`` layout has a link ``DIR/flags -> latest/flags`` there
+        (local disks), or an oldest-layout ``flags/`` folder: the link is removed (kept results keep
+        their own ``results/<id>/flags/``, still read by :func:`open_flags`), the folder deleted —
+        until this run's version is committed a Delta reader of ``DIR/flags`` finds no table, and a
+        pointer reader reads the previous result. Also deletes temporary files a killed run left."""
+        if self.flags_format != "delta":
+            return
+        fs, table = self.out.fs, self.out.p(FLAGS)
+        if self.out.is_local:
+            if os.path.islink(table):
+                os.unlink(table)
+            elif os.path.isdir(table) and not is_delta_table(fs, table):
+                aside = posixpath.join(self.out.path, f".{FLAGS}.old-{uuid.uuid4().hex[:6]}")
+                os.replace(table, aside)
+                fs.delete_dir(aside)
+            os.makedirs(table, exist_ok=True)
+            for name in os.listdir(table):  # a killed writer's partial part (Store.parquet_writer's temp)
+                if name.startswith(".part-") and name.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(posixpath.join(table, name))
+        elif fs.get_file_info(table).type == pafs.FileType.Directory and not is_delta_table(fs, table):
+            fs.delete_dir(table)
+
+    def commit_flags(self, files: list[str], schema: pa.Schema, **metadata: str) -> int:
+        """One Delta version of ``DIR/flags`` holding exactly ``files`` (names under
+        :attr:`flags_store`): every file of the previous version is removed, the table's schema is
+        ``schema``, and the commit metadata carry ``odin.result_id`` (and ``metadata``). Returns the
+        version, recorded by :meth:`commit` in the pointer."""
+        from odin_engine.io.delta import add_action, commit, file_entry
+        from odin_engine.io.maintenance import RESULT_ID_KEY
+
+        if self.flags_format != "delta":
+            raise ValueError("only the delta flags format commits a table version")
+        loc = DeltaLocation(self.out.fs, self.out.p(FLAGS))
+        now = int(datetime.now(timezone.utc).timestamp() * 1000)
+        adds = [add_action(file_entry(loc, self.flags_store.p(posixpath.basename(f))), now) for f in files]
+        self.flags_version = commit(loc, schema, adds, metadata={RESULT_ID_KEY: self.result_id, **metadata},
+                                    replace=True)
+        return self.flags_version
+
+    @property
+    def flags_info(self) -> dict[str, Any]:
+        """What the pointer and audit.json record of this result's flags."""
+        if self.flags_format == "delta":
+            return {"flags_format": "delta", "flags_version": self.flags_version}
+        return {"flags_format": "buckets"}
+
     def commit(self, **info: Any) -> dict[str, Any]:
         """Write the pointer (the commit), then make the local links follow it and remove results
         no reader needs any more. Returns the pointer."""
+        if self.flags_format == "delta" and self.flags_version is None:
+            raise ValueError("commit the flags (commit_flags) before the result")
         before = read_pointer(self.out)
         kept = [self.result_id] + [r for r in (before or {}).get("kept", []) if r != self.result_id]
         pointer = {"version": POINTER_VERSION, "result_id": self.result_id, "path": self.path,
                    "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "kept": kept[: self.keep], **info}
+                   "kept": kept[: self.keep], **self.flags_info, **info}
         self.out.write_json(POINTER, pointer)
         follow_pointer(self.out, pointer)
         prune(self.out, keep=set(pointer["kept"]))
@@ -122,6 +225,8 @@ def follow_pointer(out: Store, pointer: dict[str, Any] | None = None) -> None:
     for name in STABLE_NAMES:
         target = posixpath.join(LATEST, name)
         link = posixpath.join(root, name)
+        if name == FLAGS and (pointer.get("flags_format") == "delta" or is_delta_table(out.fs, link)):
+            continue  # DIR/flags is the Delta table itself (Publication.prepare_flags made it one)
         if not os.path.lexists(posixpath.join(root, pointer["path"], name)):  # not part of this result
             if os.path.isdir(link) and not os.path.islink(link):  # the older layout's flags/
                 out.fs.delete_dir(link)
@@ -153,6 +258,8 @@ def _drop_old_layout(out: Store) -> None:
     """Object stores: outputs of the older layout directly under ``DIR`` would look current; remove
     them once a result is committed in this layout (audit.json first, then the rest)."""
     for name in ("audit.json", "calibration.json", "flag_summary.json", "evaluation.json", "report.html", "flags"):
+        if name == FLAGS and is_delta_table(out.fs, out.p(FLAGS)):
+            continue  # the flags' Delta table, not an old layout's folder
         with contextlib.suppress(OSError):
             out.delete(name)
 
@@ -167,3 +274,83 @@ def prune(out: Store, keep: set[str]) -> list[str]:
                 out.fs.delete_dir(info.path)
                 gone.append(rid)
     return gone
+
+
+# --------------------------------------------------------------------------- reading the flags
+@dataclass(frozen=True)
+class Flags:
+    """The flags of one result, opened: ``dataset`` reads exactly its files."""
+
+    source: str  # the output directory
+    result_id: str | None  # None: an oldest-layout output, or a Delta version no result committed
+    format: str  # "delta" or "buckets"
+    version: int | None  # the Delta version read (None: a ``buckets`` result's own folder)
+    dataset: ds.Dataset = field(repr=False)
+
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        return self.dataset.to_table(columns=columns)
+
+    def to_pandas(self, columns: list[str] | None = None):
+        return self.read(columns).to_pandas()
+
+
+def open_flags(output: "str | Store", as_of: Any = None) -> Flags:
+    """The flags of the output directory ``output`` (local or URI, an ``audit``/``calibrate --output``):
+
+    * ``as_of=None``: the current result's (the version its pointer names: the same snapshot as
+      its JSON files and report, even while a newer run is writing);
+    * a result id (an audit's id is its result id): that result's — a kept ``buckets`` result's
+      own folder, or the newest flags version whose commit carries the id;
+    * a version number, or an ISO date or time (the version current then): through
+      :func:`odin_engine.io.maintenance.resolve_version`, like the score table's ``as_of``.
+
+    A version found by id (or the pointer) that a compaction replaced since is read as the
+    compaction's version (the same rows; its files survive a vacuum). ``ConfigError`` when the
+    output has no flags, or the version asked for is unknown or vacuumed."""
+    from odin_engine.io.maintenance import RESULT_ID_KEY, open_delta_version, resolve_version
+
+    out = output if isinstance(output, Store) else Store(str(output))
+    loc = DeltaLocation(out.fs, out.p(FLAGS))
+    pointer = read_pointer(out)
+    if as_of is None and not (pointer and pointer.get("flags_format") == "delta"):
+        return _parquet_flags(out, current(out).join(FLAGS), pointer["result_id"] if pointer else None)
+    if isinstance(as_of, str) and out.exists(RESULTS_DIR, as_of.strip(), FLAGS):  # a buckets result's own flags
+        return _parquet_flags(out, out.join(RESULTS_DIR, as_of.strip(), FLAGS), as_of.strip())
+    if not loc.exists():
+        raise ConfigError(f"{out.uri(FLAGS)} is not a Delta table: no flags version {as_of!r} to read "
+                          f"(results kept with their own flags: {_kept_ids(out) or 'none'})")
+    dt = loc.open(what="flags")
+    if as_of is None:
+        version = int(pointer["flags_version"])
+    else:
+        version = resolve_version(dt, as_of)
+    history = dt.history()  # of the current version (delta-rs numbers an older version's history wrongly)
+    if not isinstance(as_of, int) and not (isinstance(as_of, str) and as_of.strip().isdigit()):
+        version = _compacted(history, version)
+    snap = open_delta_version(loc, version, what="flags")
+    rid = next((c.get(RESULT_ID_KEY) for c in history if int(c["version"]) <= version
+                and c.get("operation") != "OPTIMIZE"), None)
+    return Flags(out.uri(), rid, "delta", version, snap.dataset)
+
+
+def _compacted(history: list[dict[str, Any]], version: int) -> int:
+    """``version``, or the last of the compactions committed right after it (the same rows)."""
+    later = sorted((int(c["version"]), c.get("operation")) for c in history if int(c["version"]) > version)
+    for v, op in later:
+        if op != "OPTIMIZE" or v != version + 1:
+            break
+        version = v
+    return version
+
+
+def _parquet_flags(out: Store, folder: Store, result_id: str | None) -> Flags:
+    files = [i.path for i in folder.listdir() if i.path.endswith(".parquet")
+             and not posixpath.basename(i.path).startswith((".", "_"))] if folder.exists() else []
+    if not files:
+        raise ConfigError(f"no flags in {folder.uri()}: {out.uri()} holds no committed decision result")
+    return Flags(out.uri(), result_id, "buckets", None, ds.dataset(sorted(files), filesystem=out.fs, format="parquet"))
+
+
+def _kept_ids(out: Store) -> list[str]:
+    return sorted(posixpath.basename(i.path) for i in out.listdir(RESULTS_DIR)
+                  if i.type == pafs.FileType.Directory) if out.exists(RESULTS_DIR) else []
