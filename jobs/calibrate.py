@@ -42,12 +42,14 @@ def publish_flags(plan, publication, metadata: dict[str, str] | None = None, **k
     """Write the flags of ``plan`` (see :func:`odin_engine.decide.flagging.write_flags`) and, in the
     ``delta`` flags format, commit them as the flags table's new version (``metadata`` in its
     commit); nothing is visible to a reader of the output's pointer before the result's commit."""
-    from odin_engine.decide.flagging import flag_schema, write_flags
+    from odin_engine.decide.flagging import write_flags
 
     publication.prepare_flags()
-    result = write_flags(plan, publication.flags_store, part_prefix=publication.part_prefix, **kwargs)
-    if publication.flags_format == "delta":
-        publication.commit_flags(result.files, flag_schema(plan.table.schema), **(metadata or {}))
+    delta = publication.flags_format == "delta"
+    result = write_flags(plan, publication.flags_store, part_prefix=publication.part_prefix, delta_types=delta,
+                         **kwargs)
+    if delta:
+        publication.commit_flags(result.files, result.schema, **(metadata or {}))
     return result
 
 

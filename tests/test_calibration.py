@@ -122,6 +122,37 @@ def test_cli_writes_calibration_and_flags(frames, tmp_path, capsys):
     assert "flagged" in capsys.readouterr().out
 
 
+def test_extra_columns_of_types_delta_refuses_become_delta_types_in_the_flags(frames, tmp_path):
+    """A score dataset written by pandas (timestamp[ns]) with unsigned, float16, duration and
+    dictionary columns: the flags' Delta table stores each in the nearest type Delta has, values kept."""
+    import pyarrow as pa
+    from deltalake import DeltaTable
+
+    df = frames["corpus"].copy()
+    n = len(df)
+    df["captured_at"] = pd.Timestamp("2026-12-05 01:02:03.123456789") + pd.to_timedelta(np.arange(n), "s")
+    df["camera"] = np.full(n, 255, np.uint8)
+    df["big"] = np.full(n, 2**63 + 5, np.uint64)
+    df["gain"] = np.full(n, 1.5, np.float16)
+    df["exposure"] = pd.to_timedelta(np.arange(n), "ms")
+    df["site"] = pd.Categorical(["north", "south"] * (n // 2) + ["north"] * (n % 2))
+    corpus_dir = write_scores(df, tmp_path / "corpus")
+    held_dir = write_scores(frames["heldout"], tmp_path / "held")
+    out = tmp_path / "out"
+    assert cli(["calibrate", "--scores", str(corpus_dir), "--heldout-scores", str(held_dir), "--output", str(out)]) == 0
+    t = DeltaTable(str(out / "flags")).to_pyarrow_table().sort_by("image_id")
+    types = {name: t.schema.field(name).type for name in ("captured_at", "camera", "big", "gain", "exposure", "site")}
+    assert types == {"captured_at": pa.timestamp("us"), "camera": pa.int16(), "big": pa.decimal128(20, 0),
+                     "gain": pa.float32(), "exposure": pa.int64(), "site": pa.string()}
+    want = df.sort_values("image_id").reset_index(drop=True)
+    assert t.column("camera").to_pylist() == [255] * n and t.column("gain").to_pylist() == [1.5] * n
+    assert [int(v) for v in t.column("big").to_pylist()] == [2**63 + 5] * n
+    assert t.column("captured_at").to_pylist() == pa.array(want["captured_at"].values.astype("datetime64[us]")).to_pylist()
+    assert t.column("exposure").to_pylist() == [int(v / pd.Timedelta(1, "us")) for v in want["exposure"]]
+    assert t.column("site").to_pylist() == list(want["site"].astype(str))
+    assert open_flags(str(out)).read().num_rows == n
+
+
 def test_cli_bad_configuration_exits_2_and_writes_nothing(frames, tmp_path, capsys):
     corpus_dir = write_scores(frames["corpus"], tmp_path / "corpus")
     few = write_scores(frames["heldout"].iloc[:60], tmp_path / "few")

@@ -57,6 +57,23 @@ def test_manifest_parquet_with_image_id(tmp_path):
     assert c.table.column("uri").to_pylist() == [str(paths[1]), str(paths[0])]
 
 
+def test_carried_columns_take_the_types_a_delta_table_stores(tmp_path):
+    """A uint8 label (class index 200) and a categorical split: delta-rs would read uint8 back as
+    int8 (200 → −56), so the carried columns are int16 and string from the listing on."""
+    from deltalake import DeltaTable, write_deltalake
+
+    m = tmp_path / "m.parquet"
+    split = pa.array(["test", "val", "test"]).dictionary_encode()
+    pq.write_table(pa.table({"path": ["a.png", "b.png", "c.png"], "label": pa.array([200, 7, 255], pa.uint8()),
+                             "split": split}), m)
+    c = load_corpus(str(m))
+    assert c.table.schema.field("label").type == pa.int16() and c.table.schema.field("split").type == pa.string()
+    assert c.table.column("label").to_pylist() == [200, 7, 255]
+    write_deltalake(str(tmp_path / "t"), c.table.select(["image_id", "label", "split"]))
+    back = DeltaTable(str(tmp_path / "t")).to_pyarrow_table().sort_by("image_id")
+    assert back.column("label").to_pylist() == [200, 7, 255] and back.column("split").to_pylist() == ["test", "val", "test"]
+
+
 def test_count_rows_agrees_with_the_listing_in_bounded_memory(tmp_path):
     """count_rows (what `audit` checks held-out sizes with, instead of listing the corpus in the
     driver) gives the listing's count for a tree and both manifest kinds, and the split counts."""

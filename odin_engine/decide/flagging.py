@@ -247,8 +247,15 @@ def prepare(table: ScoreTable, delta: float, method: str, budget: int = RANK_BUD
                     decision)
 
 
-def flag_schema(score_schema: pa.Schema) -> pa.Schema:
+def flag_schema(score_schema: pa.Schema, delta_types: bool = False) -> pa.Schema:
+    """The flag files' schema: the score table's columns, then the flag columns. ``delta_types``: the
+    score columns in the types a Delta table stores (``odin_engine.io.delta.delta_type``: a score
+    dataset a user wrote, e.g. with pandas' ``timestamp[ns]``, may hold types Delta refuses)."""
     base = pa.schema([f for f in score_schema if f.name not in FLAG_COLUMNS], metadata=score_schema.metadata)
+    if delta_types:
+        from odin_engine.io.delta import delta_schema
+
+        base = delta_schema(base)
     for f in (pa.field("score", pa.float64()), pa.field("is_outlier", pa.bool_()),
               pa.field("margin", pa.float64()), pa.field("rank", pa.int64()), pa.field("p_value", pa.float64())):
         base = base.append(f)
@@ -277,7 +284,15 @@ def flag_batch(batch: pa.RecordBatch, delta: float, method: str, sorted_scores: 
     cols["rank"] = pa.array(rank, pa.int64(), mask=mask)
     cols["p_value"] = (pa.nulls(len(s), pa.float64()) if pvalues is None else
                        pa.array(pvalues.p_values(np.where(ok, s, 0.0)), pa.float64(), mask=mask))
-    return pa.RecordBatch.from_arrays([cols[f.name] for f in schema], schema=schema)
+    return pa.RecordBatch.from_arrays([_as_type(cols[f.name], f.type) for f in schema], schema=schema)
+
+
+def _as_type(column: pa.Array, target: pa.DataType) -> pa.Array:
+    if column.type == target:
+        return column
+    from odin_engine.io.delta import to_delta_types  # flag_schema(delta_types=True) changed the type
+
+    return to_delta_types(column, target)
 
 
 @dataclass
@@ -286,6 +301,7 @@ class FlagResult:
     gallery: pa.Table  # the ``gallery`` lowest-scoring ok rows, ascending (GALLERY_COLUMNS)
     errors: list[tuple[str, str]]  # the first ``errors_listed`` error rows: (image_id, error)
     histogram: np.ndarray | None  # ok corpus scores per bin of ``hist_edges``
+    schema: pa.Schema | None = None  # the flag files' schema
 
 
 def _top_k(current: pa.Table | None, batch: pa.RecordBatch, k: int) -> pa.Table | None:
@@ -310,11 +326,12 @@ def _error_rows(flagged: pa.RecordBatch, limit: int) -> list[tuple[str, str]]:
 
 def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gallery: int = 24,
                 errors_listed: int = 200, hist_edges: Sequence[float] | None = None,
-                part_prefix: str = "part") -> FlagResult:
+                part_prefix: str = "part", delta_types: bool = False) -> FlagResult:
     """Stream the flagged corpus into ``out`` (a :class:`~odin_engine.io.store.Store` for the flags
-    folder) as ``<part_prefix>-RRR-KKKKK.parquet`` files; see the module docstring."""
+    folder) as ``<part_prefix>-RRR-KKKKK.parquet`` files; see the module docstring. ``delta_types``:
+    the files are a Delta table's (:func:`flag_schema`); ``FlagResult.schema`` is their schema."""
     table, method, delta = plan.table, plan.method, plan.delta
-    schema = flag_schema(table.schema)
+    schema = flag_schema(table.schema, delta_types)
     # dictionary encoding only where values repeat (status, error, model_id, …): trying it on ids and
     # scores costs half the write time for nothing
     dict_cols = [c for c in schema.names if c not in HIGH_CARDINALITY]
@@ -362,7 +379,7 @@ def write_flags(plan: FlagPlan, out, *, rows_per_file: int = ROWS_PER_FILE, gall
         files.append(out.uri(name))
     if top is None:
         top = pa.schema([schema.field(c) for c in GALLERY_COLUMNS if c in schema.names]).empty_table()
-    return FlagResult(files, top, errors, hist)
+    return FlagResult(files, top, errors, hist, schema)
 
 
 def summarize(stats: CorpusStats, class_names: list[str] | None = None,

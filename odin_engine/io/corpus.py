@@ -49,6 +49,7 @@ import pyarrow.compute as pc
 from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
+from odin_engine.io.delta import delta_schema, to_delta_types
 from odin_engine.io.store import is_uri, resolve
 
 from odin_engine.io.failures import os_error_line
@@ -157,13 +158,19 @@ def _check_types(schema: pa.Schema, source: str) -> None:
                               f"df[{name!r}] = df[{name!r}].astype(str) after checking its values.")
 
 
+def _carried(schema: pa.Schema) -> pa.Schema:
+    """The carried columns of a manifest, in the types a Delta score table stores
+    (``odin_engine.io.delta.delta_type``: a ``uint8`` label becomes ``int16``, not ``int8``)."""
+    return delta_schema(pa.schema([schema.field(c) for c in CARRIED_COLUMNS if c in schema.names]))
+
+
 def _open_manifest(fs: pafs.FileSystem, path: str, source: str) -> CorpusSource:
     try:
         if path.lower().endswith(".csv"):
             reader = _csv_reader(fs, path)
             schema = reader.schema
             reader.close()
-            carried = pa.schema([schema.field(c) for c in CARRIED_COLUMNS if c in schema.names])
+            carried = _carried(schema)
             _uri_column(schema.names, source)
             return CorpusSource(source, "manifest", [ListingUnit(source, "csv")], carried,
                                 csv_types={f.name: f.type for f in carried})
@@ -175,7 +182,7 @@ def _open_manifest(fs: pafs.FileSystem, path: str, source: str) -> CorpusSource:
         raise ConfigError(f"cannot read manifest {source!r}: {exc}") from exc
     _uri_column(schema.names, source)
     _check_types(schema, source)
-    carried = pa.schema([schema.field(c) for c in CARRIED_COLUMNS if c in schema.names])
+    carried = _carried(schema)
     units, group, rows, offset = [], [], 0, 0
     for g in range(meta.num_row_groups):
         group.append(g)
@@ -298,7 +305,7 @@ def _manifest_rows(raw: pa.Table, fs: pafs.FileSystem, path: str, source: str, o
     cols = [pa.array(ids, pa.string()), pa.array(uris, pa.string()), versions, pa.nulls(len(ids), pa.string())]
     for f in schema:
         if f.name in CARRIED_COLUMNS:
-            cols.append(raw.column(f.name).cast(f.type))
+            cols.append(to_delta_types(raw.column(f.name).combine_chunks(), f.type))
     return pa.Table.from_arrays([c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c for c in cols],
                                 schema=schema)
 

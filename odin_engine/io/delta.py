@@ -32,6 +32,55 @@ ATTEMPT_KEY = "odin.attempt"
 STATS_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_string)  # min/max kept for these
 
 
+def delta_type(t: pa.DataType) -> pa.DataType:
+    """The type a Delta table stores for Arrow type ``t`` without loss or refusal: timestamps in µs
+    (a time zone becomes UTC, the instant kept), ``float16`` → ``float32``, unsigned integers → the
+    next wider signed type (``uint64`` → ``decimal128(20, 0)``), ``date64`` → ``date32``, times (of
+    the day) and durations → ``int64`` microseconds, large/fixed/dictionary forms → their plain type,
+    nested types element by element. delta-rs refuses float16, times and durations, and reads an
+    unsigned column back as the signed type of the same width (255 → −1)."""
+    if pa.types.is_timestamp(t):
+        return pa.timestamp("us", tz="UTC" if t.tz else None)
+    if pa.types.is_float16(t):
+        return pa.float32()
+    if pa.types.is_unsigned_integer(t):
+        return {8: pa.int16(), 16: pa.int32(), 32: pa.int64()}.get(t.bit_width, pa.decimal128(20, 0))
+    if pa.types.is_date64(t):
+        return pa.date32()
+    if pa.types.is_time(t) or pa.types.is_duration(t):
+        return pa.int64()
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+        return pa.binary()
+    if pa.types.is_dictionary(t):
+        return delta_type(t.value_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return pa.list_(t.value_field.with_type(delta_type(t.value_type)))
+    if pa.types.is_struct(t):
+        return pa.struct([t.field(i).with_type(delta_type(t.field(i).type)) for i in range(t.num_fields)])
+    if pa.types.is_map(t):
+        return pa.map_(delta_type(t.key_type), t.item_field.with_type(delta_type(t.item_type)))
+    return t
+
+
+def delta_schema(schema: pa.Schema) -> pa.Schema:
+    """``schema`` with every field's type as :func:`delta_type` maps it (metadata kept)."""
+    return pa.schema([f.with_type(delta_type(f.type)) for f in schema], metadata=schema.metadata)
+
+
+def to_delta_types(column: pa.Array, target: pa.DataType) -> pa.Array:
+    """``column`` cast to ``target`` (from :func:`delta_type`): times and durations as integer
+    microseconds, timestamps truncated to µs (``safe=False``: Delta keeps no finer unit)."""
+    if column.type == target:
+        return column
+    if pa.types.is_duration(column.type):
+        return column.cast(pa.duration("us"), safe=False).view(pa.int64())
+    if pa.types.is_time(column.type):
+        return column.cast(pa.time64("us"), safe=False).view(pa.int64())
+    return column.cast(target, safe=False)
+
+
 def require_deltalake(what: str, source: str):
     """The ``deltalake`` module, or exit 2 naming the dependency."""
     try:
