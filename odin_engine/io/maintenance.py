@@ -332,14 +332,16 @@ class DeltaSnapshot:
 
 def open_delta_version(source: str, as_of: int | str | datetime | date | None = None, *,
                        schema: pa.Schema | Callable[[pa.Schema], pa.Schema] | None = None,
-                       what: str = "table") -> DeltaSnapshot:
+                       what: str = "table", table: Any = None) -> DeltaSnapshot:
     """The version ``as_of`` names (:func:`resolve_version`; None: the current one) of the Delta
     table at ``source`` as a ``pyarrow`` dataset of exactly its files, read through the same
     filesystem as any other input. ``schema``: the dataset's schema, or a function of the table's
     (e.g. the score table's ``_canonical``), to which each file is cast (a column a file lacks reads
-    as null). An older version whose files a vacuum deleted is a ``ConfigError`` saying so."""
+    as null). ``table``: the ``DeltaTable`` of ``source`` at its current version, when the caller
+    has opened it already (its log is then not read again). An older version whose files a vacuum
+    deleted is a ``ConfigError`` saying so."""
     loc = locate(source) if not isinstance(source, DeltaLocation) else source
-    dt = loc.open()
+    dt = table if table is not None else loc.open()
     current = dt.version()
     version = _resolve(dt, loc.uri, as_of)
     from deltalake.exceptions import DeltaError

@@ -327,7 +327,7 @@ def open_flags(output: "str | Store", as_of: Any = None) -> Flags:
     history = dt.history()  # of the current version (delta-rs numbers an older version's history wrongly)
     if not isinstance(as_of, int) and not (isinstance(as_of, str) and as_of.strip().isdigit()):
         version = _compacted(history, version)
-    snap = open_delta_version(loc, version, what="flags")
+    snap = open_delta_version(loc, version, what="flags", table=dt)
     rid = next((c.get(RESULT_ID_KEY) for c in history if int(c["version"]) <= version
                 and c.get("operation") != "OPTIMIZE"), None)
     return Flags(out.uri(), rid, "delta", version, snap.dataset)

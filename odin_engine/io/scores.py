@@ -110,13 +110,14 @@ def _delta_dataset(fs: pafs.FileSystem, path: str, source: str, what: str, as_of
     from odin_engine.io.maintenance import open_delta_version
 
     loc = DeltaLocation(fs, path)
-    settings = settings_of(loc.open(what=what))
+    table = loc.open(what=what)
+    settings = settings_of(table)
 
     def schema(found: pa.Schema) -> pa.Schema:
         return _canonical(found.with_metadata({**(found.metadata or {}),
                                                **{k.encode(): v.encode() for k, v in settings.items()}}))
 
-    return open_delta_version(loc, as_of, schema=schema, what=what).dataset
+    return open_delta_version(loc, as_of, schema=schema, what=what, table=table).dataset
 
 
 def _named_in(column: str, expr: pc.Expression) -> bool:
