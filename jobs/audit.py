@@ -498,7 +498,8 @@ def _write(args: argparse.Namespace, plan: AuditPlan, runs, cal, flag_plan, held
         "cluster": _cluster_used(),
         "durations_s": {"scoring": round(t_scored - t0, 3)},
         **pub.flags_info,  # flags_format, and flags_version: the flags table's version of this result
-        "outputs": {"calibration": CALIBRATION_JSON, "flags": cal["flags"]["path"] + "/", "flag_summary": FLAG_SUMMARY_JSON,
+        "outputs": {"calibration": CALIBRATION_JSON, "flags": cal["flags"]["path"] + "/",
+                    "flag_summary": FLAG_SUMMARY_JSON,
                     "report": REPORT_HTML, **({"evaluation": EVALUATION_JSON} if evaluation is not None else {})},
     }
     history_html, row = _comparison_html(args, method), None

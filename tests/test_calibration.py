@@ -147,7 +147,8 @@ def test_extra_columns_of_types_delta_refuses_become_delta_types_in_the_flags(fr
     want = df.sort_values("image_id").reset_index(drop=True)
     assert t.column("camera").to_pylist() == [255] * n and t.column("gain").to_pylist() == [1.5] * n
     assert [int(v) for v in t.column("big").to_pylist()] == [2**63 + 5] * n
-    assert t.column("captured_at").to_pylist() == pa.array(want["captured_at"].values.astype("datetime64[us]")).to_pylist()
+    in_us = pa.array(want["captured_at"].values.astype("datetime64[us]"))
+    assert t.column("captured_at").to_pylist() == in_us.to_pylist()
     assert t.column("exposure").to_pylist() == [int(v / pd.Timedelta(1, "us")) for v in want["exposure"]]
     assert t.column("site").to_pylist() == list(want["site"].astype(str))
     assert open_flags(str(out)).read().num_rows == n

@@ -71,7 +71,8 @@ def test_carried_columns_take_the_types_a_delta_table_stores(tmp_path):
     assert c.table.column("label").to_pylist() == [200, 7, 255]
     write_deltalake(str(tmp_path / "t"), c.table.select(["image_id", "label", "split"]))
     back = DeltaTable(str(tmp_path / "t")).to_pyarrow_table().sort_by("image_id")
-    assert back.column("label").to_pylist() == [200, 7, 255] and back.column("split").to_pylist() == ["test", "val", "test"]
+    assert back.column("label").to_pylist() == [200, 7, 255]
+    assert back.column("split").to_pylist() == ["test", "val", "test"]
 
 
 def test_count_rows_agrees_with_the_listing_in_bounded_memory(tmp_path):
