@@ -170,6 +170,23 @@ def _carried_spec(schema: pa.Schema) -> list[list[str]]:
     return [[f.name, str(f.type)] for f in schema]
 
 
+def _widened(old: list | None, new: list) -> str:
+    """The carried columns an earlier odin-audit kept in a type that ``delta_type`` now maps to
+    today's (``label uint8 → int16``), as text; empty when the difference is the manifest's."""
+    from odin_engine.io.delta import delta_type
+
+    was = dict(map(tuple, old or []))
+    changed = []
+    for name, now in new:
+        try:
+            before = pa.type_for_alias(was.get(name, ""))
+        except (ValueError, KeyError):
+            continue
+        if str(before) != now and str(delta_type(before)) == now:
+            changed.append(f"{name} {before} → {now}")
+    return ", ".join(changed)
+
+
 def prepare(cfg: ScoreConfig) -> Prepared:
     """Validate the model, the corpus source and the output directory; raise ``ConfigError`` before any write."""
     started_at = datetime.now(timezone.utc).isoformat()
@@ -214,9 +231,13 @@ def prepare(cfg: ScoreConfig) -> Prepared:
                     if "layout" in diff else " Use a new --output directory, or the same settings to resume.")
             raise ConfigError(f"{cfg.output!r} holds the output of another configuration ({shown}).{hint}")
         if old.get("carried") != config["carried"]:
+            widened = _widened(old.get("carried"), config["carried"])
             raise ConfigError(f"{cfg.output!r} holds scores whose carried manifest columns were {old.get('carried')}; "
-                              f"today's corpus has {config['carried']}. Keep the label/split columns (and their "
-                              "types) of the first run, or use a new --output directory.")
+                              f"today's corpus has {config['carried']}. " + (
+                                  f"This odin-audit stores {widened} in the types a Delta table keeps; score into "
+                                  "a new --output directory." if widened else
+                                  "Keep the label/split columns (and their types) of the first run, or use a new "
+                                  "--output directory."))
         fmt = table_format(existing)
         from odin_engine.io.delta import is_delta_table
 

@@ -75,6 +75,17 @@ def test_carried_columns_take_the_types_a_delta_table_stores(tmp_path):
     assert back.column("split").to_pylist() == ["test", "val", "test"]
 
 
+def test_an_output_whose_carried_types_this_version_widens_is_told_so():
+    """An output scored by an earlier odin-audit with a uint8 label: its rerun is refused (exit 2)
+    with the reason — the type changed here, not in the manifest."""
+    from jobs.score import _widened
+
+    assert _widened([["label", "uint8"], ["split", "string"]], [["label", "int16"], ["split", "string"]]) == \
+        "label uint8 → int16"
+    assert _widened([["label", "int64"]], [["label", "string"]]) == ""  # the manifest changed: the usual message
+    assert _widened(None, [["label", "int16"]]) == ""
+
+
 def test_count_rows_agrees_with_the_listing_in_bounded_memory(tmp_path):
     """count_rows (what `audit` checks held-out sizes with, instead of listing the corpus in the
     driver) gives the listing's count for a tree and both manifest kinds, and the split counts."""
