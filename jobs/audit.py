@@ -337,7 +337,8 @@ def _check_outputs(args: argparse.Namespace, plan: AuditPlan) -> None:
     """Every set's score directory accepts this model and these settings (``jobs.score.prepare``,
     which writes nothing), checked for all sets before the first is scored."""
     from jobs.score import ScoreConfig, output_table_format, prepare
-    from odin_engine.io.results import check_flags_format
+    from odin_engine.io.delta import DeltaLocation
+    from odin_engine.io.results import FLAGS, check_flags_format
 
     kw = _score_options(args, plan)
     for name, src, sub in plan.jobs:
@@ -345,7 +346,10 @@ def _check_outputs(args: argparse.Namespace, plan: AuditPlan) -> None:
             prepare(ScoreConfig(src, plan.out.uri(sub), **kw).checked())
         except ConfigError as exc:
             raise ConfigError(f"{name} scores: {exc}") from exc
-    check_flags_format(plan.out, output_table_format(plan.out.uri("corpus"), args.table_format))
+    flags_format = output_table_format(plan.out.uri("corpus"), args.table_format)
+    check_flags_format(plan.out, flags_format)
+    if flags_format == "delta":
+        DeltaLocation(plan.out.fs, plan.out.p(FLAGS)).check_reachable("flags")
 
 
 # --------------------------------------------------------------------------- stages

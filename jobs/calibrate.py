@@ -125,6 +125,7 @@ def calibrate_and_flag(
     from odin_engine.decide.calibration import calibrate_tables
     from odin_engine.decide.flagging import summarize
     from jobs.score import decided_format
+    from odin_engine.io.delta import DeltaLocation
     from odin_engine.io.results import Publication, check_flags_format, recorded_flags_format
     from odin_engine.io.scores import ScoreTable
     from odin_engine.io.store import Store
@@ -134,6 +135,8 @@ def calibrate_and_flag(
         raise ConfigError(f"--output {output} is a file; give a directory")
     check_flags_format(out, table_format or "delta")
     flags_format = decided_format(recorded_flags_format(out), table_format)
+    if flags_format == "delta":
+        DeltaLocation(out.fs, out.p(FLAGS_DIR)).check_reachable("flags")
     lease = output_lease(out, output)
     lease.check_free()
     corpus = ScoreTable.open(scores, "corpus scores")

@@ -250,12 +250,16 @@ def prepare(cfg: ScoreConfig) -> Prepared:
             raise ConfigError(f"{cfg.output!r} belongs to run_id {existing.get('run_id')!r}, not {run_id!r}: "
                               "drop --run-id to resume it, or use a new --output directory")
         run_id = existing["run_id"]
+        delta = fmt == "delta" or migrate
     else:
         stray = [e for e in entries if e not in (LISTING_DIR, PLAN_DIR, LOCK_FILE)]
         if stray:
             raise ConfigError(f"{cfg.output!r} is not empty and holds no odin score run ({JOB_FILE} missing); "
                               f"found {sorted(stray)[:10]}. Use a new or empty --output directory.")
         run_id = str(run_id) if run_id else _default_run_id()
+        delta = table_format(None, cfg.table_format) == "delta"
+    if delta:
+        DeltaLocation(out.fs, out.p(SCORES_DIR)).check_reachable("score table")
     return Prepared(cfg, loaded.model_id, list(loaded.mean), list(loaded.std), loaded.input_size, source, out, lock,
                     existing, existing is None and not entries, run_id, config, started_at,
                     migrate=existing is not None and migrate)

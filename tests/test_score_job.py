@@ -310,6 +310,26 @@ def test_s3_corpus_and_s3_output(ray_head, s3_server, s3_bucket, tiny_model, tmp
 
 
 @pytest.mark.slow
+def test_a_delta_output_delta_rs_cannot_reach_is_exit_2_before_anything_is_written(ray_head, gcs_server, tiny_model,
+                                                                                   tmp_path):
+    """delta-rs writes a Delta table's log with its own client and credentials, which may fail where
+    pyarrow succeeds (here: the GCS emulator, which delta-rs cannot use): the run says so before it
+    scores or writes anything, naming the fix, instead of failing at its commit."""
+    fs = gcs_server.filesystem()
+    bucket = f"odin-{os.getpid()}-{int(time.time())}-reach"
+    fs.create_dir(bucket)
+    for p in make_images(tmp_path / "imgs", 2):
+        with fs.open_output_stream(f"{bucket}/corpus/{p.name}") as fh:
+            fh.write(p.read_bytes())
+    proc = run_job(job_cmd(f"gs://{bucket}/corpus", f"gs://{bucket}/runs/r1", tiny_model),
+                   dict(ray_head.env, **gcs_server.env))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert f"gs://{bucket}/runs/r1/scores" in line and "delta-rs cannot reach it" in line, line
+    assert "--table-format buckets" in line and "\x1b" not in line
+    assert fs.get_file_info(pa.fs.FileSelector(f"{bucket}/runs", allow_not_found=True)) == []
+
+
 def test_gcs_corpus_and_gcs_output(ray_head, gcs_server, tiny_model, tmp_path, bad_images):
     """A gs:// directory corpus scored into a gs:// output on a real GCS API (the emulator), in the
     bucket-file layout: delta-rs (the Delta layout's commit) has no setting that points it at a GCS

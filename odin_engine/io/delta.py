@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -144,6 +145,26 @@ class DeltaLocation:
 
     def exists(self) -> bool:
         return is_delta_table(self.fs, self.path)
+
+    def check_reachable(self, what: str = "table") -> None:
+        """Exit 2 (``ConfigError``) when delta-rs, which writes the table's log with its own client
+        and credentials, cannot reach this location on an object store — checked before a run
+        writes anything, not at its commit after hours of scoring. Local folders pass."""
+        if isinstance(self.fs, pafs.LocalFileSystem) or (
+                isinstance(self.fs, pafs.SubTreeFileSystem) and isinstance(self.fs.base_fs, pafs.LocalFileSystem)):
+            return
+        deltalake = require_deltalake(what, self.uri)
+        from deltalake.exceptions import DeltaError
+
+        try:
+            deltalake.DeltaTable.is_deltatable(self.uri, storage_options(self.fs))
+        except (OSError, DeltaError) as exc:
+            reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())[:400]  # delta-rs colours its text
+            raise ConfigError(
+                f"the {what} at {self.uri} is kept as a Delta table, whose log delta-rs writes with its own "
+                f"client, and delta-rs cannot reach it: {reason}. Give delta-rs the bucket's credentials the way it reads "
+                "them (AWS_* variables for s3://; GOOGLE_SERVICE_ACCOUNT or GOOGLE_APPLICATION_CREDENTIALS for "
+                "gs://), or write this output with --table-format buckets (plain Parquet, no Delta log)") from None
 
     def open(self, version: int | None = None, what: str = "table"):
         """The ``DeltaTable`` (its current version, or ``version``); exit 2 when it cannot be read."""
