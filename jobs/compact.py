@@ -5,7 +5,8 @@
 Finds DIR's Delta tables (``odin_engine.io.maintenance.output_tables``: ``scores/``, ``flags/``,
 ``history/``, an audit's ``<set>/scores/``, or DIR itself), then, for each, merges its files below the
 target (delta-rs ``optimize.compact``, one version; rows unchanged) and with ``--vacuum-hours``
-deletes the files that no version younger than H hours (nor a ``--keep-version``) references. Prints
+deletes the files that no version younger than H hours (nor a ``--keep-version``, nor a kept
+result of DIR: ``odin_engine.io.results.referenced_versions``) references. Prints
 each table's files and bytes before and after. It holds the lease (``jobs.run_lock``) of DIR and of
 each score-run output under it for the whole run, so no score job or audit writes there meanwhile:
 a vacuum would otherwise delete the files a running score job has written but not yet committed.
@@ -100,9 +101,13 @@ def _keep_versions(specs: list[str], tables) -> dict[str, list[int]]:
 def run(args: argparse.Namespace) -> int:
     from jobs.run_lock import RunLock
     from odin_engine.io.maintenance import compact, vacuum
-    from odin_engine.io.store import resolve
+    from odin_engine.io.results import referenced_versions
+    from odin_engine.io.store import Store, resolve
 
     tables, target, keep = _checked(args)
+    # the versions the output's kept results read (the current one's flags, each kept audit's score
+    # tables): a vacuum keeps them, whatever its retention
+    results_keep = referenced_versions(Store(args.output))
     say = (lambda *_: None) if args.quiet else (lambda line: print(f"odin compact: {line}", flush=True))
     owners = list(dict.fromkeys(o for t in tables for o in t.owners))
     leases = [RunLock(*resolve(o), display=o) for o in owners]
@@ -135,8 +140,11 @@ def run(args: argparse.Namespace) -> int:
             if args.vacuum_hours is not None:
                 for lease in held:
                     lease.check_held()
-                v = vacuum(t.location, args.vacuum_hours, keep.get(t.name), dry_run=args.dry_run)
+                held_by_results = results_keep.get(t.name, [])
+                versions = sorted(set(keep.get(t.name, [])) | set(held_by_results)) or None
+                v = vacuum(t.location, args.vacuum_hours, versions, dry_run=args.dry_run)
                 kept = f", keeping versions {v.keep_versions}" if v.keep_versions else ""
+                kept += f" ({held_by_results} read by kept results)" if held_by_results else ""
                 say(f"{name}: vacuum (older than {args.vacuum_hours} h{kept}): "
                     f"{'would delete' if args.dry_run else 'deleted'} {len(v.files)} files, {_mib(v.bytes)}"
                     + (" (as the table is now: the files a compaction replaces come on top after their "

@@ -443,8 +443,9 @@ def test_compacting_a_score_jobs_table_between_nights(ray_head, tiny_model, tmp_
 
 def test_compact_and_vacuum_cover_the_flags_table_and_results_stay_readable(tmp_path):
     """`odin-audit compact` lists DIR/flags (a calibrate output's Delta table): compaction merges the
-    current result's part files; a vacuum deletes the earlier result's files; the current result —
-    by the pointer or by its id — is read from the compaction's version (the same rows)."""
+    current result's part files; a vacuum keeps the versions the kept results read (both results
+    here), so the earlier result stays readable by its id; the current result — by the pointer or by
+    its id — is read from the compaction's version (the same rows)."""
     from deltalake import DeltaTable
 
     from jobs.cli import main as cli
@@ -462,9 +463,9 @@ def test_compact_and_vacuum_cover_the_flags_table_and_results_stay_readable(tmp_
     p = _cli(["--output", str(out), "--vacuum-hours", "0"])
     assert p.returncode == 0, p.stderr
     assert "flags: 6 files" in p.stdout and "6 files merged into 1" in p.stdout
-    assert "deleted 12 files" in p.stdout  # both results' part files: no retained version names them
+    assert "keeping versions [0, 1] ([0, 1] read by kept results)" in p.stdout and "deleted 0 files" in p.stdout
     assert len(DeltaTable(str(out / "flags")).file_uris()) == 1
     for got in (open_flags(str(out)), open_flags(str(out), now.result_id)):
         assert (got.version, got.result_id) == (2, now.result_id) and _rows(got.read()) == rows
-    with pytest.raises(ConfigError, match="vacuum deleted"):
-        open_flags(str(out), first.result_id).read()
+    assert _rows(open_flags(str(out), first.result_id).read()) == _rows(first.read())  # kept: still readable
+    assert m.vacuum(str(out / "flags"), 0, dry_run=True).files  # what the kept results' versions keep

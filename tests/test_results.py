@@ -407,6 +407,7 @@ def test_a_kill_between_the_flags_commit_and_the_pointer_keeps_the_previous_resu
     from deltalake import DeltaTable
 
     from odin_engine.decide.flagging import flag_schema
+    from odin_engine.io.results import referenced_versions
     from odin_engine.io.store import Store
 
     out = tmp_path / "out"
@@ -420,10 +421,40 @@ def test_a_kill_between_the_flags_commit_and_the_pointer_keeps_the_previous_resu
     assert read_current(pafs.LocalFileSystem(), str(out))["result_id"] == before["result_id"]
     cur = open_flags(str(out))
     assert (cur.result_id, cur.version, cur.read().num_rows) == (before["result_id"], 0, CORPUS_ROWS)
+    # a vacuum now (retention 0) keeps the current result's version, though the table's newest is the dead one's
+    assert referenced_versions(Store(str(out))) == {"flags": [0]}
+    from jobs.compact import main as compact
+
+    assert compact(["--output", str(out), "--vacuum-hours", "0", "--quiet"]) == 0
+    assert open_flags(str(out)).read().num_rows == CORPUS_ROWS
     after = _calibrate(tables, out, 0.95)
     assert after["flags"]["flags_version"] == 2 and open_flags(str(out)).result_id == after["result_id"]
     assert len(DeltaTable(str(out / "flags")).to_pandas()) == CORPUS_ROWS
     assert not (out / RESULTS_DIR / dead.result_id).exists()  # the dead result's directory: pruned
+
+
+def test_the_versions_kept_results_read_are_listed_for_the_vacuum(tmp_path):
+    """referenced_versions: the current pointer's flags version, each kept result's flags version and
+    the score-table versions each kept audit decided on (audit.json's score_runs), by table name."""
+    import json
+
+    from odin_engine.io.results import POINTER, referenced_versions
+    from odin_engine.io.store import Store
+
+    out = tmp_path / "out"
+    assert referenced_versions(Store(str(out))) == {}
+    docs = {"a1": {"flags_version": 4, "score_runs": {"corpus": {"table_version": 7}, "heldout": {"table_version": 2},
+                                                      "ood/svhn": {"table_version": None}}},
+            "a0": {"flags_version": 3, "score_runs": {"corpus": {"table_version": 5}, "heldout": {"table_version": 2}}}}
+    for rid, doc in docs.items():
+        (out / RESULTS_DIR / rid).mkdir(parents=True)
+        (out / RESULTS_DIR / rid / "audit.json").write_text(json.dumps(doc))
+    (out / RESULTS_DIR / "c0").mkdir()
+    (out / RESULTS_DIR / "c0" / "calibration.json").write_text(json.dumps({"flags": {"flags_version": 1}}))
+    (out / POINTER).write_text(json.dumps({"result_id": "a1", "path": "results/a1", "flags_version": 4,
+                                           "kept": ["a1", "a0", "c0"]}))
+    assert referenced_versions(Store(str(out))) == {"flags": [1, 3, 4], "corpus/scores": [5, 7],
+                                                    "heldout/scores": [2]}
 
 
 def test_buckets_flags_unchanged_then_migrated_to_delta(tables, tmp_path):

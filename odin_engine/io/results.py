@@ -276,6 +276,38 @@ def prune(out: Store, keep: set[str]) -> list[str]:
     return gone
 
 
+def referenced_versions(out: Store) -> dict[str, list[int]]:
+    """The Delta versions that ``out``'s kept results read: ``{table name: [versions]}``, names as
+    ``odin_engine.io.maintenance.output_tables`` gives them — each kept result's flags version
+    (``flags``; the current one from the pointer, which after a run killed between its flags commit
+    and its pointer is not the table's newest) and the version of each score table an audit decided
+    on (``corpus/scores``, ``heldout/scores``, ``ood/<name>/scores``: ``audit.json``'s
+    ``score_runs``). ``odin-audit compact --vacuum-hours`` keeps them, so every kept result stays
+    readable whole."""
+    pointer = read_pointer(out)
+    if not pointer:
+        return {}
+    found: dict[str, set[int]] = {}
+
+    def add(table: str, version: Any) -> None:
+        if isinstance(version, int) and not isinstance(version, bool):
+            found.setdefault(table, set()).add(version)
+
+    add(FLAGS, pointer.get("flags_version"))
+    for rid in pointer.get("kept", []):
+        for name in ("audit.json", "calibration.json"):
+            try:
+                doc = out.join(RESULTS_DIR, str(rid)).read_json(name)
+            except (OSError, ValueError):
+                doc = None
+            if not isinstance(doc, dict):
+                continue
+            add(FLAGS, doc.get("flags_version", (doc.get("flags") or {}).get("flags_version")))
+            for sub, run in (doc.get("score_runs") or {}).items():
+                add(f"{sub}/scores", (run or {}).get("table_version"))
+    return {table: sorted(versions) for table, versions in found.items()}
+
+
 # --------------------------------------------------------------------------- reading the flags
 @dataclass(frozen=True)
 class Flags:
