@@ -263,8 +263,8 @@ def resolve_version(table_uri: Any, as_of: int | str | datetime | date | None) -
       result, audit or calibrate, whose flags it is): the **newest** such version (an
       output's incremental runs share one run id: the id then names its latest night);
     * a ``datetime``/``date`` or an ISO string (``2026-12-05`` = 00:00 UTC that day;
-      ``2026-12-05T03:00:00Z``; naive = UTC): the version current at that time (delta-rs's
-      ``load_as_version``).
+      ``2026-12-05T03:00:00Z``; naive = UTC): the version current at that time — the newest
+      committed at or before it, by the commit times ``history()`` shows.
 
     Ids are looked up before dates (an id that happens to parse as a date still names its commit).
     ``ConfigError`` for a version out of range, a time before the oldest version still in the log,
@@ -308,15 +308,11 @@ def _resolve(dt: Any, source: str, as_of: Any) -> int:
                  else f"'s oldest version still in its log ({oldest['version']}) was committed")
         raise ConfigError(f"{when.isoformat()} is before {source} {first} ({_commit_time(oldest).isoformat()}): "
                           "no version was current then")
-    from deltalake.exceptions import DeltaError
-
-    try:
-        dt.load_as_version(when)  # delta-rs: the newest version committed at or before `when`
-        return int(dt.version())
-    except DeltaError as exc:
-        raise ConfigError(f"cannot find the version of {source} current at {when.isoformat()}: {exc}") from exc
-    finally:
-        dt.load_as_version(current)
+    # the newest version whose commit time (its commitInfo timestamp, as history() and the oldest
+    # check above read it) is at or before `when`; delta-rs's load_as_version(datetime) goes by the
+    # log files' modification times instead, a few ms later, so the time history() shows for a
+    # version could resolve to the one before it
+    return max(int(c["version"]) for c in history if _commit_time(c) <= when)
 
 
 @dataclass(frozen=True)
