@@ -9,11 +9,11 @@ from typing import Any, Sequence
 from jobs import options
 from jobs.options import run_main
 from odin_engine.errors import ConfigError
+from odin_engine.io.results import FLAGS as FLAGS_DIR
 from odin_engine.settings import CalibrationSettings
 
 # the decision stage's outputs, relative to --output (shared with `odin-audit audit`)
 CALIBRATION_JSON = "calibration.json"
-FLAGS_DIR = "flags"
 FLAG_SUMMARY_JSON = "flag_summary.json"
 
 

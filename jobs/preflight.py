@@ -123,7 +123,10 @@ def preflight_scoring(*, spec: str, weights: str | None, mean: Sequence[float], 
     key = (spec, weights, model_id, gpus, ray.get_runtime_context().gcs_address)
     if key in _passed:  # e.g. `audit` scores several sets with one model on one cluster
         return _passed[key]
-    probe = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cpus, max_retries=0)(_probe)
+    # max_calls=1 with a GPU: the worker exits after the probe and takes its CUDA context with it
+    # (Ray's default for GPU tasks, said here), so the scoring actors get the GPU's whole memory
+    probe = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cpus, max_retries=0,
+                       max_calls=1 if gpus else 0)(_probe)
     ref = probe.options(name="odin_preflight_probe").remote(
         spec, weights, list(mean), list(std), input_size, unsafe_pickle, model_id, "cuda" if gpus else "cpu",
         temperature, epsilon)

@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 
 from odin_engine.decide.conformal import ConformalPValues, bh_index, decision_summary
 from odin_engine.errors import ConfigError
+from odin_engine.io.delta import delta_schema, to_delta_types
 from odin_engine.io.scores import NOT_OK, OK, ScoreTable
 from odin_engine.methods import TABLE_METHODS
 
@@ -253,8 +254,6 @@ def flag_schema(score_schema: pa.Schema, delta_types: bool = False) -> pa.Schema
     dataset a user wrote, e.g. with pandas' ``timestamp[ns]``, may hold types Delta refuses)."""
     base = pa.schema([f for f in score_schema if f.name not in FLAG_COLUMNS], metadata=score_schema.metadata)
     if delta_types:
-        from odin_engine.io.delta import delta_schema
-
         base = delta_schema(base)
     for f in (pa.field("score", pa.float64()), pa.field("is_outlier", pa.bool_()),
               pa.field("margin", pa.float64()), pa.field("rank", pa.int64()), pa.field("p_value", pa.float64())):
@@ -284,15 +283,8 @@ def flag_batch(batch: pa.RecordBatch, delta: float, method: str, sorted_scores: 
     cols["rank"] = pa.array(rank, pa.int64(), mask=mask)
     cols["p_value"] = (pa.nulls(len(s), pa.float64()) if pvalues is None else
                        pa.array(pvalues.p_values(np.where(ok, s, 0.0)), pa.float64(), mask=mask))
-    return pa.RecordBatch.from_arrays([_as_type(cols[f.name], f.type) for f in schema], schema=schema)
-
-
-def _as_type(column: pa.Array, target: pa.DataType) -> pa.Array:
-    if column.type == target:
-        return column
-    from odin_engine.io.delta import to_delta_types  # flag_schema(delta_types=True) changed the type
-
-    return to_delta_types(column, target)
+    # flag_schema(delta_types=True) may have changed a score column's type (a no-op otherwise)
+    return pa.RecordBatch.from_arrays([to_delta_types(cols[f.name], f.type) for f in schema], schema=schema)
 
 
 @dataclass

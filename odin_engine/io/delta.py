@@ -162,9 +162,9 @@ class DeltaLocation:
             reason = " ".join(re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).split())[:400]  # delta-rs colours its text
             raise ConfigError(
                 f"the {what} at {self.uri} is kept as a Delta table, whose log delta-rs writes with its own "
-                f"client, and delta-rs cannot reach it: {reason}. Give delta-rs the bucket's credentials the way it reads "
-                "them (AWS_* variables for s3://; GOOGLE_SERVICE_ACCOUNT or GOOGLE_APPLICATION_CREDENTIALS for "
-                "gs://), or write this output with --table-format buckets (plain Parquet, no Delta log)") from None
+                f"client, and delta-rs cannot reach it: {reason}. Give delta-rs the bucket's credentials the way "
+                "it reads them (AWS_* variables for s3://; GOOGLE_SERVICE_ACCOUNT or GOOGLE_APPLICATION_CREDENTIALS "
+                "for gs://), or write this output with --table-format buckets (plain Parquet, no Delta log)") from None
 
     def open(self, version: int | None = None, what: str = "table"):
         """The ``DeltaTable`` (its current version, or ``version``); exit 2 when it cannot be read."""

@@ -376,11 +376,12 @@ def _compacted(history: list[dict[str, Any]], version: int) -> int:
 
 
 def _parquet_flags(out: Store, folder: Store, result_id: str | None) -> Flags:
-    files = [i.path for i in folder.listdir() if i.path.endswith(".parquet")
-             and not posixpath.basename(i.path).startswith((".", "_"))] if folder.exists() else []
+    from odin_engine.io.scores import list_parquet_files
+
+    files = list_parquet_files(out.fs, folder.path) if folder.exists() else []
     if not files:
         raise ConfigError(f"no flags in {folder.uri()}: {out.uri()} holds no committed decision result")
-    return Flags(out.uri(), result_id, "buckets", None, ds.dataset(sorted(files), filesystem=out.fs, format="parquet"))
+    return Flags(out.uri(), result_id, "buckets", None, ds.dataset(files, filesystem=out.fs, format="parquet"))
 
 
 def _kept_ids(out: Store) -> list[str]:
