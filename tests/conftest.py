@@ -167,6 +167,19 @@ def _wait_port(port: int, timeout: float) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------- job commands
+@pytest.fixture(scope="session", autouse=True)
+def fork_servers():
+    """The tests' ``[python, -m|-c, …]`` job commands start by a fork (``tests/_forkserver.py``:
+    each still its own process, pid, session, fds and exit code), not a new interpreter that
+    imports torch and Ray again; the servers stop with the session. ``ODIN_TEST_FORK=0`` runs
+    every command as a plain subprocess."""
+    import _forkserver
+
+    yield
+    _forkserver.stop_servers()
+
+
 # --------------------------------------------------------------------------- Ray head
 @dataclass
 class RayHead:

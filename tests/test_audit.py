@@ -21,6 +21,7 @@ from odin_engine import methods
 from odin_engine.loading import load_model
 from odin_engine.io.results import POINTER, open_flags
 from odin_engine.metrics import threshold_at_tpr
+from _forkserver import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +100,7 @@ def test_audit_job_submit_end_to_end_then_resume(ray_head, data):
 
     # rerun the same command (as a plain driver on the same cluster): resumes, rescores nothing
     before = {k: (out / k / "run.json").read_text() for k in ("heldout", "corpus")}
-    again = subprocess.run([sys.executable, *args[1:]], cwd=REPO, env=ray_head.env, capture_output=True, text=True,
+    again = run_command([sys.executable, *args[1:]], cwd=REPO, env=ray_head.env, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     doc2 = json.loads((out / "audit.json").read_text())
@@ -143,7 +144,7 @@ def test_audit_config_file_tuning_file_and_heldout_split(ray_head, data):
         f'corpus = "{root / "manifest.csv"}"\nheldout-split = "heldout"\noutput = "{out}"\n'
         f'model = "cifar_resnet20"\nweights = "{w}"\ntuning = "{tuning}"\ntpr = 0.9\nquiet = true\nfdr = 0.2\n'
     )
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "audit", "--config", str(root / "audit.toml")],
+    proc = run_command([sys.executable, "-m", "jobs.cli", "audit", "--config", str(root / "audit.toml")],
                           cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     cal = json.loads((out / "calibration.json").read_text())
@@ -232,7 +233,7 @@ def test_failure_after_scoring_is_not_a_configuration_error(ray_head, data, tmp_
     for i in range(10):
         (held / f"bad{i}.png").write_bytes(b"not an image")
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(root / "corpus"), "--heldout",
+    proc = run_command([sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(root / "corpus"), "--heldout",
                            str(held), "--output", str(out), *_model_args(w), "--quiet"],
                           cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 4, proc.stderr[-3000:]
@@ -254,10 +255,10 @@ def _bucket_audit(root: Path, w: Path, env: dict, put, uri: str, tmp_path: Path,
     env = dict(env, PYTHONPATH=f"{REPO}:{env.get('PYTHONPATH', '')}")
     args = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", f"{uri}/in/corpus", "--heldout", f"{uri}/in/held",
             "--output", f"{uri}/audit", *_model_args(w), "--quiet", *extra]
-    first = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
+    first = run_command(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)
     assert first.returncode == 0, first.stderr[-3000:]
     assert list(cwd.iterdir()) == []
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
+    return run_command(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=400)
 
 
 def _check_bucket_outputs(fs, prefix: str, again: subprocess.CompletedProcess, flags_format: str) -> None:

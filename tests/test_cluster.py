@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, VENV_BIN, make_images
+from _forkserver import run_command
 
 slow = pytest.mark.slow  # every test that starts Ray
 ERROR_PREFIX = "odin-audit score: error: "
@@ -31,7 +32,7 @@ def _score(env: dict, tmp_path: Path, *args: str, out: Path | None = None, timeo
     out = out or tmp_path / "out"
     env = dict(env, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), str(tmp_path), env.get("PYTHONPATH")])))
     cmd = [str(VENV_BIN / "odin-audit"), "score", "--input", str(images), "--output", str(out), *args]
-    return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout), out
+    return run_command(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout), out
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:

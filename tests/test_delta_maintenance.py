@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
+from _forkserver import run_command
 from odin_engine.errors import ConfigError
 from odin_engine.io import maintenance as m
 from odin_engine.io.scores import ScoreTable, _canonical, output_schema
@@ -297,7 +298,7 @@ def test_open_delta_version_reads_that_version_as_a_score_table(tmp_path):
 # --------------------------------------------------------------------------- the `compact` command
 def _cli(args: list[str], env: dict | None = None, code: str | None = None) -> subprocess.CompletedProcess:
     argv = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "jobs.cli", "compact", *args]
-    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+    return run_command(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, **(env or {})})
 
 

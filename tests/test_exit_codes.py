@@ -17,6 +17,7 @@ from PIL import Image
 
 from jobs.options import EXIT_RUNTIME, run_main
 from odin_engine.io.results import open_flags
+from _forkserver import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,7 +131,7 @@ def _audit(small, out: Path, env: dict, *extra: str) -> subprocess.CompletedProc
     args = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(root / "corpus"), "--heldout",
             str(root / "held"), "--output", str(out), "--model", "cifar_resnet20", "--weights", str(w),
             "--tpr", "0.5", "--quiet", *extra]
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return run_command(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _failed_on_full_disk(proc: subprocess.CompletedProcess, logs: Path) -> None:
@@ -201,7 +202,7 @@ def test_a_no_data_night_with_fail_on_drift_exits_6_and_history_records_it(ray_h
     args = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(night), "--heldout", str(root / "held"),
             "--output", str(out), "--model", "cifar_resnet20", "--weights", str(small[1]), "--tpr", "0.5",
             "--fail-on-drift", "0.01", "--history", str(history), "--quiet"]
-    proc = subprocess.run(args, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    proc = run_command(args, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 6, proc.stderr[-3000:]
     assert "NO DATA: 0 corpus images scored ok" in proc.stderr and "Traceback" not in proc.stderr
     doc = _current(out)  # every output is written first

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, make_images
+from _forkserver import run_command
 from jobs.cli import main as cli
 from odin_engine.io.results import open_flags
 
@@ -73,7 +74,7 @@ def test_fit_on_a_bucket_then_score_with_it(ray_head, s3_server, s3_bucket, tiny
     client.put_object(Bucket=s3_bucket, Key="ref/broken.png", Body=b"not an image")
     env = dict(ray_head.env, **s3_server.env)
     fit_uri = f"s3://{s3_bucket}/fits/fit.npz"
-    proc = subprocess.run([sys.executable, "-m", "jobs.fit", "--reference", f"s3://{s3_bucket}/ref", "--output",
+    proc = run_command([sys.executable, "-m", "jobs.fit", "--reference", f"s3://{s3_bucket}/ref", "--output",
                            fit_uri, *tiny_model.cli, "--bank-size", "4"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -86,7 +87,7 @@ def test_fit_on_a_bucket_then_score_with_it(ray_head, s3_server, s3_bucket, tiny
     corpus = tmp_path / "corpus"
     make_images(corpus, 5)
     out = tmp_path / "scores"
-    proc = subprocess.run([sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out),
+    proc = run_command([sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out),
                            *tiny_model.cli, "--fit", fit_uri, "--methods", "default,adascale"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -148,7 +149,7 @@ def test_tune_picks_a_non_odin_method_on_the_test_bed_and_audit_decides_with_it(
     _write_pngs(corpus, np.concatenate([cifar[5520:5540], tin[400:420]]))
     out = tmp_path / "audit"
     env = ray_head.env
-    proc = subprocess.run([sys.executable, "-m", "jobs.audit", "--corpus", str(corpus), "--heldout", str(held),
+    proc = run_command([sys.executable, "-m", "jobs.audit", "--corpus", str(corpus), "--heldout", str(held),
                            "--output", str(out), "--model", "cifar_resnet20", "--weights", str(weights),
                            "--tuning", str(tuning), "--fit", str(fit_path), "--quiet"], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1500)
@@ -213,7 +214,7 @@ def test_audit_with_reference_fits_first_then_decides_with_a_fitted_method(ray_h
     args = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", str(corpus), "--heldout", str(held),
             "--reference", str(ref), "--bank-size", "8", "--method", "knn", "--tpr", "0.75",
             "--output", str(out), "--quiet", *tiny_model.cli]
-    proc = subprocess.run(args, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    proc = run_command(args, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     digest = hashlib.sha256((out / "fit.npz").read_bytes()).hexdigest()[:16]
     for name in ("corpus", "heldout"):

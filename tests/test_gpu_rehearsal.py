@@ -18,6 +18,7 @@ import pyarrow as pa
 import pytest
 
 from conftest import REPO
+from _forkserver import run_command
 
 sys.path.insert(0, str(REPO / "benchmarks" / "gpu"))
 
@@ -79,7 +80,7 @@ def test_cpu_rehearsal_runs_whole(tmp_path):
     out = tmp_path / "r.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_rehearsal", "--device", "cpu", "--images", "24",
+    proc = run_command([sys.executable, "-m", "benchmarks.gpu_rehearsal", "--device", "cpu", "--images", "24",
                            "--width", "120", "--height", "90", "--out", str(out), "--workdir", str(tmp_path / "w")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -18,6 +18,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from conftest import REPO, make_images
+from _forkserver import run_command
 from odin_engine.io.corpus import LISTING_ERROR, load_corpus
 from odin_engine.io.images import decode_image
 from odin_engine.io.listing import Entry, escape_name, split_points, unescape_name, walk
@@ -208,7 +209,7 @@ def test_score_over_a_hostile_tree(ray_head, tiny_model, tmp_path):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "jobs.cli", "score", "--input", str(root), "--output", str(out), *tiny_model.cli,
             "--batch-size", "16", "--shard-rows", "20"]
-    proc = subprocess.run(args, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    proc = run_command(args, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     from odin_engine.io.scores import ScoreTable
 

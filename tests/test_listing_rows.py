@@ -20,6 +20,7 @@ import pytest
 from pyarrow import fs as pafs
 
 from conftest import REPO, make_images
+from _forkserver import run_command
 from odin_engine.errors import ConfigError
 from odin_engine.io import listing as L
 from odin_engine.io.corpus import LISTING_ERROR, _stat_versions, list_unit, load_corpus, open_corpus
@@ -51,7 +52,7 @@ def _as_test_user(args: list[str], cwd: str) -> subprocess.CompletedProcess:
                         "rules cannot be exercised")
         cmd = ["setpriv", f"--reuid={TEST_UID}", f"--regid={TEST_UID}", "--clear-groups", *cmd]
     env = dict(os.environ, HOME="/tmp", PYTHONPATH=str(REPO))
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return run_command(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from conftest import REPO, make_images
+from _forkserver import run_command
 from jobs.pipeline import MAX_FILE_BYTES, ScoreBatch, read_and_decode
 from odin_engine.io.scores import output_schema
 from odin_engine.loading import load_model
@@ -134,7 +135,7 @@ def test_a_run_that_fails_its_exactly_once_check_exits_1(ray_head, tmp_path, tin
     cmd = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out), *tiny_model.cli,
            "--batch-size", "4", "--workers", "1", "--table-format", "buckets"]
     env = ray_head.env  # the session's cluster: which cluster is not the point here
-    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    first = run_command(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert json.loads((out / "run.json").read_text())["verification"]["exactly_once"] is True
     assert json.loads((out / "_odin_job.json").read_text())["layout"]["format"] == "buckets"
@@ -142,7 +143,7 @@ def test_a_run_that_fails_its_exactly_once_check_exits_1(ray_head, tmp_path, tin
     assert committed
     shutil.copyfile(committed[0], committed[0].with_name("copy-of-" + committed[0].name))
     copied = pq.read_metadata(committed[0]).num_rows
-    second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    second = run_command(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 1, second.stdout[-3000:] + second.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     # the copy is no bucket's file: its rows would be every image a second time in the table readers see
@@ -167,7 +168,7 @@ def test_a_delta_score_table_ignores_stray_files_and_heals_rows_another_writer_d
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "jobs.score", "--input", str(corpus), "--output", str(out), *tiny_model.cli,
            "--batch-size", "4", "--workers", "1"]
-    first = subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    first = run_command(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     scores = out / "scores"
     some = sorted(p for p in scores.glob("*.parquet"))[0]
@@ -177,7 +178,7 @@ def test_a_delta_score_table_ignores_stray_files_and_heals_rows_another_writer_d
     seen = table.version()
     write_deltalake(str(scores), pa.table(table.to_pyarrow_dataset().to_table()), mode="append")  # a botched append
     assert ScoreTable.open(str(out)).count() == 24
-    second = subprocess.run(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    second = run_command(cmd, cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     run = json.loads((out / "run.json").read_text())
     att = run["attempts"][-1]

@@ -26,6 +26,7 @@ from odin_engine.errors import ConfigError
 from odin_engine.io.delta import DeltaLocation
 from odin_engine.io.results import KEEP, LATEST, POINTER, RESULTS_DIR, STABLE_NAMES, Publication, current, open_flags
 from odin_engine.io.store import Store
+from _forkserver import run_command, start_command
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS_ROWS, FILE_ROWS = 6_000, 1_000  # 6 flag parts per result
@@ -169,7 +170,7 @@ def _kill_loop(fs, root: str, uri: str, tables: Path, env: dict, kills: int, loc
     # one undisturbed run first: the previous complete result every kill must leave readable, and
     # the decision stage's length (from its first write to the exit) for the kill window
     t0 = time.monotonic()
-    proc = subprocess.Popen(_calibrate_cmd(tables, uri, TPRS[0]), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = start_command(_calibrate_cmd(tables, uri, TPRS[0]), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     while not _new_result_dir(fs, root, set()) and proc.poll() is None:
         time.sleep(0.01)
@@ -183,7 +184,7 @@ def _kill_loop(fs, root: str, uri: str, tables: Path, env: dict, kills: int, loc
         runs += 1
         before = read_current(fs, root)
         known = _result_ids(fs, root)
-        proc = subprocess.Popen(_calibrate_cmd(tables, uri, TPRS[runs % len(TPRS)]), cwd=REPO, env=env,
+        proc = start_command(_calibrate_cmd(tables, uri, TPRS[runs % len(TPRS)]), cwd=REPO, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         finish = runs % 5 == 0
         if not finish:
@@ -206,7 +207,7 @@ def _kill_loop(fs, root: str, uri: str, tables: Path, env: dict, kills: int, loc
             if view["result_id"] in committed:
                 assert view["n_outliers"] == committed[view["result_id"]]
     # a last undisturbed run cleans up what the killed ones left
-    proc = subprocess.run(_calibrate_cmd(tables, uri, 0.95), cwd=REPO, env=env, capture_output=True, text=True,
+    proc = run_command(_calibrate_cmd(tables, uri, 0.95), cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
     reader.stop.set()
@@ -320,7 +321,7 @@ def test_kill_9_of_audit_in_its_decision_stage_keeps_the_previous_result(ray_hea
                 str(tmp_path / "held"), "--output", root, "--model", "cifar_resnet20", "--weights", str(w),
                 "--tpr", str(tpr), "--flag-file-rows", "3", "--gallery", "4", "--quiet"]
 
-    first = subprocess.run(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    first = run_command(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
     previous = read_current(fs, root, rows=12, parts=4)
     rng = random.Random(7)
@@ -330,7 +331,7 @@ def test_kill_9_of_audit_in_its_decision_stage_keeps_the_previous_result(ray_hea
             break
         known = _result_ids(fs, root)
         # another δ each time (10 held-out images allow a TPR up to 0.5)
-        proc = subprocess.Popen(cmd((0.3, 0.4, 0.45)[k % 3]), cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL,
+        proc = start_command(cmd((0.3, 0.4, 0.45)[k % 3]), cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         while not _new_result_dir(fs, root, known) and proc.poll() is None:
             time.sleep(0.005)
@@ -345,7 +346,7 @@ def test_kill_9_of_audit_in_its_decision_stage_keeps_the_previous_result(ray_hea
         assert len(DeltaTable(str(out / "flags")).to_pandas()) == 12  # the plain reader's stable path
         previous = now
     assert kills >= 1, "every audit finished before its kill"
-    last = subprocess.run(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
+    last = run_command(cmd(0.5), cwd=REPO, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert last.returncode == 0, last.stderr[-3000:]  # the lease of the killed drivers died with them
     assert read_current(fs, root, rows=12, parts=4)["result_id"] not in known
     assert len(_result_ids(fs, root)) <= KEEP

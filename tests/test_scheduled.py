@@ -22,6 +22,7 @@ from odin_engine.decide.history import read_history
 from odin_engine.io.results import open_flags
 from odin_engine.io.store import Store
 from odin_engine.loading import load_model
+from _forkserver import run_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +109,7 @@ def demo(tmp_path_factory):
 
 
 def _audit(argv: list[str], env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "jobs.cli", "audit", *argv], cwd=REPO, env=env,
+    return run_command([sys.executable, "-m", "jobs.cli", "audit", *argv], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=500)
 
 

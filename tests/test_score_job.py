@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import ALARM, BAD_EXPECT, REPO, _with_descendants, make_images, pids_matching, process_cmdlines
+from _forkserver import run_command, start_command
 from jobs.cli import main as cli_main
 
 SCORE_COLS = ["image_id", "uri", "status", "error", "width", "height", "pred", "msp", "max_logit", "energy",
@@ -51,7 +52,7 @@ def job_cmd(corpus, out, tiny_model, *extra) -> list[str]:
 
 
 def run_job(args, env, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return run_command(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 # --------------------------------------------------------------------------- bad configuration: exit 2, nothing written
@@ -398,7 +399,7 @@ def test_killing_a_scoring_actor_loses_and_duplicates_nothing(ray_head, tiny_mod
     n = 1200
     make_images(corpus, n)
     out = tmp_path / "out"
-    proc = subprocess.Popen(job_cmd(corpus, out, tiny_model, "--batch-size", "8", "--shard-rows", "50", "--quiet"),
+    proc = start_command(job_cmd(corpus, out, tiny_model, "--batch-size", "8", "--shard-rows", "50", "--quiet"),
                             cwd=REPO, env=ray_head.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait(lambda: _committed(out) >= 1, 120, "a first committed shard")
@@ -431,7 +432,7 @@ def test_killing_the_job_then_rerunning_resumes_without_duplicates(ray_head, tin
     make_images(corpus, n)
     out = tmp_path / "out"
     cmd = job_cmd(corpus, out, tiny_model, "--batch-size", "8", "--shard-rows", "50", "--quiet")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = start_command(cmd, cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     try:
         _wait(lambda: _committed(out) >= 3, 120, "three committed shards")
@@ -518,7 +519,7 @@ def test_kill_9_between_the_delta_files_and_the_commit_then_rerun(ray_head, tiny
     _new_bytes(corpus / "img_00000.png", seed=11)
     for i in (1, 2, 3):
         (corpus / f"img_{i:05d}.png").unlink()
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL,
+    proc = start_command([sys.executable, "-c", code], cwd=REPO, env=ray_head.env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait(lambda: {p.name for p in scores.glob("*.parquet")} - files_before, 300, "the night's first table file")
@@ -569,7 +570,7 @@ def test_kill_9_just_before_the_delta_commit_on_s3_then_rerun(ray_head, s3_serve
     make_images(corpus, 5, prefix="new_", seed=5)
     (corpus / "img_00001.png").unlink()
     marker = tmp_path / "at-the-commit"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, **{FAULT_BEFORE_COMMIT: str(marker)}),
+    proc = start_command(cmd, cwd=REPO, env=dict(env, **{FAULT_BEFORE_COMMIT: str(marker)}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait(lambda: marker.exists(), 300, "the driver at its fault point before the commit")

@@ -1,0 +1,396 @@
+"""A fork server for the tests' job commands: one process that has imported what a job driver
+imports (torch, Ray, Ray Data, pyarrow, pandas, deltalake, ``jobs.*``) and forks a fresh child per
+command, so that a test's ``python -m jobs.score …`` costs a fork instead of an interpreter start
+and ~2 CPU-seconds of imports.
+
+Each command is still its own process: its own pid and process group (``setsid``, as
+``start_new_session=True``), working directory, environment, ``sys.argv``, file descriptors 0/1/2
+(the caller's, passed over the socket), exit code and ``atexit`` run; a test can ``killpg`` it with
+SIGKILL. Nothing in the server touches Ray, threads or the network before it forks, so the
+child starts as ``python -m …`` would after its imports. The caller (``tests/conftest.py``) sends a
+command here only when its environment differs from the server's in no variable read at import
+time (see ``IMPORT_TIME_ENV``); anything else runs as a plain subprocess.
+
+Protocol (one Unix-socket connection per command): the client sends one JSON line
+``{"argv": [...], "cwd": ..., "env": {...}}`` with three fds (stdin, stdout, stderr) attached;
+the server answers ``{"pid": N}`` when the command's process exists and ``{"rc": R}`` when it
+ended (R < 0: killed by signal −R, as ``subprocess`` reports it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+#: modules a job driver imports; imported once here so the children inherit them
+PRELOAD = ("torch", "numpy", "pandas", "pyarrow", "pyarrow.dataset", "pyarrow.parquet", "pyarrow.fs", "deltalake",
+           "ray", "ray.data", "ray.job_submission", "PIL.Image", "jobs.cli", "jobs.options", "jobs.score",
+           "jobs.audit", "jobs.calibrate", "jobs.compact", "jobs.tune", "jobs.fit", "jobs.pipeline",
+           "jobs.preflight", "jobs.ray_utils", "jobs.ray_output", "odin_engine.loading", "odin_engine.scorer",
+           "odin_engine.io.scores", "odin_engine.io.results", "odin_engine.io.delta")
+
+#: environment variables (prefixes) that some library reads when it is imported, not when it is used:
+#: a command whose value differs from the server's runs as a plain subprocess
+IMPORT_TIME_ENV = ("RAY_", "CUDA_", "TORCH", "OMP_", "MKL_", "PYTHON", "ARROW_", "PYARROW", "LD_", "ODIN_IMPORT")
+
+
+def _run_command(argv: list[str]) -> int:
+    """What ``python ARGV…`` does after start-up: ``-m module`` or ``-c code`` or a script path."""
+    import atexit
+    import runpy
+
+    code = 0
+    try:
+        if argv[0] == "-m":
+            sys.argv = [argv[1], *argv[2:]]
+            sys.modules.pop(argv[1], None)  # as in a fresh interpreter: the module runs as __main__ only
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+        elif argv[0] == "-c":
+            sys.argv = ["-c", *argv[2:]]
+            exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})  # noqa: S102 - the test's own code
+        else:
+            sys.argv = list(argv)
+            runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - as the interpreter: traceback on stderr, exit 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    # the interpreter's own ending: non-daemon threads, atexit (Ray's shutdown), flushed streams
+    try:
+        import threading
+
+        threading._shutdown()  # noqa: SLF001 - what Py_Finalize calls
+    except Exception:  # noqa: BLE001
+        pass
+    atexit._run_exitfuncs()  # noqa: SLF001
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001
+            pass
+    return code
+
+
+def _child(request: dict, fds: list[int]) -> None:
+    """In the command's process: a fresh session, the caller's fds, cwd, env and argv; then run."""
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as CPython sets it at start-up
+    for target, fd in zip((0, 1, 2), fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    # a fresh interpreter would have fresh random states; forked children would share the server's
+    import random
+
+    import numpy as np
+    import torch
+
+    import tempfile
+
+    tempfile.tempdir = None  # chosen again from this command's TMPDIR
+    random.seed()
+    np.random.seed()
+    torch.seed()
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    sys.path.insert(0, "" if request["argv"][0] in ("-m", "-c") else os.path.dirname(request["argv"][0]))
+    os._exit(_run_command(request["argv"]))
+
+
+def _monitor(conn: socket.socket, request: dict, fds: list[int]) -> None:
+    """Between the server and the command: fork it, report its pid, wait, report its exit code."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    pid = os.fork()
+    if pid == 0:
+        conn.close()
+        _child(request, fds)
+    for fd in fds:
+        os.close(fd)
+    conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
+    _, status = os.waitpid(pid, 0)
+    rc = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    try:
+        conn.sendall(json.dumps({"rc": rc}).encode() + b"\n")
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        chunk, got, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+        if not chunk:
+            raise ConnectionError("client went away")
+        data += chunk
+        fds += got
+    return json.loads(data), fds
+
+
+def serve(path: str) -> None:
+    for name in PRELOAD:
+        __import__(name)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(64)
+    print("ready", flush=True)
+    while True:
+        conn, _ = server.accept()
+        try:
+            request, fds = _recv_request(conn)
+        except (ConnectionError, ValueError, OSError):
+            conn.close()
+            continue
+        if request.get("stop"):
+            conn.close()
+            server.close()
+            return
+        if os.fork() == 0:
+            server.close()
+            _monitor(conn, request, fds)
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
+
+
+# --------------------------------------------------------------------------- client (the tests' side)
+class ForkedProcess:
+    """The part of ``subprocess.Popen`` the tests use, for a command the fork server started."""
+
+    def __init__(self, sock: socket.socket, args: list[str]):
+        self.args = args
+        self.stdout = self.stderr = None
+        self._sock = sock
+        self._buf = b""
+        self.pid = int(self._read_message(None)["pid"])
+        self.returncode: int | None = None
+
+    def _read_message(self, timeout: float | None) -> dict:
+        self._sock.settimeout(timeout)
+        while b"\n" not in self._buf:
+            chunk = self._sock.recv(4096)
+            if not chunk:
+                raise ConnectionError("the fork server's monitor went away")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                self.returncode = int(self._read_message(0.001)["rc"])
+            except (TimeoutError, socket.timeout, BlockingIOError):
+                return None
+            self._sock.close()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        import subprocess
+
+        if self.returncode is None:
+            try:
+                self.returncode = int(self._read_message(timeout)["rc"])
+            except (TimeoutError, socket.timeout):
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+            self._sock.close()
+        return self.returncode
+
+    def communicate(self, timeout: float | None = None):
+        """Read the piped streams to their end, then wait: ``(stdout, stderr)`` (None where not piped)."""
+        import threading
+
+        results: dict[str, object] = {}
+        readers = [threading.Thread(target=lambda n=n, s=s: results.__setitem__(n, s.read()), daemon=True)
+                   for n, s in (("stdout", self.stdout), ("stderr", self.stderr)) if s is not None]
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join(timeout)
+        self.wait(timeout)
+        return results.get("stdout"), results.get("stderr")
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def send_signal(self, sig: int) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+
+def spawn(path: str, args: list[str], cwd: str, env: dict, stdin: int, stdout: int, stderr: int) -> ForkedProcess:
+    """Start ``args`` (``[python, -m|-c|script, …]``; the interpreter itself is dropped) in the
+    server at ``path`` with the given fds as its 0, 1 and 2."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    request = json.dumps({"argv": list(args[1:]), "cwd": str(cwd), "env": dict(env)}).encode() + b"\n"
+    socket.send_fds(sock, [request], [stdin, stdout, stderr])
+    return ForkedProcess(sock, list(args))
+
+
+def run(path: str, args: list[str], cwd: str, env: dict, timeout: float | None = None):
+    """``subprocess.run(args, cwd=…, env=…, capture_output=True, text=True, timeout=…)`` through the
+    server: a ``CompletedProcess`` with the command's text output; ``TimeoutExpired`` after killing
+    its process group."""
+    import selectors
+    import subprocess
+    import time
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        proc = spawn(path, args, cwd, env, null, out_w, err_w)
+    finally:
+        for fd in (out_w, err_w, null):
+            os.close(fd)
+    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for fd in chunks:
+            sel.register(fd, selectors.EVENT_READ)
+        while sel.get_map():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                for fd in chunks:
+                    os.close(fd)
+                raise subprocess.TimeoutExpired(args, timeout)
+            for key, _ in sel.select(left):
+                data = os.read(key.fd, 65536)
+                if data:
+                    chunks[key.fd].append(data)
+                else:
+                    sel.unregister(key.fd)
+                    os.close(key.fd)
+    rc = proc.wait(None if deadline is None else max(1.0, deadline - time.monotonic()))
+    decode = lambda parts: b"".join(parts).decode("utf-8", "replace")  # noqa: E731
+    return subprocess.CompletedProcess(args, rc, decode(chunks[out_r]), decode(chunks[err_r]))
+
+
+# --------------------------------------------------------------------------- routing: fork server or subprocess
+_SERVERS: dict[tuple, tuple] = {}  # import-time environment -> (server process, socket path)
+_SEEN: dict[tuple, int] = {}  # import-time environment -> commands asked for
+MAX_SERVERS = 3
+
+
+def import_env(env: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_ENV)))
+
+
+def _server_for(env: dict) -> str | None:
+    """The socket of a server started with ``env``'s import-time variables (started on first use)."""
+    import subprocess
+    import tempfile
+
+    key = import_env(env)
+    if key in _SERVERS:
+        proc, path = _SERVERS[key]
+        return path if proc.poll() is None else None
+    _SEEN[key] = _SEEN.get(key, 0) + 1
+    if len(_SERVERS) >= MAX_SERVERS or _SEEN[key] < 2:  # a server pays from an environment's second command on
+        return None
+    path = os.path.join(tempfile.mkdtemp(prefix="odin-fork-"), "s")
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, os.path.join(here, "_forkserver.py"), path], env=dict(env),
+                            cwd=os.path.dirname(here), stdout=subprocess.PIPE, start_new_session=True)
+    ready = proc.stdout.readline().strip() == b"ready"
+    _SERVERS[key] = (proc, path)
+    return path if ready else None
+
+
+def stop_servers() -> None:
+    import shutil
+
+    for proc, path in _SERVERS.values():
+        proc.kill()
+        proc.wait()
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+    _SERVERS.clear()
+
+
+def _eligible(args, env) -> bool:
+    return (isinstance(args, (list, tuple)) and len(args) >= 2 and args[0] == sys.executable
+            and args[1] in ("-m", "-c") and os.environ.get("ODIN_TEST_FORK", "1") != "0")
+
+
+def run_command(args, *, cwd=None, env=None, capture_output=False, text=False, timeout=None, check=False):
+    """``subprocess.run`` for a test's ``[sys.executable, -m|-c, …]`` command: through a fork server
+    when one has (or can start with) this environment's import-time variables, else a subprocess.
+    Output is captured as text (the tests' only use)."""
+    import subprocess
+
+    env = dict(os.environ if env is None else env)
+    path = _server_for(env) if _eligible(args, env) and capture_output and text else None
+    if path is None:
+        return subprocess.run(args, cwd=cwd, env=env, capture_output=capture_output, text=text, timeout=timeout,
+                              check=check)
+    proc = run(path, list(args), str(cwd or os.getcwd()), env, timeout)
+    if check:
+        proc.check_returncode()
+    return proc
+
+
+def start_command(args, *, cwd=None, env=None, stdout=None, stderr=None, text=False, start_new_session=False):
+    """``subprocess.Popen`` for a test's ``[sys.executable, -m|-c, …]`` command (see
+    :func:`run_command`); the command always runs in its own session, as ``start_new_session=True``.
+    ``stdout``/``stderr``: None (the test's), ``subprocess.DEVNULL`` or ``subprocess.PIPE``."""
+    import subprocess
+
+    env = dict(os.environ if env is None else env)
+    path = _server_for(env) if _eligible(args, env) else None
+    if path is None:
+        return subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text,
+                                start_new_session=start_new_session)
+    opened, readers = [], {}
+
+    def fd_for(spec, default: int, name: str) -> int:
+        if spec is None:
+            return default
+        if spec == subprocess.DEVNULL:
+            fd = os.open(os.devnull, os.O_WRONLY)
+        elif spec == subprocess.PIPE:
+            r, fd = os.pipe()
+            readers[name] = os.fdopen(r, "r" if text else "rb")
+        else:
+            raise ValueError(f"unsupported {name}={spec!r}")
+        opened.append(fd)
+        return fd
+
+    null = os.open(os.devnull, os.O_RDONLY)
+    opened.append(null)
+    try:
+        proc = spawn(path, list(args), str(cwd or os.getcwd()), env, null, fd_for(stdout, 1, "stdout"),
+                     fd_for(stderr, 2, "stderr"))
+    finally:
+        for fd in opened:
+            os.close(fd)
+    proc.stdout, proc.stderr = readers.get("stdout"), readers.get("stderr")
+    return proc
