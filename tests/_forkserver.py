@@ -306,24 +306,47 @@ def import_env(env: dict) -> tuple:
 
 
 def _server_for(env: dict) -> str | None:
-    """The socket of a server started with ``env``'s import-time variables (started on first use)."""
+    """The socket of a server started with ``env``'s import-time variables (None: run a subprocess)."""
+    key = import_env(env)
+    if key in _SERVERS:
+        return _ready(key)
+    _SEEN[key] = _SEEN.get(key, 0) + 1
+    # a server pays from an environment's second command on; the test process's own environment
+    # (most commands without a cluster) gets one at once
+    if len(_SERVERS) >= MAX_SERVERS or (_SEEN[key] < 2 and key != import_env(dict(os.environ))):
+        return None
+    return _start(env, key)
+
+
+def prestart(env: dict) -> None:
+    """Start a server for ``env`` now, without waiting for it (e.g. beside a Ray head starting)."""
+    key = import_env(env)
+    if key not in _SERVERS and len(_SERVERS) < MAX_SERVERS:
+        _start(env, key, wait=False)
+
+
+def _start(env: dict, key: tuple, wait: bool = True) -> str | None:
     import subprocess
     import tempfile
 
-    key = import_env(env)
-    if key in _SERVERS:
-        proc, path = _SERVERS[key]
-        return path if proc.poll() is None else None
-    _SEEN[key] = _SEEN.get(key, 0) + 1
-    if len(_SERVERS) >= MAX_SERVERS or _SEEN[key] < 2:  # a server pays from an environment's second command on
-        return None
     path = os.path.join(tempfile.mkdtemp(prefix="odin-fork-"), "s")
     here = os.path.dirname(os.path.abspath(__file__))
     proc = subprocess.Popen([sys.executable, os.path.join(here, "_forkserver.py"), path], env=dict(env),
                             cwd=os.path.dirname(here), stdout=subprocess.PIPE, start_new_session=True)
-    ready = proc.stdout.readline().strip() == b"ready"
     _SERVERS[key] = (proc, path)
-    return path if ready else None
+    return _ready(key) if wait else None
+
+
+def _ready(key: tuple) -> str | None:
+    """The server's socket once it said ``ready`` (None if it died first)."""
+    proc, path = _SERVERS[key]
+    if proc.stdout is not None:
+        ok = proc.stdout.readline().strip() == b"ready"
+        proc.stdout.close()
+        proc.stdout = None
+        if not ok:
+            proc.kill()
+    return path if proc.poll() is None else None
 
 
 def stop_servers() -> None:

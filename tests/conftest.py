@@ -244,6 +244,9 @@ def ray_head(tmp_path_factory):
         real_part_missing("Ray head", f"`ray start --head` failed: rc={proc.returncode} {proc.stderr[-2000:]}")
     env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
     head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, str(temp_dir), env, client_port)
+    import _forkserver
+
+    _forkserver.prestart(env)  # its job commands start by a fork (fixture fork_servers)
     try:
         yield head
     finally:

@@ -663,12 +663,13 @@ def test_real_weights_on_cifar_pngs_with_labels(ray_head, tmp_path):
     import numpy as np
     from PIL import Image
 
-    data = np.load(SHARED / "cifar10_test_jpeg_yoongikim.npz", allow_pickle=False)
+    with np.load(SHARED / "cifar10_test_jpeg_yoongikim.npz", allow_pickle=False) as data:
+        images, labels = data["images"], data["labels"]  # once: each npz item access decompresses it again
     pick = np.arange(0, 10000, 50)  # 200 images, 20 per class
     lines = ["path,label,split"]
     for i in pick:
-        Image.fromarray(data["images"][i]).save(tmp_path / f"c{i:05d}.png")
-        lines.append(f"c{i:05d}.png,{int(data['labels'][i])},test")
+        Image.fromarray(images[i]).save(tmp_path / f"c{i:05d}.png")
+        lines.append(f"c{i:05d}.png,{int(labels[i])},test")
     (tmp_path / "m.csv").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out"
     weights = str(SHARED / "weights" / "resnet20-12fca82f.th")
