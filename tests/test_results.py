@@ -159,6 +159,18 @@ def _result_ids(fs, root: str) -> set[str]:
                                                                                   allow_not_found=True))}
 
 
+def _publication_window(fs, root: str, known: set[str], proc, previous: float | None) -> float:
+    """Wait for ``proc`` to exit; the kill window: 1.2× the time from its first write seen to its
+    exit (at least 0.2 s), or ``previous`` when the run wrote nothing new."""
+    while not _new_result_dir(fs, root, known) and proc.poll() is None:
+        time.sleep(0.005)
+    seen = time.monotonic()
+    proc.wait(timeout=120)
+    if proc.returncode != 0 and previous is not None:
+        return previous
+    return max(0.2, time.monotonic() - seen) * 1.2
+
+
 def _kill_loop(fs, root: str, uri: str, tables: Path, env: dict, kills: int, local: Path | None) -> dict:
     """Run calibrate again and again, SIGKILL most runs at a random moment after its decision stage
     began writing, let every 5th finish; a reader checks DIR throughout and after each run."""
@@ -168,26 +180,26 @@ def _kill_loop(fs, root: str, uri: str, tables: Path, env: dict, kills: int, loc
     committed: dict[str, int] = {}  # result id -> outlier count, for every result seen committed
     done = killed = 0
     # one undisturbed run first: the previous complete result every kill must leave readable, and
-    # the decision stage's length (from its first write to the exit) for the kill window
-    t0 = time.monotonic()
+    # the decision stage's length (from its first write seen to the exit) for the kill window
     proc = start_command(_calibrate_cmd(tables, uri, TPRS[0]), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    while not _new_result_dir(fs, root, set()) and proc.poll() is None:
-        time.sleep(0.01)
-    t_first_write = time.monotonic()
-    assert proc.wait(timeout=120) == 0, proc.stderr.read()
-    window = max(0.2, time.monotonic() - t_first_write) * 1.2
+                         stderr=subprocess.PIPE, text=True)
+    window = _publication_window(fs, root, set(), proc, None)
+    assert proc.returncode == 0, proc.stderr.read()
     first = read_current(fs, root)
     committed[first["result_id"]] = first["n_outliers"]
     runs = 0
     while killed < kills:
         runs += 1
+        # a kill must land inside the publication: bounded, so a machine whose load changed mid-loop
+        # fails with a reason instead of looping (the window is re-measured on every 5th run)
+        assert runs <= 12 * kills, f"{killed} of {runs} kills landed inside the publication (window {window:.2f}s)"
         before = read_current(fs, root)
         known = _result_ids(fs, root)
         proc = start_command(_calibrate_cmd(tables, uri, TPRS[runs % len(TPRS)]), cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        finish = runs % 5 == 0
-        if not finish:
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if runs % 5 == 0:  # let it finish, and measure the window again
+            window = _publication_window(fs, root, known, proc, window)
+        else:
             while not _new_result_dir(fs, root, known) and proc.poll() is None:
                 time.sleep(0.005)
             time.sleep(rng.uniform(0, window))
