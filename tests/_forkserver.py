@@ -93,11 +93,10 @@ def _child(request: dict, fds: list[int]) -> None:
     os.environ.update(request["env"])
     # a fresh interpreter would have fresh random states; forked children would share the server's
     import random
+    import tempfile
 
     import numpy as np
     import torch
-
-    import tempfile
 
     tempfile.tempdir = None  # chosen again from this command's TMPDIR
     random.seed()
@@ -105,7 +104,9 @@ def _child(request: dict, fds: list[int]) -> None:
     torch.seed()
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
-    sys.path.insert(0, "" if request["argv"][0] in ("-m", "-c") else os.path.dirname(request["argv"][0]))
+    argv0 = request["argv"][0]  # what `python -m`, `-c` and a script put first on sys.path
+    first = os.getcwd() if argv0 == "-m" else "" if argv0 == "-c" else os.path.dirname(os.path.abspath(argv0))
+    sys.path.insert(0, first)
     os._exit(_run_command(request["argv"]))
 
 
@@ -162,20 +163,12 @@ def serve(path: str) -> None:
         except (ConnectionError, ValueError, OSError):
             conn.close()
             continue
-        if request.get("stop"):
-            conn.close()
-            server.close()
-            return
         if os.fork() == 0:
             server.close()
             _monitor(conn, request, fds)
         for fd in fds:
             os.close(fd)
         conn.close()
-
-
-if __name__ == "__main__":
-    serve(sys.argv[1])
 
 
 # --------------------------------------------------------------------------- client (the tests' side)
@@ -367,7 +360,7 @@ def stop_servers() -> None:
     _SERVERS.clear()
 
 
-def _eligible(args, env) -> bool:
+def _eligible(args) -> bool:
     return (isinstance(args, (list, tuple)) and len(args) >= 2 and args[0] == sys.executable
             and args[1] in ("-m", "-c") and os.environ.get("ODIN_TEST_FORK", "1") != "0")
 
@@ -379,7 +372,7 @@ def run_command(args, *, cwd=None, env=None, capture_output=False, text=False, t
     import subprocess
 
     env = dict(os.environ if env is None else env)
-    path = _server_for(env) if _eligible(args, env) and capture_output and text else None
+    path = _server_for(env) if _eligible(args) and capture_output and text else None
     if path is None:
         return subprocess.run(args, cwd=cwd, env=env, capture_output=capture_output, text=text, timeout=timeout,
                               check=check)
@@ -396,7 +389,7 @@ def start_command(args, *, cwd=None, env=None, stdout=None, stderr=None, text=Fa
     import subprocess
 
     env = dict(os.environ if env is None else env)
-    path = _server_for(env) if _eligible(args, env) else None
+    path = _server_for(env) if _eligible(args) else None
     if path is None:
         return subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text,
                                 start_new_session=start_new_session)
@@ -425,3 +418,7 @@ def start_command(args, *, cwd=None, env=None, stdout=None, stderr=None, text=Fa
             os.close(fd)
     proc.stdout, proc.stderr = readers.get("stdout"), readers.get("stderr")
     return proc
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
