@@ -154,7 +154,11 @@ def serve(path: str) -> None:
         try:
             conn, _ = server.accept()
         except (TimeoutError, socket.timeout):
-            if os.getppid() != parent:  # the test session died without stopping us: go too
+            if os.getppid() != parent:  # the test session died without stopping us: go too, and our socket
+                import shutil
+
+                server.close()
+                shutil.rmtree(os.path.dirname(path), ignore_errors=True)
                 return
             continue
         conn.settimeout(None)
