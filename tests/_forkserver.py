@@ -34,7 +34,7 @@ PRELOAD = ("torch", "numpy", "pandas", "pyarrow", "pyarrow.dataset", "pyarrow.pa
 
 #: environment variables (prefixes) that some library reads when it is imported, not when it is used:
 #: a command whose value differs from the server's runs as a plain subprocess
-IMPORT_TIME_ENV = ("RAY_", "CUDA_", "TORCH", "OMP_", "MKL_", "PYTHON", "ARROW_", "PYARROW", "LD_", "ODIN_IMPORT")
+IMPORT_TIME_ENV = ("RAY_", "CUDA_", "TORCH", "OMP_", "MKL_", "PYTHON", "ARROW_", "PYARROW", "LD_")
 
 
 def _run_command(argv: list[str]) -> int:
@@ -218,24 +218,24 @@ class ForkedProcess:
         return self.returncode
 
     def communicate(self, timeout: float | None = None):
-        """Read the piped streams to their end, then wait: ``(stdout, stderr)`` (None where not piped)."""
+        """Read the piped streams to their end, then wait: ``(stdout, stderr)`` (None where not piped);
+        ``TimeoutExpired`` when that takes longer than ``timeout``."""
+        import subprocess
         import threading
+        import time
 
+        deadline = None if timeout is None else time.monotonic() + timeout
         results: dict[str, object] = {}
         readers = [threading.Thread(target=lambda n=n, s=s: results.__setitem__(n, s.read()), daemon=True)
                    for n, s in (("stdout", self.stdout), ("stderr", self.stderr)) if s is not None]
         for r in readers:
             r.start()
         for r in readers:
-            r.join(timeout)
-        self.wait(timeout)
+            r.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if r.is_alive():
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        self.wait(None if deadline is None else max(1.0, deadline - time.monotonic()))
         return results.get("stdout"), results.get("stderr")
-
-    def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def send_signal(self, sig: int) -> None:
         try:
@@ -243,61 +243,46 @@ class ForkedProcess:
         except ProcessLookupError:
             pass
 
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 
 
-def spawn(path: str, args: list[str], cwd: str, env: dict, stdin: int, stdout: int, stderr: int) -> ForkedProcess:
-    """Start ``args`` (``[python, -m|-c|script, …]``; the interpreter itself is dropped) in the
-    server at ``path`` with the given fds as its 0, 1 and 2."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
-    request = json.dumps({"argv": list(args[1:]), "cwd": str(cwd), "env": dict(env)}).encode() + b"\n"
-    socket.send_fds(sock, [request], [stdin, stdout, stderr])
-    return ForkedProcess(sock, list(args))
-
-
-def run(path: str, args: list[str], cwd: str, env: dict, timeout: float | None = None):
-    """``subprocess.run(args, cwd=…, env=…, capture_output=True, text=True, timeout=…)`` through the
-    server: a ``CompletedProcess`` with the command's text output; ``TimeoutExpired`` after killing
-    its process group."""
-    import selectors
+def _forked(path: str, args, cwd, env: dict, stdout, stderr, text: bool) -> ForkedProcess:
+    """Start ``args`` (``[python, -m|-c, …]``; the interpreter itself is dropped) in the server at
+    ``path``: stdin ``/dev/null``; ``stdout``/``stderr`` None (the test's), ``subprocess.DEVNULL`` or
+    ``subprocess.PIPE`` (then a file object on the returned process, text as UTF-8)."""
     import subprocess
-    import time
 
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    null = os.open(os.devnull, os.O_RDONLY)
+    opened, readers = [os.open(os.devnull, os.O_RDONLY)], {}
+
+    def fd_for(spec, default: int, name: str) -> int:
+        if spec is None:
+            return default
+        if spec == subprocess.DEVNULL:
+            fd = os.open(os.devnull, os.O_WRONLY)
+        elif spec == subprocess.PIPE:
+            r, fd = os.pipe()
+            readers[name] = (os.fdopen(r, "r", encoding="utf-8", errors="replace") if text else os.fdopen(r, "rb"))
+        else:
+            raise ValueError(f"unsupported {name}={spec!r}")
+        opened.append(fd)
+        return fd
+
     try:
-        proc = spawn(path, args, cwd, env, null, out_w, err_w)
+        fds = [opened[0], fd_for(stdout, 1, "stdout"), fd_for(stderr, 2, "stderr")]
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(path)
+        request = json.dumps({"argv": list(args[1:]), "cwd": str(cwd or os.getcwd()), "env": env}).encode() + b"\n"
+        socket.send_fds(sock, [request], fds)
+        proc = ForkedProcess(sock, list(args))
     finally:
-        for fd in (out_w, err_w, null):
+        for fd in opened:
             os.close(fd)
-    chunks: dict[int, list[bytes]] = {out_r: [], err_r: []}
-    deadline = None if timeout is None else time.monotonic() + timeout
-    with selectors.DefaultSelector() as sel:
-        for fd in chunks:
-            sel.register(fd, selectors.EVENT_READ)
-        while sel.get_map():
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                for fd in chunks:
-                    os.close(fd)
-                raise subprocess.TimeoutExpired(args, timeout)
-            for key, _ in sel.select(left):
-                data = os.read(key.fd, 65536)
-                if data:
-                    chunks[key.fd].append(data)
-                else:
-                    sel.unregister(key.fd)
-                    os.close(key.fd)
-    rc = proc.wait(None if deadline is None else max(1.0, deadline - time.monotonic()))
-    decode = lambda parts: b"".join(parts).decode("utf-8", "replace")  # noqa: E731
-    return subprocess.CompletedProcess(args, rc, decode(chunks[out_r]), decode(chunks[err_r]))
+    proc.stdout, proc.stderr = readers.get("stdout"), readers.get("stderr")
+    return proc
 
 
 # --------------------------------------------------------------------------- routing: fork server or subprocess
@@ -372,7 +357,7 @@ def _eligible(args) -> bool:
 def run_command(args, *, cwd=None, env=None, capture_output=False, text=False, timeout=None, check=False):
     """``subprocess.run`` for a test's ``[sys.executable, -m|-c, …]`` command: through a fork server
     when one has (or can start with) this environment's import-time variables, else a subprocess.
-    Output is captured as text (the tests' only use)."""
+    Forked, output is captured as text (the tests' only use); a timeout kills the command's group."""
     import subprocess
 
     env = dict(os.environ if env is None else env)
@@ -380,10 +365,19 @@ def run_command(args, *, cwd=None, env=None, capture_output=False, text=False, t
     if path is None:
         return subprocess.run(args, cwd=cwd, env=env, capture_output=capture_output, text=text, timeout=timeout,
                               check=check)
-    proc = run(path, list(args), str(cwd or os.getcwd()), env, timeout)
+    proc = _forked(path, args, cwd, env, subprocess.PIPE, subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        raise
+    done = subprocess.CompletedProcess(list(args), proc.returncode, out, err)
     if check:
-        proc.check_returncode()
-    return proc
+        done.check_returncode()
+    return done
 
 
 def start_command(args, *, cwd=None, env=None, stdout=None, stderr=None, text=False, start_new_session=False):
@@ -397,31 +391,7 @@ def start_command(args, *, cwd=None, env=None, stdout=None, stderr=None, text=Fa
     if path is None:
         return subprocess.Popen(args, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=text,
                                 start_new_session=start_new_session)
-    opened, readers = [], {}
-
-    def fd_for(spec, default: int, name: str) -> int:
-        if spec is None:
-            return default
-        if spec == subprocess.DEVNULL:
-            fd = os.open(os.devnull, os.O_WRONLY)
-        elif spec == subprocess.PIPE:
-            r, fd = os.pipe()
-            readers[name] = os.fdopen(r, "r" if text else "rb")
-        else:
-            raise ValueError(f"unsupported {name}={spec!r}")
-        opened.append(fd)
-        return fd
-
-    null = os.open(os.devnull, os.O_RDONLY)
-    opened.append(null)
-    try:
-        proc = spawn(path, list(args), str(cwd or os.getcwd()), env, null, fd_for(stdout, 1, "stdout"),
-                     fd_for(stderr, 2, "stderr"))
-    finally:
-        for fd in opened:
-            os.close(fd)
-    proc.stdout, proc.stderr = readers.get("stdout"), readers.get("stderr")
-    return proc
+    return _forked(path, args, cwd, env, stdout, stderr, text)
 
 
 if __name__ == "__main__":
