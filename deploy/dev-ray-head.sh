@@ -22,10 +22,18 @@ export RAY_idle_worker_killing_time_threshold_ms=${RAY_idle_worker_killing_time_
 if [ "${1:-}" = "--stop" ]; then
   # Stop only this head: the processes whose command line names its temp dir (`ray stop` would
   # stop every Ray cluster on the machine), and its Ray Client server, which `ray start` leaves an
-  # orphan whose command line names only its port. Workers exit with their raylet.
+  # orphan whose command line names only its port.
   pids=$(grep -l -a -- "$TEMP_DIR" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 | grep -vx "$$" || true)
   for f in $(grep -l -a -- "ray.util.client.server" /proc/[0-9]*/cmdline 2>/dev/null || true); do
     if tr '\0' ' ' < "$f" 2>/dev/null | grep -q -- "--port=$RAY_CLIENT_PORT "; then pids="$pids $(echo "$f" | cut -d/ -f3)"; fi
+  done
+  # and their children: the raylet's dashboard and runtime-env agents retitle themselves
+  # (`ray::DashboardAgent`), so their command lines no longer name the temp dir, and they outlive it
+  todo=$pids
+  while [ -n "$(echo $todo)" ]; do
+    kids=$(for p in $todo; do cat /proc/$p/task/*/children 2>/dev/null; done)
+    pids="$pids $kids"
+    todo=$kids
   done
   pids=$(echo $pids)
   if [ -z "$pids" ]; then echo "no Ray head with temp dir $TEMP_DIR is running"; exit 0; fi

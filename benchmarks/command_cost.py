@@ -1,0 +1,114 @@
+"""What one small job command costs the machine, started as a fresh interpreter and through the
+tests' fork server (``tests/_forkserver.py``): wall time and machine CPU-seconds (``/proc/stat``,
+all processes: driver, Ray workers, Ray itself) of a 6-image ``score`` on a private Ray head.
+
+    python -m benchmarks.command_cost [--runs 3] [--images 6]
+
+The head is ``deploy/dev-ray-head.sh`` on free ports, its own temp dir and token, stopped at the
+end. Each run waits ``--settle`` seconds after the command, so the workers' exit is counted; the
+head's idle CPU over the same time is measured first and subtracted. Figures in docs/testing.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def machine_cpu_s() -> float:
+    """CPU-seconds all processes used since boot (user, nice, system, irq, softirq)."""
+    with open("/proc/stat") as fh:
+        v = [int(x) for x in fh.readline().split()[1:8]]
+    return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", type=int, default=3, help="commands per way (default 3)")
+    p.add_argument("--images", type=int, default=6, help="images in the corpus (default 6)")
+    p.add_argument("--settle", type=float, default=3.0, help="seconds counted after each command (default 3)")
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import _forkserver
+
+    from odin_engine.models.cifar_resnet import CifarResNet
+
+    work = Path(tempfile.mkdtemp(prefix="odin-cc-"))
+    corpus = work / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(args.images):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(corpus / f"img_{i:03d}.png")
+    torch.manual_seed(0)
+    torch.save(CifarResNet(depth=20, num_classes=10).state_dict(), work / "model.pt")
+
+    gcs, dash, client = free_port(), free_port(), free_port()
+    head = dict(os.environ, RAY_PORT=str(gcs), RAY_DASHBOARD_PORT=str(dash), RAY_CLIENT_PORT=str(client),
+                RAY_DEV_TEMP_DIR=str(work / "ray"), RAY_AUTH_TOKEN=secrets.token_hex(32))
+    head.pop("RAY_ADDRESS", None)
+    script = str(REPO / "deploy" / "dev-ray-head.sh")
+    subprocess.run([script], env=head, check=True, capture_output=True, text=True, timeout=300)
+    env = dict(head, RAY_ADDRESS=f"127.0.0.1:{gcs}", RAY_AUTH_MODE="token")
+    os.environ["ODIN_TEST_FORK"] = "1"
+    try:
+        _forkserver.prestart(env)
+        time.sleep(8)  # the head's first workers and the fork server's imports settle
+        c0 = machine_cpu_s()
+        time.sleep(10)
+        idle_per_s = (machine_cpu_s() - c0) / 10
+        rows: dict[str, list[tuple[float, float]]] = {"subprocess": [], "fork": []}
+        for run in range(args.runs):
+            for way in rows:
+                cmd = [sys.executable, "-m", "jobs.cli", "score", "--input", str(corpus), "--output",
+                       str(work / f"out-{way}-{run}"), "--model", "cifar_resnet20", "--weights", str(work / "model.pt"),
+                       "--quiet"]
+                c0, t0 = machine_cpu_s(), time.monotonic()
+                if way == "fork":
+                    proc = _forkserver.run_command(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                else:
+                    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                wall = time.monotonic() - t0
+                time.sleep(args.settle)
+                cpu = machine_cpu_s() - c0 - idle_per_s * (time.monotonic() - t0)
+                if proc.returncode != 0:
+                    print(proc.stderr[-2000:], file=sys.stderr)
+                    return 1
+                rows[way].append((wall, cpu))
+                print(f"run {run} {way:<10} wall {wall:5.1f} s   machine CPU {cpu:5.1f} s", flush=True)
+        print(f"\nidle head: {idle_per_s:.2f} CPU-s/s (subtracted); {args.images} images, {args.runs} runs each way")
+        for way, r in rows.items():
+            print(f"{way:<10} median wall {statistics.median(w for w, _ in r):5.1f} s   "
+                  f"median machine CPU {statistics.median(c for _, c in r):5.1f} s")
+    finally:
+        _forkserver.stop_servers()
+        subprocess.run([script, "--stop"], env=head, capture_output=True, timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
