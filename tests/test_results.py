@@ -24,7 +24,8 @@ from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
 from odin_engine.io.delta import DeltaLocation
-from odin_engine.io.results import KEEP, LATEST, POINTER, RESULTS_DIR, STABLE_NAMES, Publication, current, open_flags
+from odin_engine.io.results import (KEEP, LATEST, POINTER, RESULTS_DIR, STABLE_NAMES, Publication, current, open_flags,
+                                     read_pointer)
 from odin_engine.io.store import Store
 from _forkserver import run_command, start_command
 
@@ -77,10 +78,8 @@ def read_current(fs: pafs.FileSystem, root: str, rows: int = CORPUS_ROWS,
                  parts: int = CORPUS_ROWS // FILE_ROWS) -> dict | None:
     """Read DIR through its pointer and check the result is whole; None before the first commit.
     Raises AssertionError on a partial or mixed result."""
-    try:
-        with fs.open_input_stream(f"{root}/{POINTER}") as fh:
-            pointer = json.loads(fh.read())
-    except FileNotFoundError:
+    pointer = read_pointer(Store.on(fs, root))  # as open_flags reads it: a read cut by a publication is retried
+    if pointer is None:
         return None
     base = f"{root}/{pointer['path']}"
     with fs.open_input_stream(f"{base}/calibration.json") as fh:
@@ -146,6 +145,8 @@ class Reader(threading.Thread):
                 self.violations.append(str(exc))
             except (FileNotFoundError, OSError, ConfigError):
                 pass  # pruned under the reader (a result two commits old): a retry, never a partial read
+            except Exception as exc:  # noqa: BLE001 - anything else (an unreadable pointer) fails the test
+                self.violations.append(f"{type(exc).__name__}: {exc}")
             time.sleep(0.05)
 
 
@@ -309,6 +310,60 @@ def test_s3_commit_and_old_layout_on_s3(s3_server, s3_bucket, monkeypatch):
     pub.commit()
     assert current(out).read_json("audit.json") == {"new": True}
     assert fs.get_file_info(f"{s3_bucket}/out/audit.json").type == pafs.FileType.NotFound  # old, stale: removed
+
+
+def test_a_pointer_read_racing_a_publication_on_s3_is_whole(s3_server, s3_bucket):
+    """pyarrow reads an object with a HEAD (its size), then a ranged GET: a reader of ``current.json``
+    while a run publishes can get the new pointer cut to the old one's length. The product's reader
+    (``read_pointer``, as ``open_flags`` reads) retries such a read; a plain pyarrow read of the same
+    key in the same loop shows that the race happened."""
+    fs = s3_server.filesystem()
+    out = Store.on(fs, f"{s3_bucket}/out")
+    out.write_json(POINTER, {"path": "results/first", "k": -1, "end": -1})
+    stop = threading.Event()
+
+    def publish():  # pointers of five lengths, one after another, as fast as the server takes them
+        k = 0
+        while not stop.is_set():
+            out.write_json(POINTER, {"path": f"results/{k}", "k": k, "pad": "x" * (k % 5) * 60, "end": k})
+            k += 1
+
+    writer = threading.Thread(target=publish, daemon=True)
+    writer.start()
+    torn = reads = 0
+    deadline = time.monotonic() + 90
+    try:
+        while (torn < 3 or reads < 100) and time.monotonic() < deadline:
+            try:
+                with fs.open_input_stream(out.p(POINTER)) as fh:
+                    json.loads(fh.read())
+            except ValueError:
+                torn += 1
+            pointer = read_pointer(out)
+            assert pointer is not None and pointer["end"] == pointer["k"], pointer
+            assert pointer["path"] == ("results/first" if pointer["k"] < 0 else f"results/{pointer['k']}")
+            reads += 1
+    finally:
+        stop.set()
+        writer.join(timeout=30)
+    assert torn >= 3, f"in {reads} reads, {torn} plain reads were cut: the race was not exercised"
+
+
+def test_a_damaged_pointer_is_an_error_for_readers_and_the_next_commit_replaces_it(tmp_path):
+    out = Store(str(tmp_path / "out"))
+    first = Publication(out)
+    first.store.write_json("audit.json", {"k": 1})
+    first.commit()
+    (tmp_path / "out" / POINTER).write_text('{"version": 1, "result_id": "x", "pa')  # cut by something else
+    with pytest.raises(ValueError, match=r"current\.json is not a result pointer this tool wrote"):
+        current(out)  # never DIR's other files taken for the result
+    with pytest.raises(ValueError, match="current.json"):
+        open_flags(str(tmp_path / "out"))
+    again = Publication(out)
+    again.store.write_json("audit.json", {"k": 2})
+    again.commit()
+    assert current(out).read_json("audit.json") == {"k": 2}
+    assert read_pointer(out)["result_id"] == again.result_id
 
 
 @pytest.mark.slow

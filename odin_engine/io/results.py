@@ -72,12 +72,27 @@ def new_result_id() -> str:
 
 
 def read_pointer(out: Store) -> dict[str, Any] | None:
-    """``DIR/current.json`` (None when ``DIR`` holds no committed result in this layout)."""
+    """``DIR/current.json``; None when ``DIR`` has none (no committed result in this layout yet).
+
+    A pointer that exists but cannot be read raises: taking it for absent would show ``DIR``'s
+    other files as the result. (A read cut by a concurrent publication on an object store is
+    retried by ``Store.read_json``.)"""
     try:
         doc = out.read_json(POINTER)
-    except (OSError, ValueError):
-        return None
+    except ValueError as exc:
+        raise ValueError(f"{out.uri(POINTER)} is not a result pointer this tool wrote ({exc}); each "
+                         "publication writes it whole, so something else changed it: rerun the command "
+                         "that wrote DIR, whose commit writes a new one") from exc
     return doc if isinstance(doc, dict) and doc.get("path") else None
+
+
+def _pointer_to_replace(out: Store) -> dict[str, Any] | None:
+    """The pointer a writer is about to replace; one it cannot read counts as none (the commit
+    writes a whole new pointer, so a damaged one never blocks the run that repairs it)."""
+    try:
+        return read_pointer(out)
+    except ValueError:
+        return None
 
 
 def current(out: Store) -> Store:
@@ -124,7 +139,9 @@ class Publication:
     def __post_init__(self) -> None:
         if self.flags_format not in FLAGS_FORMATS:
             raise ValueError(f"flags format {self.flags_format!r}: one of {FLAGS_FORMATS}")
-        follow_pointer(self.out)  # a run killed between its commit and its links left `latest` behind
+        pointer = _pointer_to_replace(self.out)
+        if pointer is not None:  # a run killed between its commit and its links left `latest` behind
+            follow_pointer(self.out, pointer)
 
     @property
     def path(self) -> str:
@@ -199,7 +216,7 @@ class Publication:
         no reader needs any more. Returns the pointer."""
         if self.flags_format == "delta" and self.flags_version is None:
             raise ValueError("commit the flags (commit_flags) before the result")
-        before = read_pointer(self.out)
+        before = _pointer_to_replace(self.out)
         kept = [self.result_id] + [r for r in (before or {}).get("kept", []) if r != self.result_id]
         pointer = {"version": POINTER_VERSION, "result_id": self.result_id, "path": self.path,
                    "committed_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

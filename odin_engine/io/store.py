@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import posixpath
+import time
 import uuid
 from pathlib import Path
 
@@ -22,6 +23,10 @@ import pyarrow as pa
 from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
+
+
+#: reads of a JSON file on an object store that was cut by a concurrent overwrite (see ``Store.read_json``)
+TORN_READ_ATTEMPTS = 6
 
 
 def is_uri(path: str) -> bool:
@@ -111,11 +116,17 @@ class Store:
             return self.p(*parts)
         return f"{self.root_uri.split('://', 1)[0]}://{self.p(*parts)}"
 
+    @classmethod
+    def on(cls, fs: pafs.FileSystem, path: str, root_uri: str | None = None) -> "Store":
+        """A Store for ``path`` inside an already open ``fs`` (``root_uri``: its user-facing form;
+        the path itself by default)."""
+        store = object.__new__(cls)
+        store.root_uri, store.fs, store.path = root_uri or path, fs, path
+        return store
+
     def join(self, *parts: str) -> "Store":
         """A Store for ``<root>/<parts…>`` on the same filesystem."""
-        child = object.__new__(Store)
-        child.root_uri, child.fs, child.path = self.uri(*parts), self.fs, self.p(*parts)
-        return child
+        return Store.on(self.fs, self.p(*parts), self.uri(*parts))
 
     # ---------------------------------------------------------------- look
     def exists(self, *parts: str) -> bool:
@@ -137,9 +148,26 @@ class Store:
         return self.read_bytes(name).decode("utf-8") if self.is_file(name) else None
 
     def read_json(self, name: str) -> dict | None:
-        if not self.exists(name):
-            return None
-        return json.loads(self.read_bytes(name).decode())
+        """``<root>/<name>`` parsed; None when there is no such file.
+
+        On an object store a read can race an overwrite of the same key (``current.json`` while a
+        run publishes): pyarrow reads with a HEAD (the size) then a ranged GET, so the reader can get
+        the *newer* object cut to the older one's length, or a 404 for the superseded object. A cut
+        JSON object never parses (its closing brace is gone), so such a read is retried, up to
+        :data:`TORN_READ_ATTEMPTS` times; a file that still does not parse raises ``ValueError``.
+        Local files are replaced by rename and are read once.
+        """
+        attempt = 1
+        while True:
+            if not self.exists(name):
+                return None
+            try:
+                return json.loads(self.read_bytes(name).decode())
+            except (ValueError, FileNotFoundError):
+                if self.is_local or attempt >= TORN_READ_ATTEMPTS:
+                    raise
+            time.sleep(0.05 * 2 ** attempt)  # 0.1 s, 0.2 s, … : the overwrite's PUT completes
+            attempt += 1
 
     # ---------------------------------------------------------------- write (atomic per file)
     def write_bytes(self, name: str, data: bytes) -> str:
