@@ -111,7 +111,7 @@ def preflight_scoring(*, spec: str, weights: str | None, mean: Sequence[float], 
                       temperature: float, epsilon: float, timeout_s: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
     """Run one probe task with a scoring actor's resources; raise ``ConfigError`` if a scoring actor could not start.
 
-    A task in a worker that exits after it (``max_calls=1``). Returns the probe's result (``node``,
+    A task; on GPU in a worker that exits after it (``max_calls=1``). Returns the probe's result (``node``,
     ``device``). A probe that cannot be placed within ``timeout_s`` is not an error (the cluster may
     be scaling): the result then has ``skipped``.
     """
@@ -121,10 +121,12 @@ def preflight_scoring(*, spec: str, weights: str | None, mean: Sequence[float], 
     key = (spec, weights, model_id, gpus, ray.get_runtime_context().gcs_address)
     if key in _passed:  # e.g. `audit` scores several sets with one model on one cluster
         return _passed[key]
-    # max_calls=1: the worker exits after the probe and takes torch, the model and (GPU) its CUDA
-    # context with it; kept for the job's listing/commit tasks it held ~300 MiB more for the whole run
-    # (benchmarks.score_scale) and saved no measurable time (docs/testing.md)
-    probe = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cpus, max_retries=0, max_calls=1)(_probe)
+    # GPU: max_calls=1, the worker exits after the probe and takes its CUDA context (GPU memory the
+    # scoring actors need) with it. CPU: the worker stays for the job's listing/plan/commit tasks, one
+    # worker start less per run (a 6-image score: 8.5 → 7.3 machine CPU-s, benchmarks.command_cost)
+    # for torch's ~300 MiB in that worker (benchmarks.score_scale; docs/testing.md)
+    probe = ray.remote(num_gpus=1 if gpus else 0, num_cpus=0 if gpus else cpus, max_retries=0,
+                       max_calls=1 if gpus else 0)(_probe)
     ref = probe.options(name="odin_preflight_probe").remote(
         spec, weights, list(mean), list(std), input_size, unsafe_pickle, model_id, "cuda" if gpus else "cpu",
         temperature, epsilon)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -72,6 +73,10 @@ def test_no_address_scores_on_a_private_cluster_beside_a_foreign_head(foreign_gp
     assert run["counts"] == {"ok": 8, "error": 0, "total": 8} and run["verification"]["exactly_once"]
     cluster = run["attempts"][-1]["cluster"]
     assert cluster["how"] == "local" and cluster["address"] != foreign_gpu_head.address and cluster["gpus"] == 0
+    # a private cluster serves no dashboard: no HTTP server, none of its ten module processes
+    logs = Path(re.search(r"Ray's own output is in (\S+) ", proc.stdout).group(1))
+    assert "http server disabled" in (logs / "dashboard.log").read_text()
+    assert not list(logs.glob("dashboard_*Head*")), sorted(p.name for p in logs.iterdir())
 
 
 @slow
