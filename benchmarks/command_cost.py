@@ -3,6 +3,11 @@ tests' fork server (``tests/_forkserver.py``): wall time and machine CPU-seconds
 all processes: driver, Ray workers, Ray itself) of a 6-image ``score`` on a private Ray head.
 
     python -m benchmarks.command_cost [--runs 3] [--images 6]
+    python -m benchmarks.command_cost --private-start [--runs 3]
+
+``--private-start`` measures instead what a private local cluster (a command with no address)
+costs to start, run one task and stop, with Ray's dashboard (``ray.init``'s default) and without
+it (what ``jobs.ray_utils.connect_cluster`` starts), the two ways interleaved.
 
 The head is ``deploy/dev-ray-head.sh`` on free ports, its own temp dir and token, stopped at the
 end. Each run waits ``--settle`` seconds after the command, so the workers' exit is counted; the
@@ -44,10 +49,45 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="commands per way (default 3)")
     p.add_argument("--images", type=int, default=6, help="images in the corpus (default 6)")
     p.add_argument("--settle", type=float, default=3.0, help="seconds counted after each command (default 3)")
+    p.add_argument("--private-start", action="store_true",
+                   help="measure a private local cluster's start with and without the dashboard instead")
     return p
 
 
+PRIVATE_START = """
+import ray
+ray.init(address="local", include_dashboard={dashboard}, num_cpus=2, log_to_driver=False, _temp_dir={temp!r})
+ray.get(ray.remote(lambda: 1).remote())
+ray.shutdown()
+"""
+
+
+def private_start(args: argparse.Namespace) -> int:
+    """A private cluster's start + one task + stop, dashboard on (Ray's default) and off, interleaved."""
+    work = Path(tempfile.mkdtemp(prefix="odin-cc-"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    rows: dict[str, list[tuple[float, float]]] = {"with dashboard": [], "without": []}
+    try:
+        for run in range(args.runs):
+            for way, dashboard in (("with dashboard", None), ("without", False)):
+                code = PRIVATE_START.format(dashboard=dashboard, temp=str(work / f"ray-{run}-{dashboard}"))
+                c0, t0 = machine_cpu_s(), time.monotonic()
+                subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
+                wall = time.monotonic() - t0
+                time.sleep(args.settle)
+                rows[way].append((wall, machine_cpu_s() - c0))
+                print(f"run {run} {way:<15} wall {wall:5.1f} s   machine CPU {rows[way][-1][1]:5.1f} s", flush=True)
+        for way, r in rows.items():
+            print(f"{way:<15} median wall {statistics.median(w for w, _ in r):5.1f} s   "
+                  f"median machine CPU {statistics.median(c for _, c in r):5.1f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.private_start:
+        return private_start(args)
     import numpy as np
     import torch
     from PIL import Image

@@ -5,9 +5,9 @@ processes, moto, …). Processes alive before the command count only what they u
 
     python -m benchmarks.suite_cpu [--interval 0.5] [--json FILE] -- ./scripts/test
 
-Ray workers retitle themselves (``ray::MapWorker…``, ``ray::_probe``, ``ray::IDLE``): a worker
-counts under the first task title seen; one whose task was shorter than the interval shows only as
-``ray::IDLE``. CPU used between a process's last sample and its exit is not seen (at most one
+Ray workers retitle themselves (``ray::MapWorker…``, ``ray::odin_preflight_probe``, ``ray::IDLE``):
+a worker counts under the first task title seen (the later tasks it was reused for included); one
+whose tasks were all shorter than the interval shows as ``ray::IDLE (no task seen)``. CPU used between a process's last sample and its exit is not seen (at most one
 interval per process), so short-lived processes are undercounted a little. Figures in
 docs/testing.md.
 """
@@ -23,15 +23,12 @@ import sys
 import time
 
 HZ = os.sysconf("SC_CLK_TCK")
-RAY_TASKS = ("MapWorker", "_probe", "list_unit", "plan_partition", "commit_range", "commit_partition",
-             "verify_range", "rewrite_file", "fit_uris", "Read", "DashboardAgent", "RuntimeEnvAgent",
-             "_StatsActor", "AutoscalingRequester", "ActorLocationTracker")
 KINDS = (  # (kind, substring of any command line the process had), first match wins
     ("gcs_server", "gcs_server"), ("raylet", "/raylet "), ("ray dashboard", "dashboard"),
     ("ray log_monitor", "log_monitor"), ("ray monitor", "monitor.py"), ("moto", "moto_server"),
     ("gcs emulator", "gcp-storage-emulator"), ("chromium", "chrom"),
     ("forked job command (tests/_forkserver.py)", "_forkserver"),
-    ("pytest", "pytest"), ("pytest", "xdist"), ("pip", "pip"),
+    ("pytest", "pytest"), ("pytest (xdist worker)", "exec(eval(sys.stdin.readline()))"), ("pip", "pip"),
     ("job command (subprocess)", "-m jobs"), ("job command (subprocess)", "odin-audit"),
     ("ray CLI", "bin/ray "),
 )
@@ -58,11 +55,14 @@ def _cmdline(pid: str) -> str:
 
 
 def kind(titles: list[str], comm: str) -> str:
+    """A Ray worker: the first task or actor it was seen running (``ray::MapWorker``,
+    ``ray::odin_preflight_probe``, …; ``ray::IDLE`` when none was seen); else by command line."""
+    tasks = [t.split("(")[0].split()[0].split(".")[0] for t in titles if t.startswith("ray::") and not t.startswith("ray::IDLE")]
+    if tasks:
+        return tasks[0]
     text = " ".join(titles)
-    if "ray::" in text:
-        return "ray::" + next((t for t in RAY_TASKS if f"ray::{t}" in text), "IDLE" if "ray::IDLE" in text else "other")
-    if "default_worker.py" in text:
-        return "ray worker (untitled)"
+    if "ray::IDLE" in text or "default_worker.py" in text:
+        return "ray::IDLE (no task seen)"
     for name, needle in KINDS:
         if needle in text:
             return name
@@ -92,12 +92,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--interval", type=float, default=0.5, help="seconds between samples (default 0.5)")
     p.add_argument("--json", default=None, help="also write every process's record here")
+    p.add_argument("--from-json", default=None, help="print the table of an earlier run's --json file instead")
     p.add_argument("command", nargs=argparse.REMAINDER, help="the command to run (after --)")
     return p
 
 
 def main(args: argparse.Namespace) -> int:
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.from_json:
+        with open(args.from_json) as fh:
+            saved = json.load(fh)
+        print_table(saved["procs"], saved["command"], saved["returncode"], saved["wall_s"])
+        return 0
     if not cmd:
         print("give a command after --", file=sys.stderr)
         return 2
@@ -109,6 +115,14 @@ def main(args: argparse.Namespace) -> int:
         time.sleep(args.interval)
         sample(procs, first=False)
     wall = time.monotonic() - t0
+    print_table(procs, cmd, child.returncode, wall)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"command": cmd, "returncode": child.returncode, "wall_s": wall, "procs": procs}, fh)
+    return child.returncode
+
+
+def print_table(procs: dict, cmd: list[str], returncode: int, wall: float) -> None:
     per, count = collections.Counter(), collections.Counter()
     for rec in procs.values():
         used = rec["cpu"] - rec["base"]
@@ -117,15 +131,11 @@ def main(args: argparse.Namespace) -> int:
             per[k] += used
             count[k] += 1
     total = sum(per.values())
-    print(f"\n{' '.join(cmd)}: exit {child.returncode}, {wall:.0f} s wall, {total:.0f} CPU-s seen "
+    print(f"\n{' '.join(cmd)}: exit {returncode}, {wall:.0f} s wall, {total:.0f} CPU-s seen "
           f"({total / wall:.2f} cores busy on average)")
     print(f"{'CPU-s':>8} {'share':>6} {'procs':>6}  kind")
     for k, v in per.most_common():
         print(f"{v:8.1f} {100 * v / total:5.1f}% {count[k]:6d}  {k}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(procs, fh)
-    return child.returncode
 
 
 if __name__ == "__main__":
