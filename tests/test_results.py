@@ -319,6 +319,7 @@ def test_a_pointer_read_racing_a_publication_on_s3_is_whole(s3_server, s3_bucket
     key in the same loop shows that the race happened."""
     fs = s3_server.filesystem()
     out = Store.on(fs, f"{s3_bucket}/out")
+    assert out.uri(POINTER) == f"s3://{s3_bucket}/out/{POINTER}"  # what its messages name
     out.write_json(POINTER, {"path": "results/first", "k": -1, "end": -1})
     stop = threading.Event()
 

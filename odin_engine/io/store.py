@@ -119,9 +119,10 @@ class Store:
     @classmethod
     def on(cls, fs: pafs.FileSystem, path: str, root_uri: str | None = None) -> "Store":
         """A Store for ``path`` inside an already open ``fs`` (``root_uri``: its user-facing form;
-        the path itself by default)."""
+        by default the path on a local disk, ``<fs.type_name>://<path>`` elsewhere, e.g. ``s3://…``)."""
         store = object.__new__(cls)
-        store.root_uri, store.fs, store.path = root_uri or path, fs, path
+        local = isinstance(fs, pafs.LocalFileSystem)
+        store.root_uri, store.fs, store.path = root_uri or (path if local else f"{fs.type_name}://{path}"), fs, path
         return store
 
     def join(self, *parts: str) -> "Store":
