@@ -20,13 +20,13 @@ import argparse
 import os
 import secrets
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,12 +38,6 @@ def machine_cpu_s() -> float:
     return (v[0] + v[1] + v[2] + v[5] + v[6]) / os.sysconf("SC_CLK_TCK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=3, help="commands per way (default 3)")
@@ -52,6 +46,30 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--private-start", action="store_true",
                    help="measure a private local cluster's start with and without the dashboard instead")
     return p
+
+
+def measure(ways: dict[str, Callable[[int], subprocess.CompletedProcess]], runs: int, settle: float,
+            idle_per_s: float = 0.0) -> bool:
+    """Run each way ``runs`` times, interleaved; print each run's and each way's median wall time and
+    machine CPU-seconds (``settle`` s after the command counted, ``idle_per_s`` subtracted). False
+    (with the stderr) when a command failed."""
+    rows: dict[str, list[tuple[float, float]]] = {way: [] for way in ways}
+    for run in range(runs):
+        for way, start in ways.items():
+            c0, t0 = machine_cpu_s(), time.monotonic()
+            proc = start(run)
+            wall = time.monotonic() - t0
+            time.sleep(settle)
+            cpu = machine_cpu_s() - c0 - idle_per_s * (time.monotonic() - t0)
+            if proc.returncode != 0:
+                print(proc.stderr[-2000:], file=sys.stderr)
+                return False
+            rows[way].append((wall, cpu))
+            print(f"run {run} {way:<15} wall {wall:5.1f} s   machine CPU {cpu:5.1f} s", flush=True)
+    for way, r in rows.items():
+        print(f"{way:<15} median wall {statistics.median(w for w, _ in r):5.1f} s   "
+              f"median machine CPU {statistics.median(c for _, c in r):5.1f} s")
+    return True
 
 
 PRIVATE_START = """
@@ -66,23 +84,16 @@ def private_start(args: argparse.Namespace) -> int:
     """A private cluster's start + one task + stop, dashboard on (Ray's default) and off, interleaved."""
     work = Path(tempfile.mkdtemp(prefix="odin-cc-"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    rows: dict[str, list[tuple[float, float]]] = {"with dashboard": [], "without": []}
+
+    def way(dashboard: bool | None) -> Callable[[int], subprocess.CompletedProcess]:
+        return lambda run: subprocess.run(
+            [sys.executable, "-c", PRIVATE_START.format(dashboard=dashboard, temp=str(work / f"ray-{run}-{dashboard}"))],
+            env=env, capture_output=True, text=True, timeout=300)
+
     try:
-        for run in range(args.runs):
-            for way, dashboard in (("with dashboard", None), ("without", False)):
-                code = PRIVATE_START.format(dashboard=dashboard, temp=str(work / f"ray-{run}-{dashboard}"))
-                c0, t0 = machine_cpu_s(), time.monotonic()
-                subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, timeout=300)
-                wall = time.monotonic() - t0
-                time.sleep(args.settle)
-                rows[way].append((wall, machine_cpu_s() - c0))
-                print(f"run {run} {way:<15} wall {wall:5.1f} s   machine CPU {rows[way][-1][1]:5.1f} s", flush=True)
-        for way, r in rows.items():
-            print(f"{way:<15} median wall {statistics.median(w for w, _ in r):5.1f} s   "
-                  f"median machine CPU {statistics.median(c for _, c in r):5.1f} s")
+        return 0 if measure({"with dashboard": way(None), "without": way(False)}, args.runs, args.settle) else 1
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return 0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -94,6 +105,7 @@ def main(args: argparse.Namespace) -> int:
 
     sys.path.insert(0, str(REPO / "tests"))
     import _forkserver
+    from conftest import free_port  # the test suite's helper
 
     from odin_engine.models.cifar_resnet import CifarResNet
 
@@ -114,40 +126,27 @@ def main(args: argparse.Namespace) -> int:
     subprocess.run([script], env=head, check=True, capture_output=True, text=True, timeout=300)
     env = dict(head, RAY_ADDRESS=f"127.0.0.1:{gcs}", RAY_AUTH_MODE="token")
     os.environ["ODIN_TEST_FORK"] = "1"
+
+    def score(run_with: Callable[..., subprocess.CompletedProcess], way: str) -> Callable[[int], subprocess.CompletedProcess]:
+        return lambda run: run_with(
+            [sys.executable, "-m", "jobs.cli", "score", "--input", str(corpus), "--output", str(work / f"out-{way}-{run}"),
+             "--model", "cifar_resnet20", "--weights", str(work / "model.pt"), "--quiet"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
     try:
         _forkserver.prestart(env)
         time.sleep(8)  # the head's first workers and the fork server's imports settle
         c0 = machine_cpu_s()
         time.sleep(10)
         idle_per_s = (machine_cpu_s() - c0) / 10
-        rows: dict[str, list[tuple[float, float]]] = {"subprocess": [], "fork": []}
-        for run in range(args.runs):
-            for way in rows:
-                cmd = [sys.executable, "-m", "jobs.cli", "score", "--input", str(corpus), "--output",
-                       str(work / f"out-{way}-{run}"), "--model", "cifar_resnet20", "--weights", str(work / "model.pt"),
-                       "--quiet"]
-                c0, t0 = machine_cpu_s(), time.monotonic()
-                if way == "fork":
-                    proc = _forkserver.run_command(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-                else:
-                    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-                wall = time.monotonic() - t0
-                time.sleep(args.settle)
-                cpu = machine_cpu_s() - c0 - idle_per_s * (time.monotonic() - t0)
-                if proc.returncode != 0:
-                    print(proc.stderr[-2000:], file=sys.stderr)
-                    return 1
-                rows[way].append((wall, cpu))
-                print(f"run {run} {way:<10} wall {wall:5.1f} s   machine CPU {cpu:5.1f} s", flush=True)
-        print(f"\nidle head: {idle_per_s:.2f} CPU-s/s (subtracted); {args.images} images, {args.runs} runs each way")
-        for way, r in rows.items():
-            print(f"{way:<10} median wall {statistics.median(w for w, _ in r):5.1f} s   "
-                  f"median machine CPU {statistics.median(c for _, c in r):5.1f} s")
+        print(f"idle head: {idle_per_s:.2f} CPU-s/s (subtracted); {args.images} images, {args.runs} runs each way")
+        ok = measure({"subprocess": score(subprocess.run, "subprocess"), "fork": score(_forkserver.run_command, "fork")},
+                     args.runs, args.settle, idle_per_s)
     finally:
         _forkserver.stop_servers()
         subprocess.run([script, "--stop"], env=head, capture_output=True, timeout=120)
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

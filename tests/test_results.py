@@ -340,6 +340,8 @@ def test_a_pointer_read_racing_a_publication_on_s3_is_whole(s3_server, s3_bucket
                     json.loads(fh.read())
             except ValueError:
                 torn += 1
+            except FileNotFoundError:
+                pass  # a store's 404 between the HEAD and the GET (moto has answered one): not a cut read
             pointer = read_pointer(out)
             assert pointer is not None and pointer["end"] == pointer["k"], pointer
             assert pointer["path"] == ("results/first" if pointer["k"] < 0 else f"results/{pointer['k']}")

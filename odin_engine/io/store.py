@@ -153,11 +153,14 @@ class Store:
 
         On an object store a read can race an overwrite of the same key (``current.json`` while a
         run publishes): pyarrow reads with a HEAD (the size) then a ranged GET, so the reader can get
-        the *newer* object cut to the older one's length, or a 404 for the superseded object. A cut
+        the *newer* object cut to the older one's length (a store may also answer 404 in between;
+        moto has). A cut
         JSON object never parses (its closing brace is gone), so such a read is retried, up to
         :data:`TORN_READ_ATTEMPTS` times; a file that still does not parse raises ``ValueError``.
         Local files are replaced by rename and are read once.
         """
+        from odin_engine.io.reading import backoff_s
+
         attempt = 1
         while True:
             if not self.exists(name):
@@ -167,7 +170,7 @@ class Store:
             except (ValueError, FileNotFoundError):
                 if self.is_local or attempt >= TORN_READ_ATTEMPTS:
                     raise
-            time.sleep(0.05 * 2 ** attempt)  # 0.1 s, 0.2 s, … : the overwrite's PUT completes
+            time.sleep(backoff_s(attempt, base=0.1))  # ~0.1 s, 0.2 s, … (jittered): the overwrite's PUT completes
             attempt += 1
 
     # ---------------------------------------------------------------- write (atomic per file)
