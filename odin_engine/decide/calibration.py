@@ -53,11 +53,15 @@ def heldout_p_values(calibration: dict[str, Any], conditional: float | None = No
 
 
 def tpr_interval(n: int, k: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Central ``confidence`` interval of ``C ~ Beta(k, n − k + 1)``, the TPR δ achieves on new ID data."""
-    from scipy.stats import beta  # scipy and scikit-learn load on use: the command starts faster
+    """Central ``confidence`` interval of ``C ~ Beta(k, n − k + 1)``, the TPR δ achieves on new ID data.
+
+    The quantiles are ``betaincinv(k, n − k + 1, q)``, the function ``scipy.stats.beta.ppf`` calls:
+    ``scipy.special`` loads in ~0.17 CPU-s, ``scipy.stats`` in ~0.55 (half of a small ``calibrate``).
+    """
+    from scipy.special import betaincinv  # scipy and scikit-learn load on use: the command starts faster
 
     a = (1.0 - confidence) / 2.0
-    return float(beta.ppf(a, k, n - k + 1)), float(beta.ppf(1.0 - a, k, n - k + 1))
+    return float(betaincinv(k, n - k + 1, a)), float(betaincinv(k, n - k + 1, 1.0 - a))
 
 
 def calibrate(heldout_scores, settings: CalibrationSettings | float = CalibrationSettings()) -> dict[str, Any]:
