@@ -288,6 +288,20 @@ def _bounded_blocks(ctx, object_store_bytes: int, target_block_bytes: int):
         ctx.execution_options.resource_limits, ctx.target_max_block_size = saved
 
 
+ACTORS_PER_READER, MAX_READERS = 16, 8
+
+
+def plan_readers(actors: int) -> int:
+    """Plan-reading tasks at a time for a pool of ``actors``: one per 16 actors, at most 8.
+
+    A read task turns one plan block (``--shard-rows`` listing rows, a few KB) into an actor's input
+    in tens of milliseconds, where an actor spends seconds scoring it, and Ray Data reads ahead
+    within the object-store budget. A second reader at a time would only start a second worker
+    process (Python, Ray, Ray Data: ~1.4 CPU-seconds) on a small cluster.
+    """
+    return max(1, min(MAX_READERS, -(-int(actors) // ACTORS_PER_READER)))
+
+
 def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, schema: pa.Schema, *,
                   scorer_kwargs: dict[str, Any], batch_size: int, block_rows: int, decode_cpus: float,
                   input_size: int, resize: str, workers: int, gpus: int, actor_cpus: float, threads: int,
@@ -319,15 +333,16 @@ def score_planned(fs: pafs.FileSystem, plan_files: list[str], staging_dir: str, 
     #   mapped whole by an actor), which is what made 5·10⁶ rows peak 1.5× 2·10⁵ (docs/scoring-job.md).
     budget = object_store_bytes or object_store_budget(block_rows, input_size, workers)
     with _bounded_blocks(ctx, budget, max(MIN_TARGET_BLOCK_BYTES, block_rows * 1024)):
-        # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, at
-        # most two at a time. One read unit per block (up to 4,096 units): each actor input is about
-        # one block, so every actor gets work even on a small run. override_num_blocks = the units:
-        # Ray Data would otherwise split or merge them, and a block is the unit an actor stages.
+        # Reading a plan block is a few KB of I/O: num_cpus=0 so the actors can never starve it, and
+        # plan_readers(workers) at a time. One read unit per block (up to 4,096 units): each actor input
+        # is about one block, so every actor gets work even on a small run. override_num_blocks = the
+        # units: Ray Data would otherwise split or merge them, and a block is the unit an actor stages.
         source = CorpusShards(fs, plan_files, block_rows=block_rows)
         # no more actors than blocks: an actor that can get no block would only start a process, import
         # torch and load the model (a run of fewer than block_rows images needs one actor)
         workers = max(1, min(workers, source.blocks))
-        ds = ray.data.read_datasource(source, num_cpus=0, concurrency=2, override_num_blocks=source.read_tasks)
+        ds = ray.data.read_datasource(source, num_cpus=0, concurrency=plan_readers(workers),
+                                      override_num_blocks=source.read_tasks)
         # One call per block (block_rows rows): the actor scores it in sub-batches of batch_size and
         # stages it itself, so a block is staged the moment it is scored.
         read_fn, read_kwargs, actor_cls, actor_extra = decode_stages(decode_device, input_size, resize)

@@ -35,7 +35,12 @@ PRELOAD = ("torch", "numpy", "pandas", "pyarrow", "pyarrow.dataset", "pyarrow.pa
            # what the commands load on use: the drift test and the report's plots (audit), the AUROC
            # metrics (tune, audit --ood, fit); ~0.5–0.8 CPU-s per command that needs them
            "scipy.special", "scipy.stats", "scipy.integrate", "sklearn.metrics", "odin_engine.decide.drift",
-           "odin_engine.metrics", "odin_engine.report.report", "matplotlib")
+           "odin_engine.metrics", "odin_engine.report.report", "matplotlib", "odin_engine.decide.flagging",
+           "deltalake.fs", "pyarrow.acero", "pyarrow.json")
+#: Ray Data's modules a pipeline loads when it first runs (private: skipped where a Ray version lacks one)
+PRELOAD_IF_PRESENT = ("ray.data._internal.execution.streaming_executor", "ray.data._internal.planner.planner",
+                      "ray.data._internal.issue_detection.issue_detector_configuration",
+                      "ray.data._internal.logical.optimizers", "ray.dag", "ray.util.state", "pydantic.v1")
 
 #: environment variables (prefixes) that some library reads when it is imported, not when it is used:
 #: a command whose value differs from the server's runs as a plain subprocess
@@ -148,6 +153,11 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
 def serve(path: str) -> None:
     for name in PRELOAD:
         __import__(name)
+    for name in PRELOAD_IF_PRESENT:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
     import matplotlib
 
     matplotlib.use("Agg", force=True)  # as odin_engine.report does before it imports pyplot

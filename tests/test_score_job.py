@@ -621,6 +621,15 @@ def test_corpus_shards_read_each_block_in_its_own_small_read_unit(tmp_path):
         assert sorted(ids) == sorted(want + [f"b-{i}" for i in range(9)])
 
 
+def test_plan_readers_grow_with_the_actor_pool():
+    """One plan reader at a time per 16 actors (at most 8): a small cluster starts no second reader
+    process, a big pool is never short of inputs."""
+    from jobs.pipeline import MAX_READERS, plan_readers
+
+    assert [plan_readers(n) for n in (1, 2, 16, 17, 32, 33, 128, 10_000)] == [1, 1, 1, 2, 2, 3, 8, MAX_READERS]
+    assert plan_readers(0) == 1
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset,expected", [(None, "60000"), ("5000", "5000")])
 def test_a_local_cluster_keeps_idle_workers_for_reuse(preset, expected):
