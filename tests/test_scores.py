@@ -160,6 +160,23 @@ def test_s3_store_and_calibrate(s3_server, s3_bucket, tmp_path, monkeypatch):
     _bucket_roundtrip(f"s3://{s3_bucket}/runs", s3_server.env, tmp_path, monkeypatch)
 
 
+def test_an_s3_write_is_one_object_and_one_put(s3_server, s3_bucket, monkeypatch):
+    """On S3 a Store write creates the object and nothing else: no folder marker objects (``a/``,
+    ``a/b/``), and a small file goes up in one PutObject (a plain MD5 ETag), not a multipart upload
+    (an ETag ending ``-1``): one request where create_dir and a multipart upload made seven."""
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    root = Store(f"s3://{s3_bucket}/w")
+    root.write_json("a/b/c.json", {"k": 1})
+    with root.parquet_writer("a/d/p.parquet", output_schema()) as w:
+        w.write_table(table(3))
+    listed = s3_server.client().list_objects_v2(Bucket=s3_bucket)["Contents"]
+    assert sorted(o["Key"] for o in listed) == ["w/a/b/c.json", "w/a/d/p.parquet"]
+    assert all("-" not in o["ETag"] for o in listed), [o["ETag"] for o in listed]
+    assert root.read_json("a/b/c.json") == {"k": 1} and pq.read_table(root.fs.open_input_file(
+        root.p("a/d/p.parquet"))).num_rows == 3
+
+
 def test_gcs_store_and_calibrate(gcs_server, tmp_path, monkeypatch):
     import uuid
 

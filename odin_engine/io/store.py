@@ -44,7 +44,11 @@ def _cached_filesystem(scheme: str, bucket: str, gcs_emulator: str | None) -> pa
         # pyarrow would still ask the (unreachable) metadata server for credentials: go anonymous
         emu_scheme, _, host = gcs_emulator.rpartition("://")
         return pafs.GcsFileSystem(anonymous=True, endpoint_override=host, scheme=emu_scheme or "http")
-    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}")[0]
+    # S3: a file opens when its first bytes go out (allow_delayed_open), so a file smaller than a
+    # part is one PutObject instead of a multipart upload's three requests; an error shows at the
+    # write or the close, inside the same `with` block
+    query = "?allow_delayed_open=true" if scheme == "s3" else ""
+    return pafs.FileSystem.from_uri(f"{scheme}://{bucket}{query}")[0]
 
 
 def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -177,8 +181,8 @@ class Store:
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write ``data`` to ``<root>/<name>`` atomically; returns its URI."""
         target = self.p(name)
-        self.fs.create_dir(posixpath.dirname(target), recursive=True)
-        if self.is_local:
+        if self.is_local:  # an object store needs no folder: its markers would cost a HEAD and PUTs per write
+            self.fs.create_dir(posixpath.dirname(target), recursive=True)
             tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
             try:
                 with self.fs.open_output_stream(tmp) as fh:
@@ -214,7 +218,8 @@ class Store:
         import pyarrow.parquet as pq
 
         target = self.p(name)
-        self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        if self.is_local:
+            self.fs.create_dir(posixpath.dirname(target), recursive=True)
         tmp = (posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
                if self.is_local else target)
         sink = self.fs.open_output_stream(tmp)
