@@ -222,8 +222,9 @@ def file_entry(loc: DeltaLocation, path: str) -> dict[str, Any]:
     return it): its path relative to the table, size, and the statistics readers use to skip
     files (``numRecords``; ``nullCount`` of every column; ``minValues``/``maxValues`` of integer,
     float and string columns), from the file's footer."""
-    info = loc.fs.get_file_info(path)
-    meta = pq.ParquetFile(loc.fs.open_input_file(path)).metadata
+    with loc.fs.open_input_file(path) as fh:  # its size from the open (one HEAD on an object store, not two)
+        size = fh.size()
+        meta = pq.ParquetFile(fh).metadata
     schema = meta.schema.to_arrow_schema()
     mins: dict[str, Any] = {}
     maxs: dict[str, Any] = {}
@@ -236,7 +237,7 @@ def file_entry(loc: DeltaLocation, path: str) -> dict[str, Any]:
             mins[field.name] = min(s.min for s in stats)  # (an all-null column has none)
             maxs[field.name] = max(s.max for s in stats)
     stats_json = json.dumps({"numRecords": meta.num_rows, "minValues": mins, "maxValues": maxs, "nullCount": nulls})
-    return {"path": loc.relative(path), "size": int(info.size), "rows": meta.num_rows, "stats": stats_json}
+    return {"path": loc.relative(path), "size": int(size), "rows": meta.num_rows, "stats": stats_json}
 
 
 def add_action(entry: Mapping[str, Any], now_ms: int | None = None):

@@ -273,8 +273,12 @@ def _swap_link(root: str, name: str, target: str) -> None:
 
 def _drop_old_layout(out: Store) -> None:
     """Object stores: outputs of the older layout directly under ``DIR`` would look current; remove
-    them once a result is committed in this layout (audit.json first, then the rest)."""
+    them once a result is committed in this layout (audit.json first, then the rest). One listing of
+    ``DIR`` finds them (a check per name cost a HEAD and a LIST each on S3, at every commit)."""
+    present = {posixpath.basename(i.path) for i in out.listdir()}
     for name in ("audit.json", "calibration.json", "flag_summary.json", "evaluation.json", "report.html", "flags"):
+        if name not in present:
+            continue
         if name == FLAGS and is_delta_table(out.fs, out.p(FLAGS)):
             continue  # the flags' Delta table, not an old layout's folder
         with contextlib.suppress(OSError):

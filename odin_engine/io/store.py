@@ -167,11 +167,14 @@ class Store:
 
         attempt = 1
         while True:
-            if not self.exists(name):
-                return None
-            try:
+            try:  # read first, look only when it fails: a HEAD less per read of a file that is there
                 return json.loads(self.read_bytes(name).decode())
-            except (ValueError, FileNotFoundError):
+            except FileNotFoundError:
+                if not self.exists(name):
+                    return None
+                if self.is_local or attempt >= TORN_READ_ATTEMPTS:
+                    raise
+            except ValueError:
                 if self.is_local or attempt >= TORN_READ_ATTEMPTS:
                     raise
             time.sleep(backoff_s(attempt, base=0.1))  # ~0.1 s, 0.2 s, … (jittered): the overwrite's PUT completes
