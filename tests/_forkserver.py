@@ -1,5 +1,6 @@
 """A fork server for the tests' job commands: one process that has imported what a job driver
-imports (torch, Ray, Ray Data, pyarrow, pandas, deltalake, ``jobs.*``) and forks a fresh child per
+imports (torch, Ray, Ray Data, pyarrow, pandas, deltalake, ``jobs.*``, and what the commands load on
+use: scipy's statistics, scikit-learn's metrics, matplotlib) and forks a fresh child per
 command, so that a test's ``python -m jobs.score …`` costs a fork instead of an interpreter start
 and ~2 CPU-seconds of imports.
 
