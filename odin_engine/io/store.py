@@ -112,6 +112,12 @@ class Store:
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
+    @property
+    def needs_folders(self) -> bool:
+        """Whether a file's folder must exist before it is written: not on S3 or GCS, whose "folders"
+        are key prefixes (creating one writes marker objects: a HEAD and a PUT per level)."""
+        return self.fs.type_name not in ("s3", "gcs")
+
     def p(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
 
@@ -184,8 +190,9 @@ class Store:
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write ``data`` to ``<root>/<name>`` atomically; returns its URI."""
         target = self.p(name)
-        if self.is_local:  # an object store needs no folder: its markers would cost a HEAD and PUTs per write
+        if self.needs_folders:
             self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        if self.is_local:
             tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
             try:
                 with self.fs.open_output_stream(tmp) as fh:
@@ -221,7 +228,7 @@ class Store:
         import pyarrow.parquet as pq
 
         target = self.p(name)
-        if self.is_local:
+        if self.needs_folders:
             self.fs.create_dir(posixpath.dirname(target), recursive=True)
         tmp = (posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
                if self.is_local else target)
