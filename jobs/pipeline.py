@@ -27,6 +27,7 @@ from odin_engine.io.corpus import LISTING_ERROR
 from odin_engine.io.images import ImageDecodeError, decode_image
 from odin_engine.io.reading import ReadError, read_object
 from odin_engine.io.scores import FLOAT_COLUMNS
+from odin_engine.io.store import ensure_folder
 
 from jobs import shards
 
@@ -191,7 +192,7 @@ def stage(fs: pafs.FileSystem, directory: str, table: pa.Table) -> dict[str, int
     table = table.sort_by("bucket")
     b = table.column("bucket")
     name = f"{pc.min(b).as_py():06d}-{pc.max(b).as_py():06d}-{uuid.uuid4().hex}.parquet"
-    fs.create_dir(directory, recursive=True)
+    ensure_folder(fs, directory)
     shards.write_parquet_atomic(fs, posixpath.join(directory, name), table)
     ok = int(pc.sum(pc.equal(table.column("status"), "ok")).as_py() or 0)
     return {"rows": table.num_rows, "ok": ok, "files": 1}

@@ -39,6 +39,7 @@ from datetime import datetime, timezone
 from pyarrow import fs as pafs
 
 from odin_engine.errors import ConfigError
+from odin_engine.io.store import ensure_folder
 
 LOCK_FILE = "_odin_lock.json"
 
@@ -189,7 +190,7 @@ class RunLock:
     # ------------------------------------------------------------------ acquire / release
     def acquire(self) -> None:
         held = self.check_free()
-        self.fs.create_dir(self.dir, recursive=True)
+        ensure_folder(self.fs, self.dir)
         if self._local and held is None:
             try:  # atomic on a local disk: exactly one of two racing drivers creates it
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -30,7 +30,7 @@ from odin_engine.io.delta import (ATTEMPT_KEY, RUN_ID_KEY, DeltaLocation, add_ac
                                   remove_action, version_files)
 from odin_engine.io.maintenance import compact, needs_compaction
 from odin_engine.io.scores import FIT_ID_KEY, SCHEMA_VERSION, output_schema
-from odin_engine.io.store import Store, is_uri
+from odin_engine.io.store import Store, ensure_folder, is_uri
 
 from jobs import shards
 from jobs.options import DECODE_DEVICES
@@ -469,7 +469,7 @@ def plan(prep: Prepared, listing: dict[str, Any], n_buckets: int, attempt: str) 
         version = _current_version(prep)[1]
         ref = ray.put(version)  # (Ray resolves a reference given as an argument, not one inside a tuple)
         per = [((legacy, version) if prep.migrate else ref, staged) for legacy, staged in per]
-    out.fs.create_dir(out.p(PLAN_DIR, attempt), recursive=True)
+    ensure_folder(out.fs, out.p(PLAN_DIR, attempt))
     chunks = ray.put(listing["chunks"])
     schema = prep.source.schema
     calls = [(out.fs, out.path, schema, chunks, n_buckets, lo, hi, per[k][0], per[k][1],
@@ -558,8 +558,8 @@ def commit_delta(prep: Prepared, listing: dict[str, Any], n_buckets: int, attemp
     legacy = _scan_scores(out, n_buckets)[0] if prep.migrate else {}  # bucket files becoming the Delta table
     per = _by_partition(parts, legacy, staged)
     work = out.p(COMMIT_DIR, attempt)
-    out.fs.create_dir(work, recursive=True)
-    out.fs.create_dir(loc.path, recursive=True)
+    ensure_folder(out.fs, work)
+    ensure_folder(out.fs, loc.path)
     schema = _table_schema(prep)
     constants = {"temperature": prep.cfg.temperature, "epsilon": prep.cfg.epsilon, "model_id": prep.model_id,
                  "run_id": prep.run_id}
@@ -638,7 +638,7 @@ def commit(prep: Prepared, listing: dict[str, Any], n_buckets: int) -> dict[str,
     committed, stray = _scan_scores(out, n_buckets)
     staged = _scan_staging(out)
     per = _by_partition(parts, committed, staged)
-    out.fs.create_dir(out.p(SCORES_DIR), recursive=True)
+    ensure_folder(out.fs, out.p(SCORES_DIR))
     chunks = ray.put(listing["chunks"])
     schema = prep.schema()
     constants = {"temperature": prep.cfg.temperature, "epsilon": prep.cfg.epsilon, "model_id": prep.model_id,

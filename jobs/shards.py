@@ -39,6 +39,7 @@ from pyarrow import fs as pafs
 from odin_engine.io.corpus import LISTING_ERROR
 from odin_engine.io.delta import FileRange
 from odin_engine.io.failures import RETRYABLE_PREFIXES  # error rows attempted again on a rerun
+from odin_engine.io.store import ensure_folder
 
 SCORES_DIR = "scores"
 LISTING_DIR = "_listing"  # this attempt's listing chunks (deleted at the end)
@@ -128,7 +129,7 @@ def write_listing_chunks(fs: pafs.FileSystem, directory: str, name: str, batches
         out.append({"path": path, "rows": table.num_rows,
                     "errors": table.num_rows - table.column(LISTING_ERROR).null_count})
 
-    fs.create_dir(directory, recursive=True)
+    ensure_folder(fs, directory)
     for batch in batches:
         if batch.num_rows:
             pending.append(batch)

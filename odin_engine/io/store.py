@@ -51,6 +51,19 @@ def _cached_filesystem(scheme: str, bucket: str, gcs_emulator: str | None) -> pa
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}{query}")[0]
 
 
+def needs_folders(fs: pafs.FileSystem) -> bool:
+    """Whether a file's folder must exist before the file is written: not on S3, whose "folders" are
+    key prefixes (creating one writes marker objects: a HEAD and a PUT per level). pyarrow's GCS
+    filesystem keeps its folders as marker objects and fails to delete a folder that has none."""
+    return fs.type_name != "s3"
+
+
+def ensure_folder(fs: pafs.FileSystem, path: str) -> None:
+    """Create the folder ``path`` and its parents where the filesystem needs them (:func:`needs_folders`)."""
+    if needs_folders(fs):
+        fs.create_dir(path, recursive=True)
+
+
 def split_uri(uri: str) -> tuple[pafs.FileSystem, str]:
     """``(filesystem, path inside it)`` for a local path or a ``scheme://`` URI.
 
@@ -111,12 +124,6 @@ class Store:
     @property
     def is_local(self) -> bool:
         return isinstance(self.fs, pafs.LocalFileSystem)
-
-    @property
-    def needs_folders(self) -> bool:
-        """Whether a file's folder must exist before it is written: not on S3 or GCS, whose "folders"
-        are key prefixes (creating one writes marker objects: a HEAD and a PUT per level)."""
-        return self.fs.type_name not in ("s3", "gcs")
 
     def p(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -190,8 +197,7 @@ class Store:
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write ``data`` to ``<root>/<name>`` atomically; returns its URI."""
         target = self.p(name)
-        if self.needs_folders:
-            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        ensure_folder(self.fs, posixpath.dirname(target))
         if self.is_local:
             tmp = posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
             try:
@@ -228,8 +234,7 @@ class Store:
         import pyarrow.parquet as pq
 
         target = self.p(name)
-        if self.needs_folders:
-            self.fs.create_dir(posixpath.dirname(target), recursive=True)
+        ensure_folder(self.fs, posixpath.dirname(target))
         tmp = (posixpath.join(posixpath.dirname(target), f".{posixpath.basename(target)}.{uuid.uuid4().hex}.tmp")
                if self.is_local else target)
         sink = self.fs.open_output_stream(tmp)
