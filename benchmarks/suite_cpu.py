@@ -27,10 +27,12 @@ KINDS = (  # (kind, substring of any command line the process had), first match 
     ("gcs_server", "gcs_server"), ("raylet", "/raylet "), ("ray dashboard", "dashboard"),
     ("ray log_monitor", "log_monitor"), ("ray monitor", "monitor.py"), ("moto", "moto_server"),
     ("gcs emulator", "gcp-storage-emulator"), ("chromium", "chrom"),
-    ("forked job command (tests/_forkserver.py)", "_forkserver"),
-    ("pytest", "pytest"), ("pytest (xdist worker)", "exec(eval(sys.stdin.readline()))"), ("pip", "pip"),
-    ("job command (subprocess)", "-m jobs"), ("job command (subprocess)", "odin-audit"),
-    ("ray CLI", "bin/ray "),
+    ("forked job command (tests/_forkserver.py)", "_forkserver"), ("ray CLI", "bin/ray "),
+    # commands before pytest: a test's command line names its tmp_path, /tmp/pytest-of-<user>/…
+    ("job command (subprocess)", "-m jobs"), ("job command (subprocess)", "bin/odin-audit"),
+    ("benchmark (subprocess)", "-m benchmarks"),
+    ("pytest", "-m pytest"), ("pytest", "bin/pytest"), ("pytest (xdist worker)", "exec(eval(sys.stdin.readline()))"),
+    ("pip", "-m pip"), ("pip", "bin/pip"), ("pip", "bin/uv"),
 )
 
 

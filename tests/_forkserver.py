@@ -36,7 +36,7 @@ PRELOAD = ("torch", "numpy", "pandas", "pyarrow", "pyarrow.dataset", "pyarrow.pa
            # what the commands load on use: the drift test and the report's plots (audit), the AUROC
            # metrics (tune, audit --ood, fit); ~0.5–0.8 CPU-s per command that needs them
            "scipy.special", "scipy.stats", "scipy.integrate", "sklearn.metrics", "odin_engine.decide.drift",
-           "odin_engine.metrics", "odin_engine.report.report", "matplotlib", "odin_engine.decide.flagging",
+           "odin_engine.metrics", "odin_engine.report.report", "odin_engine.decide.flagging",
            "deltalake.fs", "pyarrow.acero", "pyarrow.json")
 #: Ray Data's modules a pipeline loads when it first runs (private: skipped where a Ray version lacks one)
 PRELOAD_IF_PRESENT = ("ray.data._internal.execution.streaming_executor", "ray.data._internal.planner.planner",
@@ -161,7 +161,7 @@ def serve(path: str) -> None:
             pass
     import matplotlib
 
-    matplotlib.use("Agg", force=True)  # as odin_engine.report does before it imports pyplot
+    matplotlib.use("Agg", force=True)  # the report's plots: as odin_engine.report does before it imports pyplot
     import matplotlib.pyplot  # noqa: F401
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

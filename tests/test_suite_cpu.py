@@ -23,6 +23,10 @@ def test_a_ray_worker_counts_under_the_first_task_it_ran():
     assert kind(["/venv/bin/python -u -c import sys;exec(eval(sys.stdin.readline()))"], "python") \
         == "pytest (xdist worker)"
     assert kind(["/venv/bin/moto_server -H 127.0.0.1 -p 5000"], "moto_server") == "moto"
+    # a test's command names its tmp_path (/tmp/pytest-of-root/…): a job command, not pytest
+    assert kind(["/venv/bin/python /venv/bin/odin-audit score --input /tmp/pytest-of-root/pytest-3/t0/images"],
+                "odin-audit") == "job command (subprocess)"
+    assert kind(["/venv/bin/python -m pytest -p no:cacheprovider -q tests/x.py"], "python") == "pytest"
     assert kind([""], "kdamond.0") == "other (kdamond.0)"
 
 

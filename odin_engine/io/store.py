@@ -171,23 +171,20 @@ class Store:
         On an object store a read can race an overwrite of the same key (``current.json`` while a
         run publishes): pyarrow reads with a HEAD (the size) then a ranged GET, so the reader can get
         the *newer* object cut to the older one's length (a store may also answer 404 in between;
-        moto has). A cut
-        JSON object never parses (its closing brace is gone), so such a read is retried, up to
-        :data:`TORN_READ_ATTEMPTS` times; a file that still does not parse raises ``ValueError``.
-        Local files are replaced by rename and are read once.
+        moto has). A cut JSON object never parses (its closing brace is gone), so such a read is
+        retried, up to :data:`TORN_READ_ATTEMPTS` times; a file that still does not parse raises
+        ``ValueError``. Local files are replaced by rename and are read once. The file is read first
+        and looked for only when that fails: a HEAD less per read of a file that is there.
         """
         from odin_engine.io.reading import backoff_s
 
         attempt = 1
         while True:
-            try:  # read first, look only when it fails: a HEAD less per read of a file that is there
+            try:
                 return json.loads(self.read_bytes(name).decode())
-            except FileNotFoundError:
-                if not self.exists(name):
+            except (ValueError, FileNotFoundError) as exc:
+                if isinstance(exc, FileNotFoundError) and not self.exists(name):
                     return None
-                if self.is_local or attempt >= TORN_READ_ATTEMPTS:
-                    raise
-            except ValueError:
                 if self.is_local or attempt >= TORN_READ_ATTEMPTS:
                     raise
             time.sleep(backoff_s(attempt, base=0.1))  # ~0.1 s, 0.2 s, … (jittered): the overwrite's PUT completes
