@@ -43,6 +43,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=3, help="commands per way (default 3)")
     p.add_argument("--images", type=int, default=6, help="images in the corpus (default 6)")
     p.add_argument("--settle", type=float, default=3.0, help="seconds counted after each command (default 3)")
+    p.add_argument("--forked-workers", action="store_true",
+                   help="compare two heads instead: workers started as Python (Ray's way) and forked by the "
+                        "tests' worker server (tests/_forkserver.py), both commands forked")
     p.add_argument("--private-start", action="store_true",
                    help="measure a private local cluster's start with and without the dashboard instead")
     return p
@@ -107,6 +110,7 @@ def main(args: argparse.Namespace) -> int:
     import _forkserver
     from conftest import free_port  # the test suite's helper
 
+    from jobs.ray_utils import LOCAL_CLUSTER_ENV
     from odin_engine.models.cifar_resnet import CifarResNet
 
     work = Path(tempfile.mkdtemp(prefix="odin-cc-"))
@@ -133,19 +137,47 @@ def main(args: argparse.Namespace) -> int:
              "--model", "cifar_resnet20", "--weights", str(work / "model.pt"), "--quiet"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
+    heads, work_dirs = [head], [str(work)]
+    ways = {"subprocess": score(subprocess.run, "subprocess"), "fork": score(_forkserver.run_command, "fork")}
     try:
+        if args.forked_workers:  # a second head whose workers the tests' worker server forks
+            gcs2, dash2, client2 = free_port(), free_port(), free_port()
+            head2 = dict(head, RAY_PORT=str(gcs2), RAY_DASHBOARD_PORT=str(dash2), RAY_CLIENT_PORT=str(client2),
+                         RAY_DEV_TEMP_DIR=str(work / "ray2"), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
+                         PATH=f"{Path(sys.executable).parent}{os.pathsep}{head.get('PATH', '')}")
+            heads.append(head2)
+            (work / "bin").mkdir()
+            launcher, sock = _forkserver.write_worker_launcher(str(work / "bin"))
+            work_dirs.append(os.path.dirname(sock))
+            subprocess.run(
+                _forkserver.ray_start_with_launcher(launcher) + [
+                    "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs2), "--dashboard-host",
+                    "127.0.0.1", "--dashboard-port", str(dash2), "--include-dashboard", "true",
+                    "--ray-client-server-port", str(client2), "--temp-dir", str(work / "ray2"), "--disable-usage-stats"],
+                env=dict(head2, **LOCAL_CLUSTER_ENV), check=True, capture_output=True, text=True, timeout=300)
+            env2 = dict(head2, RAY_ADDRESS=f"127.0.0.1:{gcs2}")
+            _forkserver.prestart(env2)
+
+            def score2(run: int) -> subprocess.CompletedProcess:
+                return _forkserver.run_command(
+                    [sys.executable, "-m", "jobs.cli", "score", "--input", str(corpus), "--output",
+                     str(work / f"out-forked-{run}"), "--model", "cifar_resnet20", "--weights", str(work / "model.pt"),
+                     "--quiet"], cwd=REPO, env=env2, capture_output=True, text=True, timeout=600)
+
+            ways = {"plain workers": ways["fork"], "forked workers": score2}
         _forkserver.prestart(env)
         time.sleep(8)  # the head's first workers and the fork server's imports settle
         c0 = machine_cpu_s()
         time.sleep(10)
         idle_per_s = (machine_cpu_s() - c0) / 10
-        print(f"idle head: {idle_per_s:.2f} CPU-s/s (subtracted); {args.images} images, {args.runs} runs each way")
-        ok = measure({"subprocess": score(subprocess.run, "subprocess"), "fork": score(_forkserver.run_command, "fork")},
-                     args.runs, args.settle, idle_per_s)
+        print(f"idle head(s): {idle_per_s:.2f} CPU-s/s (subtracted); {args.images} images, {args.runs} runs each way")
+        ok = measure(ways, args.runs, args.settle, idle_per_s)
     finally:
         _forkserver.stop_servers()
-        subprocess.run([script, "--stop"], env=head, capture_output=True, timeout=120)
-        shutil.rmtree(work, ignore_errors=True)
+        for h in heads:
+            subprocess.run([script, "--stop"], env=h, capture_output=True, timeout=120)
+        for d in work_dirs:
+            shutil.rmtree(d, ignore_errors=True)
     return 0 if ok else 1
 
 

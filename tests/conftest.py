@@ -189,6 +189,28 @@ class RayHead:
     temp_dir: str
     env: dict = field(repr=False)
     client_port: int | None = None  # its Ray Client server's port (stopped with the head)
+    worker_sock: str | None = None  # its worker server's socket (tests/_forkserver.py), None when workers start plain
+
+    def worker_server_up(self, timeout: float = 120) -> bool:
+        """Wait until the head's worker server listens (a first worker starts it: run one task if
+        none has); False when the head starts its workers plain (``ODIN_TEST_FORK=0``)."""
+        if self.worker_sock is None:
+            return False
+        if not os.path.exists(self.worker_sock):
+            subprocess.run([sys.executable, "-c", "import ray; ray.init(logging_level='ERROR'); "
+                            "ray.get(ray.remote(lambda: 1).remote())"], env=self.env, capture_output=True,
+                           timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if os.path.exists(self.worker_sock):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                    try:
+                        probe.connect(self.worker_sock)  # bound and listening (a bare connect is ignored)
+                        return True
+                    except OSError:
+                        pass
+            time.sleep(0.2)
+        raise TimeoutError(f"the head's worker server ({self.worker_sock}) did not come up in {timeout} s")
 
     def submit(self, args: list[str], cwd: str | Path, timeout: float = 600, extra_env: dict | None = None):
         """``ray job submit --address <dashboard> --working-dir <cwd> -- <args>``; returns CompletedProcess."""
@@ -238,19 +260,26 @@ def ray_head(tmp_path_factory):
     if ray_exe is None:
         real_part_missing("Ray head", f"no `ray` executable in {VENV_BIN} or on PATH (pip install 'ray[default]')")
     cmd[0] = ray_exe
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    if proc.returncode != 0 or not _wait_port(dash_port, 60):
-        _stop_head(temp_dir, client_port)
-        real_part_missing("Ray head", f"`ray start --head` failed: rc={proc.returncode} {proc.stderr[-2000:]}")
-    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, str(temp_dir), env, client_port)
     import _forkserver
 
+    worker_sock = None
+    if os.environ.get("ODIN_TEST_FORK", "1") != "0":
+        # the head's worker processes are forked by a server that has imported torch, Ray and Ray Data
+        # (tests/_forkserver.py, launch_ray_worker): `ray start` run with the launcher as its sys.executable
+        launcher, worker_sock = _forkserver.write_worker_launcher(str(tmp_path_factory.mktemp("ray-launcher")))
+        cmd = _forkserver.ray_start_with_launcher(launcher) + cmd[1:]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    if proc.returncode != 0 or not _wait_port(dash_port, 60):
+        _stop_head(temp_dir, client_port, worker_sock)
+        real_part_missing("Ray head", f"`ray start --head` failed: rc={proc.returncode} {proc.stderr[-2000:]}")
+    env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+    head = RayHead(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dash_port}", token, str(temp_dir), env, client_port,
+                   worker_sock)
     _forkserver.prestart(env)  # its job commands start by a fork (fixture fork_servers)
     try:
         yield head
     finally:
-        _stop_head(temp_dir, client_port)
+        _stop_head(temp_dir, client_port, worker_sock)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -276,7 +305,7 @@ def pids_matching(needle: str) -> list[int]:
 STOP_GRACE_S = 2.0  # SIGTERM → SIGKILL: a test head keeps nothing worth a graceful stop
 
 
-def _stop_head(temp_dir: Path, client_port: int | None = None) -> None:
+def _stop_head(temp_dir: Path, client_port: int | None = None, worker_sock: str | None = None) -> None:
     """Stop *this* head only. ``ray stop`` would stop every Ray cluster of the user on the
     machine (other test sessions' included), so signal just the processes whose command line
     names our unique temp dir (GCS, raylet, dashboard, agents) and the head's Ray Client server
@@ -298,6 +327,8 @@ def _stop_head(temp_dir: Path, client_port: int | None = None) -> None:
         deadline = time.time() + wait_s
         while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and _alive(p) for p in pids):
             time.sleep(0.2)
+    if worker_sock:  # the worker server (its command line names the temp dir) removes it only on a clean exit
+        shutil.rmtree(os.path.dirname(worker_sock), ignore_errors=True)
 
 
 def _ppid(pid: int) -> int | None:

@@ -75,3 +75,125 @@ def test_import_time_variables_that_differ_run_as_a_plain_subprocess(server_env,
                     timeout=120)
     assert p.stdout == "ok\n"
     assert _forkserver.import_env(env) not in _forkserver._SERVERS
+
+
+# --------------------------------------------------------------------------- the shared head's workers
+WORKER_PROBE = """
+import json, os, signal, sys, time
+import ray
+
+ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=json.loads(sys.argv[1]) or None, logging_level="ERROR")
+
+
+def where():
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+        parent = fh.read().replace(b"\\0", b" ").decode(errors="replace")
+    return {"pid": os.getpid(), "parent": parent, "probe": os.environ.get("ODIN_FORK_PROBE"),
+            "worker_id": ray.get_runtime_context().get_worker_id()}
+
+
+@ray.remote
+class Where:
+    def where(self):
+        return where()
+
+
+def launcher_of(worker_id):  # the raylet's child for this worker: its command line names the worker id
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                cmd = fh.read().replace(b"\\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if f"--worker-id={worker_id}" in cmd and "default_worker.py" in cmd:
+            return int(pid)
+
+
+def gone(pid, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                if fh.read().split(")")[-1].split()[0] == "Z":
+                    return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+out = {"task": ray.get(ray.remote(where).remote())}
+actor = Where.remote()
+out["actor"] = ray.get(actor.where.remote())
+if sys.argv[2] == "kill":
+    # the launcher is the worker's stand-in for the raylet: killing one ends the other
+    launcher = launcher_of(out["actor"]["worker_id"])
+    os.kill(launcher, signal.SIGKILL)
+    out["worker gone after its launcher's kill"] = gone(out["actor"]["pid"])
+    second = ray.get(Where.remote().where.remote())
+    launcher = launcher_of(second["worker_id"])
+    os.kill(second["pid"], signal.SIGKILL)
+    out["launcher gone after its worker's kill"] = launcher is not None and gone(launcher)
+print(json.dumps(out))
+"""
+
+
+def _probe_workers(ray_head, tmp_path, runtime_env: dict, kill: bool = False) -> dict:
+    import json
+
+    p = run_command([sys.executable, "-c", WORKER_PROBE, json.dumps(runtime_env), "kill" if kill else "-"],
+                    cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [line for line in p.stdout.splitlines() if line.startswith('{"task"')]
+    assert lines, (p.stdout + p.stderr)[-3000:]
+    return json.loads(lines[-1])
+
+
+@pytest.fixture
+def worker_server(ray_head):
+    """The shared head's worker server, up (the head's first worker starts it)."""
+    if not ray_head.worker_server_up():
+        pytest.skip("ODIN_TEST_FORK=0: the shared head starts its workers as plain Python processes")
+    return ray_head
+
+
+@pytest.mark.slow
+def test_the_shared_heads_workers_are_forked_with_the_jobs_environment(worker_server, tmp_path):
+    """A task's and an actor's worker process on the shared head is forked by its worker server,
+    with the job's runtime-environment variables (as Ray's setup_worker would set them)."""
+    seen = _probe_workers(worker_server, tmp_path, {"env_vars": {"ODIN_FORK_PROBE": "job"}})
+    for where in (seen["task"], seen["actor"]):
+        assert "_forkserver.py --ray-workers" in where["parent"], where
+        assert where["probe"] == "job"
+
+
+@pytest.mark.slow
+def test_a_worker_with_other_import_time_variables_starts_as_plain_python(worker_server, tmp_path):
+    """PYTHONPATH (a working_dir job sets it) is read at import: such a worker is Ray's own exec."""
+    seen = _probe_workers(worker_server, tmp_path, {"env_vars": {"ODIN_FORK_PROBE": "plain",
+                                                                 "PYTHONPATH": str(tmp_path)}})
+    for where in (seen["task"], seen["actor"]):
+        assert "/raylet " in where["parent"] and where["probe"] == "plain", where
+
+
+@pytest.mark.slow
+def test_a_forked_worker_and_its_launcher_end_together(worker_server, tmp_path):
+    seen = _probe_workers(worker_server, tmp_path, {}, kill=True)
+    assert "_forkserver.py --ray-workers" in seen["actor"]["parent"]
+    assert seen["worker gone after its launcher's kill"] and seen["launcher gone after its worker's kill"], seen
+
+
+def test_setup_worker_is_done_in_the_launcher_only_for_environment_variables():
+    py = sys.executable
+    ctx = '--serialized-runtime-env-context={"env_vars": {"ODIN_SETUP_PROBE": "a${ODIN_UNSET_VAR}b"}, "command_prefix": []}'
+    try:
+        assert _forkserver._setup_worker(["/r/default_worker.py", "--x=1", ctx, "--language=PYTHON"], py) == [
+            "/r/default_worker.py", "--x=1"]
+        assert os.environ["ODIN_SETUP_PROBE"] == "ab"  # ray._private.utils.update_envs: unset ${X} → ""
+    finally:
+        os.environ.pop("ODIN_SETUP_PROBE", None)
+    cd_first = '--serialized-runtime-env-context={"command_prefix": ["cd", "/w", "&&"]}'
+    assert _forkserver._setup_worker(["/r/default_worker.py", cd_first, "--language=PYTHON"], py) is None
+    assert _forkserver._setup_worker(["/r/default_worker.py", "--language", "JAVA"], py) is None
+    other_python = '--serialized-runtime-env-context={"py_executable": "/opt/other/python"}'
+    assert _forkserver._setup_worker(["/r/default_worker.py", other_python, "--language=PYTHON"], py) is None

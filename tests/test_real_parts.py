@@ -86,22 +86,28 @@ def test_on_a_developer_machine_they_skip_and_the_summary_says_so(bare_python, w
 @pytest.mark.slow
 def test_the_shared_ray_head_leaves_no_process_behind(tmp_path):
     """Ray hygiene: after a session that used ``ray_head``, none of its processes is left — GCS,
-    raylet, dashboard, agents (their command lines name its temp dir) and its Ray Client server,
-    which ``ray start`` leaves an orphan whose command line names only its port."""
+    raylet, dashboard, agents (their command lines name its temp dir), its Ray Client server,
+    which ``ray start`` leaves an orphan whose command line names only its port, and its worker
+    server (``tests/_forkserver.py --ray-workers``, which the head's first worker starts) with its
+    socket's folder."""
     from conftest import process_cmdlines
 
     record = tmp_path / "head.txt"
     (tmp_path / "test_probe.py").write_text(
         "from pathlib import Path\n"
         "def test_probe(ray_head):\n"
-        f"    Path({str(record)!r}).write_text(f'{{ray_head.temp_dir}} {{ray_head.client_port}}')\n")
+        "    ray_head.worker_server_up()\n"
+        f"    Path({str(record)!r}).write_text(f'{{ray_head.temp_dir}} {{ray_head.client_port}} {{ray_head.worker_sock}}')\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PYTEST_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests")])
     p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "conftest", "-q",
                         str(tmp_path / "test_probe.py")],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
-    temp_dir, client_port = record.read_text().split()
+    temp_dir, client_port, worker_sock = record.read_text().split()
     left = {pid: cmd for pid, cmd in process_cmdlines().items()
-            if temp_dir in cmd or ("ray.util.client.server" in cmd and f"--port={client_port} " in f"{cmd} ")}
+            if temp_dir in cmd or ("ray.util.client.server" in cmd and f"--port={client_port} " in f"{cmd} ")
+            or (worker_sock != "None" and worker_sock in cmd)}
     assert not left, left
+    if worker_sock != "None":
+        assert not os.path.exists(os.path.dirname(worker_sock))
