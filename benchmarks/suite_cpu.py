@@ -27,6 +27,7 @@ KINDS = (  # (kind, substring of any command line the process had), first match 
     ("gcs_server", "gcs_server"), ("raylet", "/raylet "), ("ray dashboard", "dashboard"),
     ("ray log_monitor", "log_monitor"), ("ray monitor", "monitor.py"), ("moto", "moto_server"),
     ("gcs emulator", "gcp-storage-emulator"), ("chromium", "chrom"),
+    ("ray worker server (tests/_forkserver.py)", "--ray-workers"),
     ("forked job command (tests/_forkserver.py)", "_forkserver"), ("ray CLI", "bin/ray "),
     # commands before pytest: a test's command line names its tmp_path, /tmp/pytest-of-<user>/…
     ("job command (subprocess)", "-m jobs"), ("job command (subprocess)", "bin/odin-audit"),
@@ -63,6 +64,8 @@ def kind(titles: list[str], comm: str) -> str:
     if tasks:
         return tasks[0]
     text = " ".join(titles)
+    if all("ray-launcher" in t for t in titles):  # the tests' worker launcher, waiting for its forked worker
+        return "ray worker launcher (tests/_forkserver.py)"
     if "ray::IDLE" in text or "default_worker.py" in text:
         return "ray::IDLE (no task seen)"
     for name, needle in KINDS:

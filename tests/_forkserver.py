@@ -131,7 +131,32 @@ def _child(request: dict, fds: list[int]) -> None:
     argv0 = request["argv"][0]  # what `python -m`, `-c` and a script put first on sys.path
     first = os.getcwd() if argv0 == "-m" else "" if argv0 == "-c" else os.path.dirname(os.path.abspath(argv0))
     sys.path.insert(0, first)
+    # PYTHONPATH entries the server did not start with (a Ray worker's working_dir/py_modules; the
+    # server checked that none of them holds a module it imported): where Python puts them, after [0]
+    added = [p for p in _pythonpath(request["env"]) if p not in _pythonpath(_SERVER_ENV)]
+    sys.path[1:1] = [p for p in added if p not in sys.path]
     os._exit(_run_command(request["argv"]))
+
+
+_SERVER_ENV: dict = {}  # the server's own environment (set by serve)
+
+
+def _pythonpath(env: dict) -> list[str]:
+    return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+
+
+def _shadowing(env: dict) -> list[str]:
+    """Modules the server imported that ``env``'s new PYTHONPATH entries would provide instead."""
+    loaded = {name.split(".")[0] for name in sys.modules}
+    found = []
+    for folder in (p for p in _pythonpath(env) if p not in _pythonpath(_SERVER_ENV)):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        found += [f"{folder}/{n}" for n in names if n.split(".")[0] in loaded and (n.endswith((".py", ".so"))
+                                                                                  or "." not in n)]
+    return found
 
 
 def _monitor(conn: socket.socket, request: dict, fds: list[int], tied: bool = False) -> None:
@@ -193,12 +218,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
-#: set by the raylet per worker process and read by Ray when used, not on import (``ray._private.ray_logging``)
-WORKER_RUN_TIME_ENV = ("RAY_JOB_ID",)
+#: not compared between a worker's environment and the server's: set by the raylet per worker and
+#: read by Ray when used, not on import (``ray._private.ray_logging``); PYTHONPATH, which a job's
+#: working_dir sets, is added to the forked worker's sys.path unless it would shadow a loaded module
+WORKER_RUN_TIME_ENV = ("RAY_JOB_ID", "PYTHONPATH")
 
 
 def _worker_import_env(env) -> tuple:
     return tuple(kv for kv in import_env(dict(env)) if kv[0] not in WORKER_RUN_TIME_ENV)
+
+
+def _why_not(env: dict, mine: tuple) -> str | None:
+    """Why a worker with ``env`` cannot be forked here (None: it can)."""
+    if _worker_import_env(env) != mine:
+        return f"import-time variables differ: {sorted({k for k, _ in set(_worker_import_env(env)) ^ set(mine)})}"
+    shadowed = _shadowing(env)
+    return f"PYTHONPATH would shadow loaded modules: {shadowed[:5]}" if shadowed else None
 
 
 def serve(path: str, ray_workers: bool = False) -> None:
@@ -206,6 +241,7 @@ def serve(path: str, ray_workers: bool = False) -> None:
     processes (:func:`launch_ray_worker`): it preloads :data:`WORKER_PRELOAD`, forks only commands
     whose import-time environment equals its own (else it answers ``{"fallback": …}`` and the
     launcher execs Python), ties each worker to its launcher, and exits with the raylet."""
+    _SERVER_ENV.update(os.environ)
     if ray_workers:
         _preload(WORKER_PRELOAD, PRELOAD_IF_PRESENT)
         watch = int(os.environ.get("RAY_RAYLET_PID", "0") or 0)
@@ -242,11 +278,11 @@ def serve(path: str, ray_workers: bool = False) -> None:
         except (ConnectionError, ValueError, OSError):
             conn.close()
             continue
-        if ray_workers and _worker_import_env(request["env"]) != mine:
-            differ = sorted({k for k, _ in set(_worker_import_env(request["env"])) ^ set(mine)})
-            print(f"fallback: import-time variables differ: {differ}", file=sys.stderr, flush=True)
+        why = _why_not(request["env"], mine) if ray_workers else None
+        if why:
+            print(f"fallback: {why}", file=sys.stderr, flush=True)
             try:
-                conn.sendall(json.dumps({"fallback": f"import-time variables differ: {differ}"}).encode() + b"\n")
+                conn.sendall(json.dumps({"fallback": why}).encode() + b"\n")
             except OSError:
                 pass
         elif os.fork() == 0:
@@ -534,9 +570,10 @@ def launch_ray_worker(real_python: str, sock_path: str, argv: list[str]) -> None
 
 def _setup_worker(args: list[str], real_python: str) -> list[str] | None:
     """What Ray's ``setup_worker.py ARGS`` does before it execs the worker, for a runtime environment
-    of environment variables only (``RuntimeEnvContext.exec_worker``: ``update_envs``, then
-    ``exec python REMAINING``): set them here and return REMAINING, the worker's argv. None for
-    anything else (a command prefix, another Python, another language): run setup_worker itself."""
+    of environment variables and at most a working_dir's ``cd DIR &&`` (``RuntimeEnvContext.exec_worker``:
+    ``update_envs``, then ``cd DIR && exec python REMAINING``): do them here and return REMAINING, the
+    worker's argv. None for anything else (another command prefix, another Python, another
+    language): run setup_worker itself."""
     import re
 
     context, language, rest, i = None, None, [], 0
@@ -562,9 +599,18 @@ def _setup_worker(args: list[str], real_python: str) -> list[str] | None:
         ctx = json.loads(context or "{}")
     except ValueError:
         return None
-    if (language != "PYTHON" or not rest or ctx.get("command_prefix") or ctx.get("override_worker_entrypoint")
+    prefix = ctx.get("command_prefix") or []
+    cd = len(prefix) == 3 and prefix[0] == "cd" and prefix[2] == "&&"  # a working_dir: `cd DIR && exec python …`
+    if (language != "PYTHON" or not rest or (prefix and not cd) or ctx.get("override_worker_entrypoint")
             or ctx.get("java_jars") or ctx.get("py_executable") not in (None, real_python)):
         return None
+    if cd:
+        import shlex
+
+        folder = shlex.split(prefix[1])
+        if len(folder) != 1 or not os.path.isdir(folder[0]):
+            return None
+        os.chdir(folder[0])
     for key, value in (ctx.get("env_vars") or {}).items():  # ray._private.utils.update_envs
         os.environ[key] = re.sub(r"\$\{[A-Z0-9_]+\}", "", os.path.expandvars(value))
     return rest

@@ -124,9 +124,10 @@ def _parts_from_reports(terminalreporter) -> None:
 # `-n 2 --dist loadfile` (scripts/test) files go to the workers in collection order: starting the
 # longest first keeps one long file from being the tail while the other worker idles.
 # The order is measured: `python -m benchmarks.suite_durations` on a `--durations=0` run.
-LONGEST_FILES = ("test_score_job", "test_results", "test_cluster", "test_audit", "test_demo", "test_exit_codes",
-                 "test_fit_job", "test_scheduled", "test_delta_maintenance", "test_console", "test_deploy",
-                 "test_gpu_rehearsal", "test_table_formats", "test_reading", "test_promises")
+LONGEST_FILES = ("test_score_job", "test_cluster", "test_demo", "test_audit", "test_results", "test_console",
+                 "test_fit_job", "test_table_formats", "test_deploy", "test_delta_maintenance", "test_gpu_rehearsal",
+                 "test_reading", "test_scheduled", "test_exit_codes", "test_real_parts", "test_listing",
+                 "test_promises", "test_forkserver")
 
 
 def pytest_collection_modifyitems(session, config, items):

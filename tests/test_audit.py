@@ -252,7 +252,6 @@ def _bucket_audit(root: Path, w: Path, env: dict, put, uri: str, tmp_path: Path,
             put(f"in/{name}/{p.name}", p.read_bytes())
     cwd = tmp_path / "cwd"  # the command runs here: it must create nothing local
     cwd.mkdir(exist_ok=True)
-    env = dict(env, PYTHONPATH=f"{REPO}:{env.get('PYTHONPATH', '')}")
     args = [sys.executable, "-m", "jobs.cli", "audit", "--corpus", f"{uri}/in/corpus", "--heldout", f"{uri}/in/held",
             "--output", f"{uri}/audit", *_model_args(w), "--quiet", *extra]
     first = run_command(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=500)

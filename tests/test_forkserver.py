@@ -83,13 +83,18 @@ import json, os, signal, sys, time
 import ray
 
 ray.init(address=os.environ["RAY_ADDRESS"], runtime_env=json.loads(sys.argv[1]) or None, logging_level="ERROR")
+MODULE = sys.argv[3]  # captured by value into the remote functions
 
 
 def where():
     with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
         parent = fh.read().replace(b"\\0", b" ").decode(errors="replace")
+    module = None
+    if MODULE != "-":  # a module the job's working_dir or PYTHONPATH provides
+        module = __import__(MODULE).__file__
     return {"pid": os.getpid(), "parent": parent, "probe": os.environ.get("ODIN_FORK_PROBE"),
-            "worker_id": ray.get_runtime_context().get_worker_id()}
+            "worker_id": ray.get_runtime_context().get_worker_id(), "cwd": os.getcwd(), "module": module,
+            "hash_seed": os.environ.get("PYTHONHASHSEED"), "hash": hash("odin")}
 
 
 @ray.remote
@@ -138,10 +143,10 @@ print(json.dumps(out))
 """
 
 
-def _probe_workers(ray_head, tmp_path, runtime_env: dict, kill: bool = False) -> dict:
+def _probe_workers(ray_head, tmp_path, runtime_env: dict, kill: bool = False, module: str = "-") -> dict:
     import json
 
-    p = run_command([sys.executable, "-c", WORKER_PROBE, json.dumps(runtime_env), "kill" if kill else "-"],
+    p = run_command([sys.executable, "-c", WORKER_PROBE, json.dumps(runtime_env), "kill" if kill else "-", module],
                     cwd=tmp_path, env=ray_head.env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = [line for line in p.stdout.splitlines() if line.startswith('{"task"')]
@@ -169,11 +174,34 @@ def test_the_shared_heads_workers_are_forked_with_the_jobs_environment(worker_se
 
 @pytest.mark.slow
 def test_a_worker_with_other_import_time_variables_starts_as_plain_python(worker_server, tmp_path):
-    """PYTHONPATH (a working_dir job sets it) is read at import: such a worker is Ray's own exec."""
-    seen = _probe_workers(worker_server, tmp_path, {"env_vars": {"ODIN_FORK_PROBE": "plain",
-                                                                 "PYTHONPATH": str(tmp_path)}})
+    """PYTHONHASHSEED is read when the interpreter starts: such a worker is Ray's own exec of Python
+    (a fork would keep the server's hash seed)."""
+    seen = _probe_workers(worker_server, tmp_path, {"env_vars": {"ODIN_FORK_PROBE": "plain", "PYTHONHASHSEED": "7"}})
     for where in (seen["task"], seen["actor"]):
         assert "/raylet " in where["parent"] and where["probe"] == "plain", where
+        assert where["hash_seed"] == "7"
+    assert seen["task"]["hash"] == seen["actor"]["hash"]  # both processes started with seed 7
+
+
+@pytest.mark.slow
+def test_a_working_dir_job_is_forked_in_its_folder_with_its_pythonpath(worker_server, tmp_path):
+    """``ray job submit --working-dir``: setup_worker's ``cd DIR && exec python …`` and the PYTHONPATH
+    entry are done by the launcher and the forked worker; a PYTHONPATH folder that would shadow a
+    module the server imported (here ``numpy``) makes it Ray's own exec instead."""
+    work = tmp_path / "wd"
+    work.mkdir()
+    (work / "odin_wd_probe.py").write_text("X = 1\n")
+    seen = _probe_workers(worker_server, tmp_path, {"working_dir": str(work)}, module="odin_wd_probe")
+    for where in (seen["task"], seen["actor"]):
+        assert "_forkserver.py --ray-workers" in where["parent"], where
+        assert where["module"] == os.path.join(where["cwd"], "odin_wd_probe.py")  # the unpacked working_dir
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "numpy.py").write_text("raise ImportError('the shadowing numpy')\n")
+    (shadow / "odin_pp_probe.py").write_text("X = 2\n")
+    seen = _probe_workers(worker_server, tmp_path, {"env_vars": {"PYTHONPATH": str(shadow)}}, module="odin_pp_probe")
+    for where in (seen["task"], seen["actor"]):
+        assert "/raylet " in where["parent"] and where["module"] == str(shadow / "odin_pp_probe.py"), where
 
 
 @pytest.mark.slow
@@ -192,8 +220,10 @@ def test_setup_worker_is_done_in_the_launcher_only_for_environment_variables():
         assert os.environ["ODIN_SETUP_PROBE"] == "ab"  # ray._private.utils.update_envs: unset ${X} → ""
     finally:
         os.environ.pop("ODIN_SETUP_PROBE", None)
-    cd_first = '--serialized-runtime-env-context={"command_prefix": ["cd", "/w", "&&"]}'
-    assert _forkserver._setup_worker(["/r/default_worker.py", cd_first, "--language=PYTHON"], py) is None
+    other_prefix = '--serialized-runtime-env-context={"command_prefix": ["nice", "-n", "5"]}'
+    assert _forkserver._setup_worker(["/r/default_worker.py", other_prefix, "--language=PYTHON"], py) is None
+    gone = '--serialized-runtime-env-context={"command_prefix": ["cd", "/no/such/odin/dir", "&&"]}'
+    assert _forkserver._setup_worker(["/r/default_worker.py", gone, "--language=PYTHON"], py) is None
     assert _forkserver._setup_worker(["/r/default_worker.py", "--language", "JAVA"], py) is None
     other_python = '--serialized-runtime-env-context={"py_executable": "/opt/other/python"}'
     assert _forkserver._setup_worker(["/r/default_worker.py", other_python, "--language=PYTHON"], py) is None

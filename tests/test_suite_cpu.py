@@ -28,6 +28,12 @@ def test_a_ray_worker_counts_under_the_first_task_it_ran():
                 "odin-audit") == "job command (subprocess)"
     assert kind(["/venv/bin/python -m pytest -p no:cacheprovider -q tests/x.py"], "python") == "pytest"
     assert kind([""], "kdamond.0") == "other (kdamond.0)"
+    launcher = "/venv/bin/python -S /tmp/pytest-of-root/pytest-3/ray-launcher0/python /ray/_private/workers/default_worker.py"
+    assert kind([launcher], "python") == "ray worker launcher (tests/_forkserver.py)"
+    assert kind([launcher, "/venv/bin/python /ray/_private/workers/default_worker.py"], "python") \
+        == "ray::IDLE (no task seen)"  # exec'd into a worker itself
+    assert kind(["/venv/bin/python /repo/tests/_forkserver.py --ray-workers /tmp/odin-w-x/s --head-temp-dir=/tmp/r"],
+                "python") == "ray worker server (tests/_forkserver.py)"
 
 
 def test_it_measures_the_command_it_runs_and_rereads_its_json(tmp_path):
