@@ -3,7 +3,12 @@ tests' fork server (``tests/_forkserver.py``): wall time and machine CPU-seconds
 all processes: driver, Ray workers, Ray itself) of a 6-image ``score`` on a private Ray head.
 
     python -m benchmarks.command_cost [--runs 3] [--images 6]
+    python -m benchmarks.command_cost --forked-workers [--runs 4]
     python -m benchmarks.command_cost --private-start [--runs 3]
+
+``--forked-workers`` compares, both commands forked, a head whose Ray workers start as Ray starts
+them with a second head whose workers the tests' worker server forks (``tests/_forkserver.py``,
+``launch_ray_worker``), the two alternated.
 
 ``--private-start`` measures instead what a private local cluster (a command with no address)
 costs to start, run one task and stop, with Ray's dashboard (``ray.init``'s default) and without

@@ -517,13 +517,15 @@ def launch_ray_worker(real_python: str, sock_path: str, argv: list[str]) -> None
     """What a test head's raylet runs as "python" (``sys.executable`` when the head started; run as
     ``python -S``, so stdlib only). A worker process (``…/default_worker.py ARGS``) is forked by the
     head's worker server at ``sock_path`` with this process's fds, cwd, environment and argv, and
-    this launcher stays as its stand-in: it passes SIGTERM/SIGINT on, exits as the worker did, and
-    the worker is killed if the launcher is. A worker whose job has a runtime environment of
-    environment variables only (``setup_worker.py …``: the product forwards ``AWS_*`` that way) gets
-    them here, as setup_worker would set them. Anything else — the head's own Python processes, a
-    runtime environment with more (a working_dir's ``cd``), any worker while the server is not up or
-    whose import-time variables differ from the server's — is a plain ``exec`` of Python. The
-    first worker launch starts the server (once: a lock file beside the socket)."""
+    this launcher stays as its stand-in: it passes SIGTERM, SIGINT, SIGHUP and SIGQUIT on, exits as
+    the worker did, and the worker is killed if the launcher is. A worker whose job has a runtime
+    environment (``setup_worker.py …``) of environment variables (the product forwards ``AWS_*``
+    that way) and at most a working_dir (``cd DIR &&``, a PYTHONPATH entry) gets them here, as
+    setup_worker would do them (:func:`_setup_worker`). Anything else — the head's own Python
+    processes, any other runtime environment, any worker while the server is not up, or whose
+    import-time variables differ from the server's, or whose PYTHONPATH would shadow a module the
+    server imported — is a plain ``exec`` of Python. The first worker launch starts the server
+    (once: a lock file beside the socket)."""
 
     def plain() -> None:
         os.execv(real_python, [real_python, *argv])
