@@ -311,7 +311,9 @@ def _stop_head(temp_dir: Path, client_port: int | None = None, worker_sock: str 
     machine (other test sessions' included), so signal just the processes whose command line
     names our unique temp dir (GCS, raylet, dashboard, agents) and the head's Ray Client server
     (its command line names only its port: ``--port=<client_port>``, and ``ray start`` leaves it
-    an orphan); workers exit with their raylet. SIGTERM first; whatever still runs after
+    an orphan); workers exit with their raylet. The worker server that forks the head's workers
+    (``tests/_forkserver.py --ray-workers``) names the temp dir too; its socket's folder
+    (``worker_sock``) is removed afterwards. SIGTERM first; whatever still runs after
     :data:`STOP_GRACE_S` gets SIGKILL (the GCS, raylet, autoscaler monitor and runtime-env agent
     take 15 s or more to act on SIGTERM, which was 15 s at the end of every session)."""
     pids = pids_matching(str(temp_dir))
