@@ -650,17 +650,22 @@ def ray_start_with_launcher(launcher: str, real_python: str = sys.executable) ->
 
 
 def write_worker_launcher(directory: str, real_python: str = sys.executable) -> tuple[str, str]:
-    """Write an executable launcher into ``directory`` (its own short-named socket dir): start a
-    head with ``sys.executable`` set to it. Returns ``(launcher path, socket path)``."""
+    """Write an executable launcher into ``directory`` (its socket gets its own short-named folder):
+    start a head with ``sys.executable`` set to it. Returns ``(launcher path, socket path)``. The
+    launcher is a ``/bin/sh`` script that execs ``python -S launcher.py`` (a shebang naming the
+    virtualenv's Python could pass the kernel's length limit in a deep checkout)."""
+    import shlex
     import tempfile
 
     sock_path = os.path.join(tempfile.mkdtemp(prefix="odin-w-"), "s")  # short: Unix socket paths ≤ 107 bytes
     here = os.path.dirname(os.path.abspath(__file__))
+    code = os.path.join(directory, "launcher.py")
+    with open(code, "w") as fh:
+        fh.write(f"import sys\nsys.path.insert(0, {here!r})\nimport _forkserver\n"
+                 f"_forkserver.launch_ray_worker({real_python!r}, {sock_path!r}, sys.argv[1:])\n")
     path = os.path.join(directory, "python")
     with open(path, "w") as fh:
-        fh.write(f"#!{real_python} -S\n"
-                 f"import sys\nsys.path.insert(0, {here!r})\nimport _forkserver\n"
-                 f"_forkserver.launch_ray_worker({real_python!r}, {sock_path!r}, sys.argv[1:])\n")
+        fh.write(f'#!/bin/sh\nexec {shlex.quote(real_python)} -S {shlex.quote(code)} "$@"\n')
     os.chmod(path, 0o755)
     return path, sock_path
 
