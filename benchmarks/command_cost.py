@@ -136,11 +136,12 @@ def main(args: argparse.Namespace) -> int:
     env = dict(head, RAY_ADDRESS=f"127.0.0.1:{gcs}", RAY_AUTH_MODE="token")
     os.environ["ODIN_TEST_FORK"] = "1"
 
-    def score(run_with: Callable[..., subprocess.CompletedProcess], way: str) -> Callable[[int], subprocess.CompletedProcess]:
+    def score(run_with: Callable[..., subprocess.CompletedProcess], way: str,
+              on: dict | None = None) -> Callable[[int], subprocess.CompletedProcess]:
         return lambda run: run_with(
             [sys.executable, "-m", "jobs.cli", "score", "--input", str(corpus), "--output", str(work / f"out-{way}-{run}"),
              "--model", "cifar_resnet20", "--weights", str(work / "model.pt"), "--quiet"],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+            cwd=REPO, env=on or env, capture_output=True, text=True, timeout=600)
 
     heads, work_dirs = [head], [str(work)]
     ways = {"subprocess": score(subprocess.run, "subprocess"), "fork": score(_forkserver.run_command, "fork")}
@@ -162,14 +163,7 @@ def main(args: argparse.Namespace) -> int:
                 env=dict(head2, **LOCAL_CLUSTER_ENV), check=True, capture_output=True, text=True, timeout=300)
             env2 = dict(head2, RAY_ADDRESS=f"127.0.0.1:{gcs2}")
             _forkserver.prestart(env2)
-
-            def score2(run: int) -> subprocess.CompletedProcess:
-                return _forkserver.run_command(
-                    [sys.executable, "-m", "jobs.cli", "score", "--input", str(corpus), "--output",
-                     str(work / f"out-forked-{run}"), "--model", "cifar_resnet20", "--weights", str(work / "model.pt"),
-                     "--quiet"], cwd=REPO, env=env2, capture_output=True, text=True, timeout=600)
-
-            ways = {"plain workers": ways["fork"], "forked workers": score2}
+            ways = {"plain workers": ways["fork"], "forked workers": score(_forkserver.run_command, "forked", env2)}
         _forkserver.prestart(env)
         time.sleep(8)  # the head's first workers and the fork server's imports settle
         c0 = machine_cpu_s()

@@ -113,6 +113,7 @@ def _child(request: dict, fds: list[int]) -> None:
         os.dup2(fd, target)
         os.close(fd)
     os.chdir(request["cwd"])
+    server_path = _pythonpath(os.environ)
     os.environ.clear()
     os.environ.update(request["env"])
     # a fresh interpreter would have fresh random states; forked children would share the server's
@@ -133,23 +134,22 @@ def _child(request: dict, fds: list[int]) -> None:
     sys.path.insert(0, first)
     # PYTHONPATH entries the server did not start with (a Ray worker's working_dir/py_modules; the
     # server checked that none of them holds a module it imported): where Python puts them, after [0]
-    added = [p for p in _pythonpath(request["env"]) if p not in _pythonpath(_SERVER_ENV)]
+    added = [p for p in _pythonpath(request["env"]) if p not in server_path]
     sys.path[1:1] = [p for p in added if p not in sys.path]
     os._exit(_run_command(request["argv"]))
 
 
-_SERVER_ENV: dict = {}  # the server's own environment (set by serve)
-
-
-def _pythonpath(env: dict) -> list[str]:
+def _pythonpath(env) -> list[str]:
     return [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
 
 
 def _shadowing(env: dict) -> list[str]:
-    """Modules the server imported that ``env``'s new PYTHONPATH entries would provide instead."""
+    """Modules the server imported that ``env``'s new PYTHONPATH entries (those not in the server's
+    own environment) would provide instead."""
     loaded = {name.split(".")[0] for name in sys.modules}
+    own = _pythonpath(os.environ)
     found = []
-    for folder in (p for p in _pythonpath(env) if p not in _pythonpath(_SERVER_ENV)):
+    for folder in (p for p in _pythonpath(env) if p not in own):
         try:
             names = os.listdir(folder)
         except OSError:
@@ -241,7 +241,6 @@ def serve(path: str, ray_workers: bool = False) -> None:
     processes (:func:`launch_ray_worker`): it preloads :data:`WORKER_PRELOAD`, forks only commands
     whose import-time environment equals its own (else it answers ``{"fallback": …}`` and the
     launcher execs Python), ties each worker to its launcher, and exits with the raylet."""
-    _SERVER_ENV.update(os.environ)
     if ray_workers:
         _preload(WORKER_PRELOAD, PRELOAD_IF_PRESENT)
         watch = int(os.environ.get("RAY_RAYLET_PID", "0") or 0)

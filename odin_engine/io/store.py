@@ -51,16 +51,12 @@ def _cached_filesystem(scheme: str, bucket: str, gcs_emulator: str | None) -> pa
     return pafs.FileSystem.from_uri(f"{scheme}://{bucket}{query}")[0]
 
 
-def needs_folders(fs: pafs.FileSystem) -> bool:
-    """Whether a file's folder must exist before the file is written: not on S3, whose "folders" are
-    key prefixes (creating one writes marker objects: a HEAD and a PUT per level). pyarrow's GCS
-    filesystem keeps its folders as marker objects and fails to delete a folder that has none."""
-    return fs.type_name != "s3"
-
-
 def ensure_folder(fs: pafs.FileSystem, path: str) -> None:
-    """Create the folder ``path`` and its parents where the filesystem needs them (:func:`needs_folders`)."""
-    if needs_folders(fs):
+    """Create the folder ``path`` and its parents before a file is written there, except on S3, whose
+    "folders" are key prefixes (creating one writes marker objects: a HEAD and a PUT per level).
+    pyarrow's GCS filesystem keeps its folders as marker objects and fails to delete a folder that
+    has none, so GCS (like a local disk) gets them."""
+    if fs.type_name != "s3":
         fs.create_dir(path, recursive=True)
 
 
